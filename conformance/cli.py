@@ -1,0 +1,205 @@
+"""The ``rlk-conform`` command line: thin wrappers that parse options and call the library."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_FAILURE, ConformanceError
+from .spec import DEFAULT_MEMORY_CAP_BYTES, TIERS, OpSpec, default_spec_paths, load_specs
+
+app = typer.Typer(
+    name="rlk-conform",
+    help="Numerical conformance harness and exact golden-data generator for attention kernels.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Tier(str, Enum):
+    smoke = "smoke"
+    standard = "standard"
+    full = "full"
+
+
+def user_errors(fn: F) -> F:
+    """Turn user-facing errors into one line on stderr and the documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConformanceError as exc:
+            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"rlk-conform {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Numerical conformance harness and exact golden-data generator for attention kernels."""
+
+
+SpecOpt = Annotated[list[Path] | None, typer.Option("--spec", help="Op spec file (repeatable). Default: "
+                                                    "specs/attention.yaml and specs/kv_cache_attention.yaml.")]
+CapOpt = Annotated[int, typer.Option("--memory-cap-mib", min=1, help="Refuse cases whose tensors exceed this.")]
+
+
+def _load(spec: list[Path] | None, memory_cap_mib: int) -> list[OpSpec]:
+    paths = spec or default_spec_paths(Path("specs"))
+    return load_specs(paths, memory_cap_mib * 2**20)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@app.command()
+@user_errors
+def generate(
+    spec: SpecOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory. Default: goldens/<tier>.")] = None,
+    tier: Annotated[Tier, typer.Option(help="Tier to generate (tiers are cumulative).")] = Tier.smoke,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: one per core).")
+                    ] = os.cpu_count() or 1,
+    device: Annotated[str, typer.Option(help="Where the float64 stage runs: cpu or cuda[:N].")] = "cpu",
+    memory_cap_mib: CapOpt = DEFAULT_MEMORY_CAP_BYTES // 2**20,
+) -> None:
+    """Generate correctly rounded fp32 golden files for every case of a tier, then the manifest."""
+    from .generate import generate as run_generate
+
+    specs = _load(spec, memory_cap_mib)
+    target = out_dir or Path("goldens") / tier.value
+    with Progress(TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("cases · {task.fields[written]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), console=err, transient=False) as progress:
+        task = progress.add_task(tier.value, total=0, written="0 B")
+        written = [0]
+        work: dict[str, float] = {}
+
+        def on_start(job_list: list[Any]) -> None:
+            progress.update(task, total=len(job_list))
+
+        def on_done(job: Any, res: Any) -> None:
+            written[0] += res.bytes
+            progress.update(task, advance=1, written=_fmt_bytes(written[0]))
+            work[res.case_id] = res.seconds
+
+        summary = run_generate(specs, tier.value, target, n_workers=jobs, device=device, on_start=on_start,
+                               on_done=on_done)
+    gflops = summary.flops / summary.seconds / 1e9 if summary.seconds else 0.0
+    refined_dd = sum(r.refined_double_double for r in summary.results)
+    refined_exact = sum(r.refined_exact for r in summary.results)
+    table = Table(title=f"generated tier '{tier.value}' → {target}", show_header=False)
+    table.add_row("cases", str(len(summary.results)))
+    table.add_row("bytes", _fmt_bytes(summary.bytes))
+    table.add_row("wall time", f"{summary.seconds:.1f} s ({jobs} job{'s' if jobs > 1 else ''}, {device})")
+    table.add_row("float64 work", f"{summary.flops / 1e9:.2f} GFLOP (mask-remaining) at {gflops:.2f} GFLOP/s")
+    table.add_row("refined elements", f"{refined_dd} double-double, {refined_exact} exact")
+    table.add_row("manifest", str(summary.manifest))
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def verify(
+    directory: Annotated[Path, typer.Argument(help="Golden directory holding manifest.json.")] = Path("goldens/smoke"),
+    regenerate: Annotated[bool, typer.Option(help="Recompute every case and require identical bytes.")] = False,
+    device: Annotated[str, typer.Option(help="Where regeneration's float64 stage runs.")] = "cpu",
+) -> None:
+    """Check a golden directory: manifest checksums, schema, per-dataset SHA-256 (and regeneration)."""
+    from .verify import verify as run_verify
+
+    with Progress(TextColumn("[bold]verify[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=err, transient=False) as progress:
+        task = progress.add_task("", total=0)
+        result = run_verify(directory, regenerate=regenerate, device=device,
+                            on_start=lambda n: progress.update(task, total=n),
+                            on_done=lambda cid, ok: progress.update(task, advance=1, description=cid))
+    table = Table(title=f"verify {directory}", show_header=False)
+    table.add_row("files checked", str(result.checked))
+    if regenerate:
+        failed = {p.path for p in result.problems}
+        table.add_row("regenerated", f"{result.regenerated} ({result.regenerated - len(failed)} bit-identical)")
+    table.add_row("dataset SHA-256", str(result.manifest.get("dataset_sha256")))
+    table.add_row("problems", str(len(result.problems)))
+    out.print(table)
+    for p in result.problems:
+        out.print(f"FAIL {p}", markup=False, highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(EXIT_FAILURE)
+    out.print(f"OK: {result.checked} golden files verified" + (", every one regenerated bit-identical"
+                                                                if regenerate else ""))
+
+
+@app.command("specs")
+@user_errors
+def list_specs(
+    spec: SpecOpt = None,
+    tier: Annotated[Tier, typer.Option(help="List the cases of this tier.")] = Tier.smoke,
+    ids_only: Annotated[bool, typer.Option("--ids", help="Print case ids only, one per line.")] = False,
+    memory_cap_mib: CapOpt = DEFAULT_MEMORY_CAP_BYTES // 2**20,
+) -> None:
+    """Validate the specs and list the cases of a tier."""
+    specs = _load(spec, memory_cap_mib)
+    cases = [c for s in specs for c in s.cases_for_tier(tier.value)]
+    if ids_only:
+        for c in cases:
+            out.print(c.id, markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"{len(cases)} cases in tier '{tier.value}'")
+    for col in ("case id", "B", "Hq/Hkv", "D", "Sq", "Skv", "dtype", "tier"):
+        table.add_column(col, overflow="fold")
+    for c in cases:
+        table.add_row(c.id, str(c.batch), f"{c.hq}/{c.hkv}", str(c.d), str(c.sq), str(c.skv), c.dtype, c.tier)
+    out.print(table)
+    total = sum(c.tensor_bytes for c in cases)
+    out.print(f"{len(cases)} cases, {_fmt_bytes(total)} of tensors; tiers are cumulative ({' ⊂ '.join(TIERS)})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""The exact reference: CONTRACT.md attention, every output element correctly rounded once to float32.
+
+Three tiers decide each element's float32 value; each tier hands on only what it cannot prove:
+
+1. **float64** (all elements, torch matmuls, CPU or CUDA). Besides the output it computes a
+   rigorous first-order bound on its own error (dot products, the scale, exp, the sums and the
+   division). An element whose float64 value lies farther than that bound from both float32
+   rounding boundaries (the midpoints to its neighbours) is already correctly rounded.
+2. **double-double** (numpy, per undecided element): exact products, double-double dot products,
+   logits and sums (``math.fsum``), exp with a double-double argument; its bound is ~1e-16·Σp|v−o|.
+3. **exact** (Python integers, fractions and ``mpmath.iv`` interval arithmetic): logits as exact
+   integers; if every group of equal logits has the same mean value the output is that rational
+   number, rounded exactly (ties to even); otherwise (Lindemann–Weierstrass) it is transcendental,
+   never a rounding boundary, and intervals of growing precision decide it.
+
+Per row it also returns the log-sum-exp, a first-order error scale and the error of the naive
+same-dtype computation (see docs/golden-format.md for the formulas).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+import torch
+
+from .inputs import TORCH_DTYPES, CaseInputs, visible
+from .rounding import round_fraction_to_f32, rounding_interval
+from .spec import Case
+
+U = 2.0**-53  # unit roundoff of float64
+BLOCK_ELEMENTS = 1 << 22  # score-matrix elements per block: bounds memory for long contexts
+ALGORITHM = "exact-attention/1"
+
+
+@dataclass
+class RefinementStats:
+    """How many output elements each tier decided."""
+
+    float64: int = 0
+    double_double: int = 0
+    exact: int = 0
+
+
+@dataclass
+class Golden:
+    out: np.ndarray  # float32 [B, Hq, Sq, D], correctly rounded
+    lse: np.ndarray  # float32 [B, Hq, Sq], -inf for rows that see no key
+    error_scale: np.ndarray  # float64 [B, Hq, Sq]
+    naive_error: np.ndarray  # float64 [B, Hq, Sq]
+    flops: int  # 4·D per (row, visible key) pair: the arithmetic the mask leaves
+    stats: RefinementStats = field(default_factory=RefinementStats)
+
+
+def round_like_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Round float64 values to ``dtype`` (nearest-even, via float32 as torch casts) and back to float64."""
+    if dtype == "float32":
+        return x.to(torch.float32).to(torch.float64)
+    return x.to(torch.float32).to(TORCH_DTYPES[dtype]).to(torch.float64)
+
+
+def compute_reference(case: Case, inputs: CaseInputs, device: str | torch.device = "cpu") -> Golden:
+    """Compute the golden of ``case`` from its ``inputs`` (see the module docstring).
+
+    On CPU the float64 stage runs on one thread: torch's reductions split differently with the
+    thread count, and the stored float64 statistics must not depend on it (parallelism comes from
+    ``generate --jobs``).
+    """
+    if torch.device(device).type == "cpu":
+        with single_thread():
+            return _compute(case, inputs, torch.device(device))
+    return _compute(case, inputs, torch.device(device))
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
+    b, hq, hkv, g, sq, skv, d = case.batch, case.hq, case.hkv, case.group, case.sq, case.skv, case.d
+    scale = case.effective_scale
+    q64 = inputs.q.to(dev, torch.float64).reshape(b, hkv, g, sq, d)
+    k64 = inputs.k.to(dev, torch.float64)
+    v64 = inputs.v.to(dev, torch.float64)
+    kpm = None if inputs.key_padding_mask is None else inputs.key_padding_mask.to(dev)
+
+    out64 = torch.zeros(b, hkv, g, sq, d, dtype=torch.float64)
+    bound = torch.zeros_like(out64)
+    lse = torch.full((b, hkv, g, sq), -math.inf, dtype=torch.float64)
+    err_scale = torch.zeros(b, hkv, g, sq, dtype=torch.float64)
+    naive = torch.zeros_like(out64)
+    flops = 0
+
+    rows_per_block = max(1, BLOCK_ELEMENTS // max(1, b * hq * skv))
+    for i0 in range(0, sq, rows_per_block):
+        i1 = min(sq, i0 + rows_per_block)
+        n = i1 - i0
+        # Keys beyond the last one any row of this block may see are skipped (causal blocks).
+        kmax = min(skv, i1 - 1 + skv - sq + 1) if case.causal else skv
+        if kmax <= 0:
+            continue  # every row of the block is fully masked: zeros, lse = -inf
+        vis = visible(case, None if kpm is None else kpm.cpu(), slice(i0, i1))[..., :kmax].to(dev)
+        vis = vis[:, None, None].expand(b, 1, g, n, kmax).reshape(b, 1, g * n, kmax)
+        flops += int(vis.expand(b, hkv, g * n, kmax).sum()) * 4 * d
+        q = q64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
+        k, v = k64[:, :, :kmax], v64[:, :, :kmax]
+        res = _float64_block(q, k, v, vis, scale, case.dtype)
+        shape5 = (b, hkv, g, n)
+        out64[:, :, :, i0:i1] = res["out"].reshape(*shape5, d).cpu()
+        bound[:, :, :, i0:i1] = res["bound"].reshape(*shape5, d).cpu()
+        lse[:, :, :, i0:i1] = res["lse"].reshape(shape5).cpu()
+        err_scale[:, :, :, i0:i1] = res["error_scale"].reshape(shape5).cpu()
+        naive[:, :, :, i0:i1] = res["naive"].reshape(*shape5, d).cpu()
+
+    out = out64.numpy()
+    out32 = out.astype(np.float32)
+    mid_lo, mid_hi = rounding_interval(out32)
+    bnd = bound.numpy()
+    undecided = ~((out - bnd > mid_lo) & (out + bnd < mid_hi))
+    stats = RefinementStats(float64=int(out.size - undecided.sum()))
+    if undecided.any():
+        _refine(case, inputs, out32, undecided, stats)
+    to4 = (b, hq, sq)
+    # Against the correctly rounded output the difference is exact: no float64 noise is stored.
+    naive_error = np.abs(naive.numpy() - out32.astype(np.float64)).max(-1)
+    return Golden(
+        out=out32.reshape(b, hq, sq, d),
+        lse=lse.numpy().astype(np.float32).reshape(to4),
+        error_scale=err_scale.numpy().reshape(to4),
+        naive_error=naive_error.reshape(to4),
+        flops=flops,
+        stats=stats,
+    )
+
+
+def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch.Tensor, scale: float,
+                   dtype: str) -> dict[str, torch.Tensor]:
+    """Float64 attention of one block with its error bound. q [b,h,r,d], k/v [b,h,n,d], vis [b,1,r,n]."""
+    d, n = q.shape[-1], k.shape[-2]
+    dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
+    s = dots * scale
+    s_masked = s.masked_fill(~vis, -math.inf)
+    m = s_masked.amax(-1, keepdim=True)
+    seen = torch.isfinite(m)
+    m = torch.where(seen, m, torch.zeros_like(m))
+    p = torch.exp(s_masked - m)
+    l_sum = p.sum(-1, keepdim=True)
+    l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
+    av = v.abs()
+    pv = p @ torch.cat([v, av], dim=-1)
+    out = pv[..., :d] / l_safe
+    mean_abs_v = pv[..., d:] / l_safe  # Σ_j p_j |v_j|
+    w = abs(scale) * (q.abs() @ k.abs().transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
+    pw = p * w
+    pw_v = (pw @ av) / l_safe  # Σ_j p_j w_j |v_j|
+    pw_sum = pw.sum(-1, keepdim=True) / l_safe
+    ao = out.abs()
+    sensitivity = pw_v + ao * pw_sum  # ≥ Σ_j p_j w_j |v_j − o|
+    error_scale = sensitivity + mean_abs_v
+    # Rigorous first-order bound of this block's float64 error: logit error (d+3)·u·w_j from the
+    # dot product and the scale, u·|s_j−m| from the shift, ≤4u from exp; n+2 roundings in the sums.
+    total = (d + 4) * sensitivity + (m.abs() + 4) * (mean_abs_v + ao) + (n + 2) * (mean_abs_v + ao)
+    bound = 2 * U * total + n * 2.0**-1000 * av.amax(-2, keepdim=True)
+
+    naive = _naive_same_dtype(dots, vis, scale, v, dtype)
+    seen_rows = seen.squeeze(-1)
+    zero = torch.zeros_like(out)
+    return {
+        "out": torch.where(seen, out, zero),
+        "bound": torch.where(seen, bound, zero),
+        "lse": torch.where(seen_rows, (m + torch.log(l_safe)).squeeze(-1), torch.full_like(seen_rows, -math.inf,
+                                                                                          dtype=out.dtype)),
+        "error_scale": torch.where(seen_rows, error_scale.amax(-1), torch.zeros_like(error_scale[..., 0])),
+        "naive": torch.where(seen, naive, zero),
+    }
+
+
+def _naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor, scale: float, v: torch.Tensor,
+                      dtype: str) -> torch.Tensor:
+    """The seed's naive attention in the case dtype, modelled deterministically: scores, scaled
+    scores, softmax probabilities and the output are each rounded to the dtype (accumulation inside
+    a stage in float32 or better, as PyTorch does on CPU and CUDA). Fully masked rows give 0."""
+    scores = round_like_dtype(round_like_dtype(dots, dtype) * scale, dtype).masked_fill(~vis, -math.inf)
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(scores - m)
+    denom = e.sum(-1, keepdim=True)
+    probs = round_like_dtype(e / torch.where(denom > 0, denom, torch.ones_like(denom)), dtype)
+    return round_like_dtype(probs @ v, dtype)
+
+
+# --- tiers 2 and 3 ---------------------------------------------------------------------------------
+
+
+def _refine(case: Case, inputs: CaseInputs, out32: np.ndarray, undecided: np.ndarray,
+            stats: RefinementStats) -> None:
+    """Decide every undecided element of ``out32`` ([b, hkv, g, sq, d]) in place."""
+    b, hkv, g, sq, d = out32.shape
+    q = inputs.q.to(torch.float64).reshape(b, hkv, g, sq, d).numpy()
+    k = inputs.k.to(torch.float64).numpy()
+    v = inputs.v.to(torch.float64).numpy()
+    kpm = inputs.key_padding_mask
+    rows = np.argwhere(undecided.any(-1))
+    for bi, hi, gi, i in rows:
+        see = visible(case, None if kpm is None else kpm[bi:bi + 1], slice(int(i), int(i) + 1))[0, 0].numpy()
+        keys = np.flatnonzero(see)
+        cols = np.flatnonzero(undecided[bi, hi, gi, i])
+        kk, vv = k[bi, hi, keys], v[bi, hi, keys]
+        decided = _double_double_row(q[bi, hi, gi, i], kk, vv[:, cols], case)
+        for c, val in zip(cols, decided):
+            if val is not None:
+                out32[bi, hi, gi, i, c] = val
+                stats.double_double += 1
+        rest = [c for c, val in zip(cols, decided) if val is None]
+        if rest:
+            exact = _exact_row(q[bi, hi, gi, i], kk, vv[:, rest], case)
+            for c, val in zip(rest, exact):
+                out32[bi, hi, gi, i, c] = val
+                stats.exact += 1
+
+
+def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c = 134217729.0 * a  # 2**27 + 1 (Veltkamp)
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def _two_prod(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _scale_dd(case: Case) -> tuple[float, float]:
+    if case.scale is not None:
+        return case.scale, 0.0
+    with mpmath.workprec(200):
+        s = 1 / mpmath.sqrt(case.d)
+        hi = float(s)
+        return hi, float(s - hi)
+
+
+def _fsum_dd(terms: np.ndarray) -> tuple[float, float]:
+    """Sum of ``terms`` as a double-double, error ≤ u²·|sum| (fsum is exactly rounded)."""
+    hi = math.fsum(terms)
+    lo = math.fsum(np.append(terms, -hi))
+    return hi, lo
+
+
+def _double_double_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case) -> list[np.float32 | None]:
+    """Tier 2 for one row. q [D] (float64, exact), k [n, D], v [n, c] columns to decide."""
+    if k.shape[0] == 0:
+        return [np.float32(0.0)] * v.shape[1]
+    d = q.shape[0]
+    prod = k * q  # exact: at most 24-bit × 24-bit mantissas
+    dh = np.zeros(k.shape[0])
+    dl = np.zeros(k.shape[0])
+    for j in range(d):
+        dh, e = _two_sum(dh, prod[:, j])
+        dl += e
+    dh, dl = _two_sum(dh, dl)
+    sh, sl = _scale_dd(case)
+    s_hi, s_lo = _two_prod(dh, np.full_like(dh, sh))
+    s_lo = s_lo + dh * sl + dl * sh
+    s_hi, s_lo = _two_sum(s_hi, s_lo)
+    m = float(s_hi.max())
+    x_hi, x_lo = _two_sum(s_hi, np.full_like(s_hi, -m))
+    x_lo = x_lo + s_lo
+    p = np.exp(x_hi) * (1.0 + x_lo)  # = exp(x)·(1 + ε), |ε| ≤ 3u + O(u²x²)
+    den_h, den_l = _fsum_dd(p)
+    w = abs(case.effective_scale) * (np.abs(k) @ np.abs(q))
+    # Relative error of each weight: exp and the product (3u), the double-double logit (second order).
+    eps = 3 * U + (2 * d * d * w + 5 * np.abs(s_hi) + 3 * x_hi * x_hi) * U * U
+    results: list[np.float32 | None] = []
+    for c in range(v.shape[1]):
+        vc = v[:, c]
+        ph, pl = _two_prod(p, vc)
+        num_h, num_l = _fsum_dd(np.concatenate([ph, pl]))
+        o_h = num_h / den_h
+        # double-double division: o = num/den, one Newton correction
+        r_h, r_l = _two_prod(np.array([o_h]), np.array([den_h]))
+        o_l = float(((num_h - r_h[0]) - r_l[0] + num_l - o_h * den_l) / den_h)
+        pn = p / den_h
+        bound = 2 * (float(np.sum(pn * eps * np.abs(vc - o_h))) + 10 * U * U * (abs(o_h) + float(pn @ np.abs(vc))))
+        bound += k.shape[0] * 2.0**-1000 * float(np.abs(vc).max())
+        o32 = np.float32(o_h)
+        mid_lo, mid_hi = rounding_interval(np.array([o32]))
+        # o_h − mid is exact when the two are close (Sterbenz); then o_l is added.
+        if (o_h - mid_lo[0]) + o_l > bound and (mid_hi[0] - o_h) - o_l > bound:
+            results.append(o32)
+        elif (o_h - mid_lo[0]) + o_l < -bound:
+            results.append(np.nextafter(o32, np.float32(-np.inf)))
+        elif (mid_hi[0] - o_h) - o_l < -bound:
+            results.append(np.nextafter(o32, np.float32(np.inf)))
+        else:
+            results.append(None)
+    return results
+
+
+EXACT_SHIFT = 149  # every float32 / bfloat16 / float16 value is an integer multiple of 2**-149
+
+
+def _exact_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case) -> list[np.float32]:
+    """Tier 3 for one row: exact logits, rational degenerate results, else Ziv intervals."""
+    qi = np.array([int(x) for x in np.ldexp(q, EXACT_SHIFT)], dtype=object)
+    ki = np.vectorize(int, otypes=[object])(np.ldexp(k, EXACT_SHIFT))
+    dots = list(ki @ qi)  # exact integers: dot · 2**(2·EXACT_SHIFT)
+    scale = case.effective_scale
+    groups: dict[int, list[int]] = {}
+    for j, dot in enumerate(dots):
+        groups.setdefault(0 if scale == 0 else dot, []).append(j)
+    results = []
+    for c in range(v.shape[1]):
+        vc = [float(x) for x in v[:, c]]
+        means = {sum((Fraction(vc[j]) for j in js), Fraction(0)) / len(js) for js in groups.values()}
+        if len(means) == 1:  # all groups share their mean: the output is exactly that rational
+            results.append(round_fraction_to_f32(means.pop()))
+            continue
+        results.append(_ziv_intervals(dots, vc, case))
+    return results
+
+
+def _ziv_intervals(dots: list[int], vc: list[float], case: Case) -> np.float32:
+    iv = mpmath.iv
+    prec = 128
+    while prec <= 8192:
+        iv.prec = prec
+        scale = (1 / iv.sqrt(case.d)) if case.scale is None else iv.mpf(case.scale)
+        logits = [iv.mpf(dot) * iv.mpf(2) ** (-2 * EXACT_SHIFT) * scale for dot in dots]
+        ref = max(float(x.mid) for x in logits)
+        ws = [iv.exp(x - ref) for x in logits]
+        num = iv.mpf(0)
+        den = iv.mpf(0)
+        for w, val in zip(ws, vc):
+            num += w * iv.mpf(val)
+            den += w
+        o = num / den
+        lo, hi = o._mpi_  # raw (sign, mantissa, exponent, bitcount) of the interval's endpoints
+        a = round_fraction_to_f32(_raw_mpf_to_fraction(lo))
+        z = round_fraction_to_f32(_raw_mpf_to_fraction(hi))
+        if a == z:
+            return a
+        prec *= 2
+    raise ArithmeticError(f"{case.id}: could not decide the float32 rounding of an output element")
+
+
+def _raw_mpf_to_fraction(raw: tuple[int, int, int, int]) -> Fraction:
+    sign, man, exp, _ = raw
+    value = Fraction(int(man)) * (Fraction(2) ** int(exp))
+    return -value if sign else value

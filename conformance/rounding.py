@@ -1,0 +1,38 @@
+"""Exact rounding helpers: float32 rounding intervals and correct rounding of exact rationals."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+
+F32_TINY = np.float32(np.finfo(np.float32).smallest_subnormal)
+
+
+def rounding_interval(o32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 midpoints between each float32 and its neighbours: the exact bounds of the real
+    numbers that round (to nearest) to it. Midpoints of float32 values are exact in float64."""
+    lo = np.nextafter(o32, np.float32(-np.inf))
+    hi = np.nextafter(o32, np.float32(np.inf))
+    c = o32.astype(np.float64)
+    return (c + lo.astype(np.float64)) / 2, (c + hi.astype(np.float64)) / 2
+
+
+def round_fraction_to_f32(r: Fraction) -> np.float32:
+    """The float32 nearest to the exact rational ``r`` (ties to even). Exact, no double rounding."""
+    # float(Fraction) is correctly rounded to float64; the float32 answer is that value's float32
+    # rounding or one of its two neighbours, decided below in exact rational arithmetic.
+    c = np.float32(float(r))
+    cands = [np.nextafter(c, np.float32(-np.inf)), c, np.nextafter(c, np.float32(np.inf))]
+    best = None
+    best_dist = None
+    for t in cands:
+        if not np.isfinite(t):
+            continue
+        dist = abs(r - Fraction(float(t)))
+        if best is None or dist < best_dist or (
+            dist == best_dist and int(np.array(t).view(np.uint32)) % 2 == 0
+        ):
+            best, best_dist = t, dist
+    assert best is not None
+    return np.float32(best)

@@ -1,0 +1,74 @@
+"""``specs/tolerances.yaml``: the schema of every threshold, and lookup that fails closed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import SpecError
+from .spec import pydantic_error
+from .yamlsource import load_yaml
+
+Strict = ConfigDict(extra="forbid", strict=True)
+DtypeName = Literal["float32", "bfloat16", "float16"]
+OpName = Literal["attention", "kv_cache_attention"]
+InvarianceCheck = Literal["batch", "split", "prefill_decode", "chunk", "padding", "determinism"]
+
+
+class AccuracyRule(BaseModel):
+    model_config = Strict
+    atol: float = Field(ge=0)
+    rtol: float = Field(ge=0)
+    naive_factor: float = Field(ge=0)
+    max_naive_ratio: float | None = Field(default=None, gt=0)
+    mean_naive_ratio: float | None = Field(default=None, gt=0)
+
+
+class ElementRule(BaseModel):
+    model_config = Strict
+    atol: float = Field(ge=0)
+    rtol: float = Field(ge=0)
+
+
+class InvarianceRule(ElementRule):
+    reruns: int | None = Field(default=None, ge=2, le=1000)
+
+
+class ParitySettings(BaseModel):
+    model_config = Strict
+    rules: str
+
+
+class Tolerances(BaseModel):
+    model_config = Strict
+    schema_version: Literal[1]
+    accuracy: dict[str, dict[OpName, dict[DtypeName, AccuracyRule]]]
+    lse: dict[DtypeName, ElementRule]
+    peak_relative: dict[DtypeName, float]
+    invariance: dict[InvarianceCheck, InvarianceRule]
+    parity: ParitySettings
+
+    @model_validator(mode="after")
+    def _parity_rules_exist(self) -> Tolerances:
+        if self.parity.rules not in self.accuracy:
+            raise ValueError(f"parity.rules names rule set {self.parity.rules!r}, which accuracy does not define")
+        return self
+
+    def accuracy_rule(self, rule_set: str, op: str, dtype: str) -> AccuracyRule | None:
+        """The rule for one cell, or None: callers must fail closed on None."""
+        return self.accuracy.get(rule_set, {}).get(op, {}).get(dtype)  # type: ignore[call-overload]
+
+    def invariance_rule(self, check: str) -> InvarianceRule | None:
+        return self.invariance.get(check)  # type: ignore[call-overload]
+
+
+def load_tolerances(path: str | Path) -> Tolerances:
+    doc = load_yaml(path)
+    try:
+        return Tolerances.model_validate(doc.data)
+    except ValidationError as err:
+        raise pydantic_error(doc, err) from None
+    except ValueError as exc:  # pragma: no cover - model validators surface as ValidationError
+        raise SpecError(path, None, None, str(exc)) from None

@@ -1,0 +1,128 @@
+"""Verification of a golden directory: manifest checksums, schema, and optional regeneration."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import ConformanceError
+from .golden import (
+    MANIFEST_NAME,
+    GoldenCase,
+    Provenance,
+    read_golden,
+    read_manifest,
+    sha256_file,
+    write_golden,
+)
+from .inputs import make_inputs
+from .reference import compute_reference
+
+
+@dataclass
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class VerifyResult:
+    root: Path
+    manifest: dict[str, Any]
+    checked: int = 0
+    regenerated: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def regenerate_and_compare(gc: GoldenCase, device: str = "cpu") -> str | None:
+    """Recompute ``gc`` from its own attributes; None if the bytes are identical, else what differs."""
+    case = gc.case
+    inputs = make_inputs(case)
+    golden = compute_reference(case, inputs, device=device)
+    prov = Provenance(spec_file=gc.attrs["spec_file"], spec_sha256=gc.attrs["spec_sha256"],
+                      spec_seed=gc.attrs["spec_seed"])
+    with tempfile.TemporaryDirectory(prefix="rlk-verify-") as tmp:
+        fresh = Path(tmp) / "case.h5"
+        write_golden(fresh, case, inputs, golden, prov)
+        if sha256_file(fresh) == sha256_file(gc.path):
+            return None
+        return _first_difference(gc.path, fresh)
+
+
+def _first_difference(old: Path, new: Path) -> str:
+    with h5py.File(old, "r") as a, h5py.File(new, "r") as b:
+        names: list[str] = []
+        b.visit(names.append)
+        for name in names:
+            if isinstance(b[name], h5py.Dataset):
+                if name not in a:
+                    return f"dataset {name} is missing"
+                x, y = a[name][()], b[name][()]
+                if x.shape != y.shape or x.tobytes() != y.tobytes():
+                    n = int(np.sum(x != y)) if x.shape == y.shape else -1
+                    return f"dataset {name} differs from a fresh computation ({n} elements)"
+        for key in b.attrs:
+            if key not in a.attrs or not np.array_equal(a.attrs[key], b.attrs[key]):
+                return f"attribute {key} differs from a fresh computation"
+    return "file bytes differ from a fresh computation (layout)"
+
+
+def verify(root: Path, regenerate: bool = False, device: str = "cpu",
+           on_start: Callable[[int], None] | None = None,
+           on_done: Callable[[str, bool], None] | None = None) -> VerifyResult:
+    if not root.is_dir():
+        raise ConformanceError(f"{root}: no such golden directory")
+    manifest = read_manifest(root)
+    result = VerifyResult(root=root, manifest=manifest)
+    entries = manifest["files"]
+    if not entries:
+        result.problems.append(Problem(str(root / MANIFEST_NAME), "the manifest lists no files"))
+    listed = {(root / e["path"]).resolve() for e in entries}
+    for extra in sorted(p for p in root.rglob("*.h5") if p.resolve() not in listed):
+        result.problems.append(Problem(str(extra), "file is not listed in the manifest"))
+    if on_start:
+        on_start(len(entries))
+    for entry in entries:
+        path = root / entry["path"]
+        ok = _verify_entry(result, path, entry, regenerate, device)
+        result.checked += 1
+        if on_done:
+            on_done(entry["case_id"], ok)
+    return result
+
+
+def _verify_entry(result: VerifyResult, path: Path, entry: dict[str, Any], regenerate: bool, device: str) -> bool:
+    def problem(msg: str) -> bool:
+        result.problems.append(Problem(str(path), msg))
+        return False
+
+    if not path.is_file():
+        return problem("listed in the manifest but missing")
+    if sha256_file(path) != entry["sha256"]:
+        return problem("SHA-256 does not match the manifest (file changed or damaged)")
+    try:
+        gc = read_golden(path)
+    except ConformanceError as exc:
+        result.problems.append(Problem(str(path), str(exc).removeprefix(f"{path}: ").removeprefix(str(path))))
+        return False
+    if gc.case.id != entry["case_id"]:
+        return problem(f"holds case {gc.case.id}, the manifest says {entry['case_id']}")
+    if regenerate:
+        diff = regenerate_and_compare(gc, device)
+        result.regenerated += 1
+        if diff:
+            return problem(diff)
+    return True
