@@ -23,6 +23,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import EXIT_FAILURE, ConformanceError
+from .judge import CHECKS
 from .spec import DEFAULT_MEMORY_CAP_BYTES, TIERS, OpSpec, default_spec_paths, load_specs
 
 app = typer.Typer(
@@ -195,6 +196,125 @@ def list_specs(
     out.print(table)
     total = sum(c.tensor_bytes for c in cases)
     out.print(f"{len(cases)} cases, {_fmt_bytes(total)} of tensors; tiers are cumulative ({' ⊂ '.join(TIERS)})")
+
+
+def _best_backend() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "sdpa"
+
+
+@app.command()
+@user_errors
+def run(
+    backend: Annotated[str | None, typer.Option(help="Registered name or package.module:attr. Default: cuda if "
+                                                "available, else sdpa on the CPU.")] = None,
+    goldens: Annotated[Path | None, typer.Option(help="Golden directory. Default: goldens/<tier>.")] = None,
+    tier: Annotated[Tier, typer.Option(help="Tier whose goldens to run (when --goldens is not given).")] = Tier.smoke,
+    filter_: Annotated[str | None, typer.Option("--filter", help="Glob over case ids, e.g. 'attention/gqa/*'.")
+                       ] = None,
+    checks: Annotated[str | None, typer.Option(help="Comma-separated subset of: " + ", ".join(CHECKS) + ".")
+                      ] = None,
+    device: Annotated[str | None, typer.Option(help="Torch device for the backend, e.g. cpu, cuda:1.")] = None,
+    compare_to: Annotated[str | None, typer.Option("--compare-to", help="Judge parity against this backend.")
+                          ] = None,
+    rules: Annotated[str, typer.Option(help="Accuracy rule set of tolerances.yaml: default or strict.")] = "default",
+    tolerances: Annotated[Path, typer.Option(help="Threshold file.")] = Path("specs/tolerances.yaml"),
+    reruns: Annotated[int | None, typer.Option(min=2, help="Determinism reruns (default: tolerances.yaml).")] = None,
+    shard: Annotated[str | None, typer.Option(help="Run shard i of n (0-based), e.g. 0/4.")] = None,
+    report_json: Annotated[Path | None, typer.Option("--report-json", help="Write the JSON report here.")] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here.")] = None,
+) -> None:
+    """Run every golden case through a backend and judge accuracy, invariance, contract (and parity)."""
+    from .backends import load_backend
+    from .environment import execution_target, numerical_settings
+    from .golden import read_manifest, sha256_file
+    from .report import build_report, print_summary, write_json, write_junit
+    from .runner import DEFAULT_CHECKS, RunSettings, parse_shard, select_cases
+    from .runner import run as run_cases
+    from .tolerances import load_tolerances
+
+    tol = load_tolerances(tolerances)
+    if rules not in tol.accuracy:
+        raise ConformanceError(f"--rules {rules!r}: {tolerances} defines {', '.join(sorted(tol.accuracy))}")
+    wanted = tuple(DEFAULT_CHECKS) if checks is None else tuple(c.strip() for c in checks.split(",") if c.strip())
+    unknown = [c for c in wanted if c not in CHECKS]
+    if unknown or not wanted:
+        raise ConformanceError(f"--checks: unknown check(s) {', '.join(unknown) or '(none given)'}; "
+                               f"choose from {', '.join(CHECKS)}")
+    if compare_to and "parity" not in wanted:
+        wanted = (*wanted, "parity")
+    root = goldens or Path("goldens") / tier.value
+    shard_t = parse_shard(shard) if shard else None
+    paths = select_cases(root, filter_, shard_t)
+    if not paths:
+        raise ConformanceError(f"{root}: no golden case matches" + (f" --filter {filter_!r}" if filter_ else "")
+                               + (f" in shard {shard}" if shard else ""))
+    requested = backend or _best_backend()
+    impl = load_backend(requested, device)
+    other = load_backend(compare_to, device) if compare_to else None
+    settings = RunSettings(tolerances=tol, checks=wanted, rule_set=rules, reruns=reruns)
+    manifest = read_manifest(root)
+    meta = {
+        "backend": {"requested": requested, "used": impl.name, "device": str(impl.device),
+                    "output_dtype": str(getattr(impl, "output_dtype", None) or "input dtype"),
+                    "returns_lse": bool(getattr(impl, "returns_lse", False)),
+                    "description": getattr(impl, "description", "")},
+        "compare_to": None if other is None else {"requested": compare_to, "used": other.name,
+                                                    "device": str(other.device)},
+        "execution_target": execution_target(str(impl.device)),
+        "goldens": {"dir": str(root), "tier": manifest.get("tier"), "dataset_sha256": manifest.get("dataset_sha256"),
+                    "manifest_sha256": sha256_file(root / "manifest.json"), "cases_selected": len(paths)},
+        "settings": {**numerical_settings(), "checks": list(wanted), "rule_set": rules, "filter": filter_,
+                     "shard": shard, "reruns": reruns, "tolerances_file": str(tolerances),
+                     "tolerances_sha256": sha256_file(tolerances)},
+    }
+    with Progress(TextColumn(f"[bold]run[/] {impl.name}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  console=err, transient=False) as progress:
+        task = progress.add_task("", total=len(paths))
+        failed = [0]
+
+        def on_case(name: str, recs: list[Any]) -> None:
+            failed[0] += sum(r.status in ("fail", "error") for r in recs)
+            progress.update(task, advance=1, description=f"{failed[0]} failing")
+
+        result = run_cases(impl, paths, settings, compare_to=other, on_case=on_case)
+    report = build_report(result.records, meta)
+    print_summary(out, result.records, f"rlk-conform run — backend {impl.name} on {impl.device}, "
+                  f"{result.cases} cases from {root}")
+    if report_json:
+        write_json(report_json, report)
+        out.print(f"JSON report: {report_json}")
+    if junit:
+        write_junit(junit, result.records, f"rlk-conform.{impl.name}")
+        out.print(f"JUnit report: {junit}")
+    summary = report["summary"]
+    if summary["executed"] == 0:
+        out.print("[bold red]FAIL[/]: no check was executed (every record skipped) — nothing was verified")
+        raise typer.Exit(EXIT_FAILURE)
+    counts = summary["by_status"]
+    line = (f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped "
+            f"over {summary['cases']} cases")
+    if summary["verdict"] != "pass":
+        out.print(f"[bold red]FAIL[/]: {line}")
+        raise typer.Exit(EXIT_FAILURE)
+    out.print(f"[bold green]PASS[/]: {line}")
+
+
+@app.command("backends")
+@user_errors
+def list_backends_cmd() -> None:
+    """List every registered backend with its availability (and why not, when unavailable)."""
+    from .backends import list_backends
+
+    table = Table(title="backends (use --backend NAME, or --backend package.module:attr)")
+    for col in ("name", "available", "device", "description / reason"):
+        table.add_column(col, overflow="fold")
+    for info in list_backends():
+        table.add_row(info.name, "[green]yes[/]" if info.available else "[red]no[/]", getattr(info, "device", ""),
+                      info.description if info.available else (info.reason or ""))
+    out.print(table)
 
 
 def main() -> None:

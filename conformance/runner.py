@@ -1,0 +1,314 @@
+"""The run: stream golden cases, call a backend (with contract checks), apply the invariance
+transforms and hand every outcome to the judge. One case is in memory at a time."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConformanceError, GoldenError
+from .golden import GoldenCase, read_golden, read_manifest
+from .judge import (
+    CHECKS,
+    Record,
+    Verdict,
+    bitwise_mismatch,
+    judge_accuracy,
+    judge_elementwise,
+)
+from .tolerances import Tolerances
+from .transforms import (
+    OpCall,
+    Variant,
+    batch_variants,
+    chunk_variants,
+    padding_variants,
+    prefill_decode_variants,
+    split_variants,
+)
+
+DEFAULT_CHECKS = tuple(c for c in CHECKS if c != "parity")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    tolerances: Tolerances
+    checks: tuple[str, ...] = DEFAULT_CHECKS
+    rule_set: str = "default"
+    reruns: int | None = None  # determinism reruns; default from tolerances.yaml
+
+
+@dataclass
+class RunResult:
+    records: list[Record] = field(default_factory=list)
+    cases: int = 0
+
+
+class BackendCallError(Exception):
+    """The backend raised; carries the original exception text."""
+
+
+class ContractViolation(Exception):
+    """The backend returned something the op contract forbids."""
+
+
+def select_cases(root: Path, pattern: str | None = None, shard: tuple[int, int] | None = None) -> list[Path]:
+    """Golden files listed in ``root``'s manifest, filtered by a glob on case ids and a shard ``(i, n)``:
+    case number k (in case-id order) belongs to shard ``k % n``."""
+    manifest = read_manifest(root)
+    entries = sorted(manifest["files"], key=lambda e: e["case_id"])
+    if pattern:
+        entries = [e for e in entries if fnmatch.fnmatchcase(e["case_id"], pattern)]
+    if shard is not None:
+        i, n = shard
+        entries = [e for k, e in enumerate(entries) if k % n == i]
+    return [root / e["path"] for e in entries]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    views = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+             torch.float16: torch.int16}
+    return t.view(views[t.dtype]) if t.dtype in views else t
+
+
+class Invoker:
+    """Calls one backend and checks the op contract on every call (shape, dtype, device, finite
+    output, inputs unchanged, no exception). Violations are collected for the case's contract record."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.device = torch.device(backend.device)
+        self.returns_lse = bool(getattr(backend, "returns_lse", False))
+        self.output_dtype = getattr(backend, "output_dtype", None)
+        self.violations: list[str] = []
+
+    def has(self, op: str) -> bool:
+        return callable(getattr(self.backend, op, None))
+
+    def to_device(self, call: OpCall) -> OpCall:
+        mask = None if call.key_padding_mask is None else call.key_padding_mask.to(self.device)
+        return OpCall(call.op, call.q.to(self.device), call.k.to(self.device), call.v.to(self.device), mask,
+                      call.causal, call.scale, call.s_past)
+
+    def __call__(self, call: OpCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fn = getattr(self.backend, call.op)
+        kwargs = {"causal": call.causal, "scale": call.scale, "key_padding_mask": call.key_padding_mask}
+        if call.op == "attention":
+            args: tuple[torch.Tensor, ...] = (call.q, call.k, call.v)
+        else:
+            p = call.s_past
+            args = (call.q, call.k[:, :, :p], call.v[:, :, :p], call.k[:, :, p:], call.v[:, :, p:])
+        watched = [*args, *([call.key_padding_mask] if call.key_padding_mask is not None else [])]
+        before = [t.clone() for t in watched]
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # a backend may raise anything; it becomes an 'error' record
+            raise BackendCallError(f"{type(exc).__name__}: {exc}".strip().splitlines()[0]) from exc
+        names = ["q", "k", "v"] if call.op == "attention" else ["q", "k_cache", "v_cache", "k_new", "v_new"]
+        for name, t, t0 in zip([*names, "key_padding_mask"], watched, before):
+            if not torch.equal(_bits(t), _bits(t0)):
+                self.violations.append(f"{call.op} modified its input '{name}'")
+        return self._check_result(call, result)
+
+    def _check_result(self, call: OpCall, result: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lse = None
+        if self.returns_lse:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise ContractViolation(f"{call.op} declares returns_lse but returned {type(result).__name__}, "
+                                        "not (out, lse)")
+            result, lse = result
+        if not isinstance(result, torch.Tensor):
+            raise ContractViolation(f"{call.op} returned {type(result).__name__}, not a torch.Tensor")
+        b, hq, sq, d = call.q.shape
+        want_dtype = self.output_dtype or call.q.dtype
+        problems = []
+        if tuple(result.shape) != (b, hq, sq, d):
+            problems.append(f"output shape {tuple(result.shape)}, expected {(b, hq, sq, d)}")
+        if result.dtype != want_dtype:
+            problems.append(f"output dtype {result.dtype}, expected {want_dtype}")
+        if result.device.type != self.device.type or (
+            self.device.index is not None and result.device.index != self.device.index
+        ):
+            problems.append(f"output on {result.device}, expected {self.device}")
+        if problems:
+            raise ContractViolation(f"{call.op}: " + "; ".join(problems))
+        if result.is_floating_point() and not bool(torch.isfinite(result).all()):
+            n = int((~torch.isfinite(result)).sum())
+            self.violations.append(f"{call.op} returned {n} NaN/Inf elements (fully masked rows must be exactly 0)")
+        if lse is not None and (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (b, hq, sq)):
+            raise ContractViolation(f"{call.op}: lse must be a tensor of shape {(b, hq, sq)}")
+        return result, lse
+
+
+def _supports(backend: Any, op: str, case: Any) -> str | None:
+    """None if the backend takes the case, else the reason it gives."""
+    fn = getattr(backend, "supports", None)
+    if fn is None:
+        return None
+    answer = fn(op, case)
+    if answer is True:
+        return None
+    return answer if isinstance(answer, str) and answer else f"backend {backend.name} does not support this case"
+
+
+def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
+             compare_to: Invoker | None = None) -> list[Record]:
+    """Every requested check on one golden case."""
+    case = gc.case
+
+    def rec(check: str, verdict: Verdict) -> Record:
+        return Record(case.id, case.op, check, verdict.status, case.dtype, case.family, verdict.metrics,
+                      verdict.message)
+    requested = [c for c in settings.checks if c != "parity" or compare_to is not None]
+    if not invoker.has(case.op):
+        reason = f"backend {invoker.backend.name} does not implement {case.op}"
+        return [rec(c, Verdict("skip", {}, reason)) for c in requested]
+    reason = _supports(invoker.backend, case.op, case)
+    if reason:
+        return [rec(c, Verdict("skip", {}, reason)) for c in requested]
+
+    invoker.violations = []
+    call = invoker.to_device(OpCall(case.op, gc.inputs.q, gc.inputs.k, gc.inputs.v, gc.inputs.key_padding_mask,
+                                    case.causal, case.scale, case.s_past or 0))
+    records: list[Record] = []
+    try:
+        out, lse = invoker(call)
+    except (BackendCallError, ContractViolation) as exc:
+        status = "error" if isinstance(exc, BackendCallError) else "fail"
+        msg = f"primary call failed: {exc}"
+        records = [rec(c, Verdict("error", {}, msg)) for c in requested if c != "contract"]
+        if "contract" in requested:
+            records.append(rec("contract", Verdict(status, {}, str(exc))))
+        return records
+
+    if "accuracy" in requested:
+        records.append(rec("accuracy", _accuracy(out, lse, gc, settings)))
+    transforms: dict[str, Callable[[], Iterator[Variant]]] = {
+        "batch": lambda: batch_variants(call),
+        "split": lambda: split_variants(call, case),
+        "prefill_decode": lambda: prefill_decode_variants(call),
+        "chunk": lambda: chunk_variants(call),
+        "padding": lambda: padding_variants(call),
+    }
+    for check, make in transforms.items():
+        if check in requested:
+            verdict = _invariance(invoker, check, list(make()), out)
+            if verdict is not None:
+                records.append(rec(check, verdict))
+    if "determinism" in requested:
+        records.append(rec("determinism", _determinism(invoker, call, out, settings)))
+    if "parity" in requested and compare_to is not None:
+        records.append(rec("parity", _parity(compare_to, call, out, gc, settings)))
+    if "contract" in requested:
+        if invoker.violations:
+            first = invoker.violations[0]
+            more = f" (+{len(invoker.violations) - 1} more)" if len(invoker.violations) > 1 else ""
+            records.append(rec("contract", Verdict("fail", {"violations": invoker.violations[:20]}, first + more)))
+        else:
+            records.append(rec("contract", Verdict("pass", {}, "shape, dtype, device, finite output, inputs "
+                                                   "unchanged, no exception")))
+    return records
+
+
+def _accuracy(out: torch.Tensor, lse: torch.Tensor | None, gc: GoldenCase, settings: RunSettings) -> Verdict:
+    case = gc.case
+    rule = settings.tolerances.accuracy_rule(settings.rule_set, case.op, case.dtype)
+    verdict = judge_accuracy(out, gc.golden, rule, settings.tolerances.peak_relative.get(case.dtype),  # type: ignore[call-overload]
+                             settings.rule_set)
+    if lse is None:
+        return verdict
+    lse_rule = settings.tolerances.lse.get(case.dtype)  # type: ignore[call-overload]
+    lv = judge_elementwise(lse, gc.golden.lse, lse_rule, "lse")
+    metrics = {**verdict.metrics, "lse_max_abs_err": lv.metrics.get("max_abs_err")}
+    if lv.status != "pass":
+        return Verdict("fail", metrics, "; ".join(m for m in (verdict.message if verdict.status == "fail" else "",
+                                                              lv.message) if m))
+    return Verdict(verdict.status, metrics, verdict.message)
+
+
+def _invariance(invoker: Invoker, check: str, variants: Sequence[Variant], out: torch.Tensor) -> Verdict | None:
+    if not variants:
+        return None  # the check does not apply to this case
+    needed = {v.call.op for v in variants}
+    missing = [op for op in needed if not invoker.has(op)]
+    if missing:
+        return Verdict("skip", {}, f"needs {', '.join(missing)}, which backend {invoker.backend.name} lacks")
+    for variant in variants:
+        try:
+            got, _ = invoker(variant.call)
+        except (BackendCallError, ContractViolation) as exc:
+            return Verdict("error", {"variant": variant.label}, f"{variant.label}: {exc}")
+        mismatch = bitwise_mismatch(variant.taken(got), variant.expected(out))
+        if mismatch is not None:
+            return Verdict("fail", {"variant": variant.label, **mismatch.metrics()},
+                           f"{variant.label}: {mismatch.describe()}")
+    return Verdict("pass", {"variants": len(variants)}, f"{len(variants)} variants bit-identical")
+
+
+def _determinism(invoker: Invoker, call: OpCall, out: torch.Tensor, settings: RunSettings) -> Verdict:
+    rule = settings.tolerances.invariance_rule("determinism")
+    reruns = settings.reruns or (rule.reruns if rule and rule.reruns else 5)
+    for i in range(1, reruns):
+        try:
+            again, _ = invoker(call)
+        except (BackendCallError, ContractViolation) as exc:
+            return Verdict("error", {"rerun": i}, f"rerun {i}: {exc}")
+        mismatch = bitwise_mismatch(again, out)
+        if mismatch is not None:
+            return Verdict("fail", {"rerun": i, **mismatch.metrics()}, f"rerun {i} of {reruns}: {mismatch.describe()}")
+    return Verdict("pass", {"reruns": reruns}, f"{reruns} runs bit-identical")
+
+
+def _parity(other: Invoker, call: OpCall, out: torch.Tensor, gc: GoldenCase, settings: RunSettings) -> Verdict:
+    case = gc.case
+    if not other.has(case.op):
+        return Verdict("skip", {}, f"backend {other.backend.name} does not implement {case.op}")
+    reason = _supports(other.backend, case.op, case)
+    if reason:
+        return Verdict("skip", {}, f"{other.backend.name}: {reason}")
+    try:
+        theirs, _ = other(other.to_device(call))
+    except (BackendCallError, ContractViolation) as exc:
+        return Verdict("error", {}, f"{other.backend.name}: {exc}")
+    rule_set = settings.tolerances.parity.rules
+    rule = settings.tolerances.accuracy_rule(rule_set, case.op, case.dtype)
+    v = judge_elementwise(out, theirs.detach().to("cpu", torch.float64).numpy(), rule,
+                          f"parity with {other.backend.name}", gc.golden.naive_error)
+    return Verdict(v.status, {**v.metrics, "compared_to": other.backend.name}, v.message)
+
+
+def run(backend: Any, paths: Sequence[Path], settings: RunSettings, compare_to: Any | None = None,
+        on_case: Callable[[str, list[Record]], None] | None = None) -> RunResult:
+    """Run every golden file in ``paths`` (streamed one at a time) through ``backend``."""
+    invoker = Invoker(backend)
+    other = Invoker(compare_to) if compare_to is not None else None
+    result = RunResult()
+    for path in paths:
+        try:
+            gc = read_golden(path)
+        except GoldenError as exc:
+            case_id = path.with_suffix("").as_posix()
+            recs = [Record(case_id, "?", "accuracy", "error", message=f"golden file refused, nothing judged: {exc}")]
+        else:
+            recs = run_case(invoker, gc, settings, other)
+        result.records.extend(recs)
+        result.cases += 1
+        if on_case:
+            on_case(path.name, recs)
+    return result
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i_s, n_s = text.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise ConformanceError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConformanceError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return i, n
