@@ -111,23 +111,27 @@ def generate(
 
     specs = _load(spec, memory_cap_mib)
     target = out_dir or Path("goldens") / tier.value
-    with Progress(TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("cases · {task.fields[written]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                  TimeRemainingColumn(), console=err, transient=False) as progress:
-        task = progress.add_task(tier.value, total=0, written="0 B")
-        written = [0]
-        work: dict[str, float] = {}
+    # The bar starts only once the library has validated everything (errors stay one line).
+    progress = Progress(TextColumn("[bold]generate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("cases · {task.fields[written]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=err, transient=False)
+    task = progress.add_task(tier.value, total=0, written="0 B")
+    written = [0]
 
-        def on_start(job_list: list[Any]) -> None:
-            progress.update(task, total=len(job_list))
+    def on_start(job_list: list[Any]) -> None:
+        progress.update(task, total=len(job_list))
+        progress.start()
 
-        def on_done(job: Any, res: Any) -> None:
-            written[0] += res.bytes
-            progress.update(task, advance=1, written=_fmt_bytes(written[0]))
-            work[res.case_id] = res.seconds
+    def on_done(job: Any, res: Any) -> None:
+        written[0] += res.bytes
+        progress.update(task, advance=1, written=_fmt_bytes(written[0]))
 
+    try:
         summary = run_generate(specs, tier.value, target, n_workers=jobs, device=device, on_start=on_start,
                                on_done=on_done)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     gflops = summary.flops / summary.seconds / 1e9 if summary.seconds else 0.0
     refined_dd = sum(r.refined_double_double for r in summary.results)
     refined_exact = sum(r.refined_exact for r in summary.results)
@@ -151,12 +155,20 @@ def verify(
     """Check a golden directory: manifest checksums, schema, per-dataset SHA-256 (and regeneration)."""
     from .verify import verify as run_verify
 
-    with Progress(TextColumn("[bold]verify[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), console=err, transient=False) as progress:
-        task = progress.add_task("", total=0)
-        result = run_verify(directory, regenerate=regenerate, device=device,
-                            on_start=lambda n: progress.update(task, total=n),
+    progress = Progress(TextColumn("[bold]verify[/]"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False)
+    task = progress.add_task("", total=0)
+
+    def on_start(n: int) -> None:
+        progress.update(task, total=n)
+        progress.start()
+
+    try:
+        result = run_verify(directory, regenerate=regenerate, device=device, on_start=on_start,
                             on_done=lambda cid, ok: progress.update(task, advance=1, description=cid))
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     table = Table(title=f"verify {directory}", show_header=False)
     table.add_row("files checked", str(result.checked))
     if regenerate:

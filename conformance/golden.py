@@ -90,6 +90,12 @@ def _ascii(s: str) -> np.bytes_:
     return np.bytes_(s.encode("utf-8"))
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
@@ -97,6 +103,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; goldens are shared files
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -309,14 +316,19 @@ def environment_provenance() -> dict[str, Any]:
     }
 
 
+def dataset_sha256(files: list[dict[str, Any]]) -> str:
+    """One checksum of a golden set: SHA-256 of the lines '<sha256>  <path>', sorted by case id."""
+    listing = "".join(f"{e['sha256']}  {e['path']}\n" for e in sorted(files, key=lambda e: e["case_id"]))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def build_manifest(tier: str, specs: dict[str, dict[str, Any]], files: list[dict[str, Any]]) -> dict[str, Any]:
     files = sorted(files, key=lambda e: e["case_id"])
-    listing = "".join(f"{e['sha256']}  {e['path']}\n" for e in files)
     return {
         "format": MANIFEST_FORMAT,
         "schema_version": SCHEMA_VERSION,
         "tier": tier,
-        "dataset_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "dataset_sha256": dataset_sha256(files),
         "specs": specs,
         "provenance": environment_provenance(),
         "files": files,

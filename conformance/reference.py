@@ -24,6 +24,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 import mpmath
 import numpy as np
@@ -340,6 +341,14 @@ def _exact_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case) -> list[
 
 def _ziv_intervals(dots: list[int], vc: list[float], case: Case) -> np.float32:
     iv = mpmath.iv
+    saved = iv.prec
+    try:
+        return _ziv_loop(iv, dots, vc, case)
+    finally:
+        iv.prec = saved
+
+
+def _ziv_loop(iv: Any, dots: list[int], vc: list[float], case: Case) -> np.float32:
     prec = 128
     while prec <= 8192:
         iv.prec = prec

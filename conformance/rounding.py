@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import numpy as np
 
-F32_TINY = np.float32(np.finfo(np.float32).smallest_subnormal)
+F32_OVERFLOW = Fraction(2**128 - 2**103)
 
 
 def rounding_interval(o32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -20,6 +20,9 @@ def rounding_interval(o32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def round_fraction_to_f32(r: Fraction) -> np.float32:
     """The float32 nearest to the exact rational ``r`` (ties to even). Exact, no double rounding."""
+    # At or beyond the midpoint between the largest float32 and 2**128, nearest-even is infinity.
+    if abs(r) >= F32_OVERFLOW:
+        return np.float32(np.inf if r > 0 else -np.inf)
     # float(Fraction) is correctly rounded to float64; the float32 answer is that value's float32
     # rounding or one of its two neighbours, decided below in exact rational arithmetic.
     c = np.float32(float(r))

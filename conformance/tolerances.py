@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import SpecError
 from .spec import pydantic_error
@@ -50,12 +50,6 @@ class Tolerances(BaseModel):
     invariance: dict[InvarianceCheck, InvarianceRule]
     parity: ParitySettings
 
-    @model_validator(mode="after")
-    def _parity_rules_exist(self) -> Tolerances:
-        if self.parity.rules not in self.accuracy:
-            raise ValueError(f"parity.rules names rule set {self.parity.rules!r}, which accuracy does not define")
-        return self
-
     def accuracy_rule(self, rule_set: str, op: str, dtype: str) -> AccuracyRule | None:
         """The rule for one cell, or None: callers must fail closed on None."""
         return self.accuracy.get(rule_set, {}).get(op, {}).get(dtype)  # type: ignore[call-overload]
@@ -67,8 +61,11 @@ class Tolerances(BaseModel):
 def load_tolerances(path: str | Path) -> Tolerances:
     doc = load_yaml(path)
     try:
-        return Tolerances.model_validate(doc.data)
+        tol = Tolerances.model_validate(doc.data)
     except ValidationError as err:
         raise pydantic_error(doc, err) from None
-    except ValueError as exc:  # pragma: no cover - model validators surface as ValidationError
-        raise SpecError(path, None, None, str(exc)) from None
+    if tol.parity.rules not in tol.accuracy:
+        raise SpecError(path, doc.line_of(("parity", "rules")), "parity.rules",
+                        f"names rule set {tol.parity.rules!r}, which 'accuracy' does not define "
+                        f"(defined: {', '.join(sorted(tol.accuracy))})")
+    return tol

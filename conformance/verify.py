@@ -11,11 +11,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import ConformanceError
+from .errors import ConformanceError, GoldenError
 from .golden import (
     MANIFEST_NAME,
     GoldenCase,
     Provenance,
+    dataset_sha256,
     read_golden,
     read_manifest,
     sha256_file,
@@ -90,6 +91,8 @@ def verify(root: Path, regenerate: bool = False, device: str = "cpu",
     entries = manifest["files"]
     if not entries:
         result.problems.append(Problem(str(root / MANIFEST_NAME), "the manifest lists no files"))
+    if manifest.get("dataset_sha256") != dataset_sha256(entries):
+        result.problems.append(Problem(str(root / MANIFEST_NAME), "dataset_sha256 does not match the listed files"))
     listed = {(root / e["path"]).resolve() for e in entries}
     for extra in sorted(p for p in root.rglob("*.h5") if p.resolve() not in listed):
         result.problems.append(Problem(str(extra), "file is not listed in the manifest"))
@@ -115,9 +118,8 @@ def _verify_entry(result: VerifyResult, path: Path, entry: dict[str, Any], regen
         return problem("SHA-256 does not match the manifest (file changed or damaged)")
     try:
         gc = read_golden(path)
-    except ConformanceError as exc:
-        result.problems.append(Problem(str(path), str(exc).removeprefix(f"{path}: ").removeprefix(str(path))))
-        return False
+    except GoldenError as exc:
+        return problem(f"{exc.dataset}: {exc.reason}" if exc.dataset else exc.reason)
     if gc.case.id != entry["case_id"]:
         return problem(f"holds case {gc.case.id}, the manifest says {entry['case_id']}")
     if regenerate:

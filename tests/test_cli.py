@@ -1,0 +1,181 @@
+"""The rlk-conform command line: help, exit codes, one-line errors, and the generate/verify/specs commands."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+from conftest import DEFECTS, REPO, SPEC_DIR, TINY_SPECS, BrokenSpec, Defect, edit_spec, line_of
+from typer.testing import CliRunner, Result
+
+from conformance.cli import app
+from conformance.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from conformance.golden import MANIFEST_NAME, read_manifest
+from conformance.spec import default_spec_paths, load_spec
+from conformance.verify import verify
+
+RLK_CONFORM = Path(sys.executable).with_name("rlk-conform")
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result: Result, prefix: str) -> None:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(prefix), lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["verify", "--help"], ["specs", "--help"]],
+                         ids=["root", "generate", "verify", "specs"])
+def test_help_exits_zero(args: list[str]) -> None:
+    result = invoke(*args)
+    assert result.exit_code == EXIT_OK
+    assert "Usage:" in result.stdout
+
+
+def test_version_prints_the_package_version() -> None:
+    from conformance import __version__
+
+    result = invoke("--version")
+    assert (result.exit_code, result.stdout.strip()) == (EXIT_OK, f"rlk-conform {__version__}")
+
+
+@pytest.mark.parametrize("args", [["generate", "--no-such-flag"], ["specs", "--tier", "nightly"], ["no-such-command"]],
+                         ids=["unknown-flag", "unknown-tier", "unknown-command"])
+def test_bad_usage_exits_two(args: list[str]) -> None:
+    assert invoke(*args).exit_code == EXIT_BAD_INPUT
+
+
+def test_specs_ids_lists_the_smoke_cases_of_the_default_specs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # the default spec paths are relative to the working directory
+    expected = [c.id for path in default_spec_paths(SPEC_DIR) for c in load_spec(path).cases_for_tier("smoke")]
+    result = invoke("specs", "--tier", "smoke", "--ids")
+    assert result.exit_code == EXIT_OK
+    assert result.stdout.splitlines() == expected
+
+
+def test_specs_ids_of_a_higher_tier_include_the_lower_tier(spec_dir: Path) -> None:
+    spec = spec_dir / "tiny_attention.yaml"
+    smoke = invoke("specs", "--spec", spec, "--tier", "smoke", "--ids").stdout.splitlines()
+    standard = invoke("specs", "--spec", spec, "--tier", "standard", "--ids").stdout.splitlines()
+    assert set(smoke) < set(standard)
+
+
+# --- spec errors -----------------------------------------------------------------------------------
+
+
+def test_spec_error_exits_two_with_one_error_line(broken_spec: BrokenSpec) -> None:
+    result = invoke("specs", "--spec", broken_spec.path, "--memory-cap-mib", broken_spec.memory_cap_mib)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert_one_line_error(result, f"error: {broken_spec.path}:{broken_spec.line}:")
+
+
+def test_generate_with_a_bad_spec_writes_nothing(broken_spec: BrokenSpec, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke("generate", "--spec", broken_spec.path, "--out", out, "--jobs", "1", "--memory-cap-mib",
+                    broken_spec.memory_cap_mib)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert not out.exists()
+
+
+def test_generate_with_one_bad_spec_among_good_ones_writes_nothing(spec_dir: Path, tmp_path: Path) -> None:
+    edit_spec(spec_dir / "tiny_kv_cache.yaml", "dtype: float32", "dtype: float64")
+    out = tmp_path / "out"
+    result = invoke("generate", "--spec", spec_dir / "tiny_attention.yaml", "--spec", spec_dir / "tiny_kv_cache.yaml",
+                    "--out", out, "--jobs", "1")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("defect", [d for d in DEFECTS if d.name in ("duplicate-key", "over-memory-cap")],
+                         ids=lambda d: d.name)
+def test_installed_command_prints_one_error_line_without_traceback(defect: Defect, spec_dir: Path) -> None:
+    path = spec_dir / defect.spec
+    text = edit_spec(path, defect.old, defect.new)
+    proc = subprocess.run([str(RLK_CONFORM), "specs", "--spec", str(path), "--memory-cap-mib",
+                           str(defect.memory_cap_mib)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == EXIT_BAD_INPUT
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}:{line_of(text, defect.marker)}:"), proc.stderr
+    assert proc.stdout == ""
+
+
+def test_missing_spec_file_exits_two(tmp_path: Path) -> None:
+    result = invoke("specs", "--spec", tmp_path / "absent.yaml")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert_one_line_error(result, f"error: {tmp_path / 'absent.yaml'}: file not found")
+
+
+# --- generate and verify ---------------------------------------------------------------------------
+
+
+def test_generate_writes_goldens_that_verify(spec_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke("generate", "--spec", spec_dir / TINY_SPECS[1], "--out", out, "--jobs", "1")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert len(read_manifest(out)["files"]) == len(load_spec(spec_dir / TINY_SPECS[1]).cases_for_tier("smoke"))
+    assert verify(out).ok
+
+
+def test_verify_of_a_fresh_directory_exits_zero(tiny_goldens: Path) -> None:
+    result = invoke("verify", tiny_goldens)
+    assert result.exit_code == EXIT_OK
+    assert "OK:" in result.stdout
+
+
+def test_verify_of_a_modified_file_exits_one_and_names_it(golden_dir: Path) -> None:
+    path = golden_dir / read_manifest(golden_dir)["files"][0]["path"]
+    with h5py.File(path, "r+") as f:
+        f["expected/out"][0, 0, 0, 0] += 1
+    result = invoke("verify", golden_dir)
+    assert result.exit_code == EXIT_FAILURE
+    assert f"FAIL {path}: " in result.stdout
+
+
+def test_verify_of_a_missing_file_exits_one_and_names_it(golden_dir: Path) -> None:
+    path = golden_dir / read_manifest(golden_dir)["files"][0]["path"]
+    path.unlink()
+    result = invoke("verify", golden_dir)
+    assert result.exit_code == EXIT_FAILURE
+    assert f"FAIL {path}: listed in the manifest but missing" in result.stdout
+
+
+def test_verify_of_an_unlisted_file_exits_one_and_names_it(golden_dir: Path) -> None:
+    listed = golden_dir / read_manifest(golden_dir)["files"][0]["path"]
+    extra = listed.with_name("extra.h5")
+    shutil.copy(listed, extra)
+    result = invoke("verify", golden_dir)
+    assert result.exit_code == EXIT_FAILURE
+    assert f"FAIL {extra}: file is not listed in the manifest" in result.stdout
+
+
+def test_verify_without_a_manifest_exits_two_naming_it(tmp_path: Path) -> None:
+    result = invoke("verify", tmp_path)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.stderr.splitlines()[-1].startswith(f"error: {tmp_path / MANIFEST_NAME}: no manifest")
+
+
+def test_verify_error_is_the_only_line_on_stderr(tmp_path: Path) -> None:
+    result = invoke("verify", tmp_path)
+    assert_one_line_error(result, f"error: {tmp_path / MANIFEST_NAME}: no manifest")
+
+
+def test_generate_error_after_loading_the_specs_is_the_only_line_on_stderr(spec_dir: Path, tmp_path: Path) -> None:
+    occupied = tmp_path / "out"
+    occupied.write_text("a file where the output directory should go")
+    result = invoke("generate", "--spec", spec_dir / TINY_SPECS[1], "--out", occupied, "--jobs", "1")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert_one_line_error(result, f"error: {occupied}: cannot create the output directory")
+
+
+def test_verify_regenerate_of_a_fresh_directory_exits_zero(tiny_goldens: Path) -> None:
+    result = invoke("verify", tiny_goldens, "--regenerate")
+    assert result.exit_code == EXIT_OK
+    assert "every one regenerated bit-identical" in result.stdout

@@ -1,0 +1,342 @@
+"""The exact reference: agreement with a float64 formula, closed forms, and correct rounding.
+
+Correct rounding is checked against :mod:`conformance.crosscheck` (a 50-digit mpmath recomputation
+that shares no code with the reference) on seeded cases and on inputs built to land on, or within
+1e-30 of, a float32 rounding boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_case, build_inputs, float64_attention, visible_keys
+
+from conformance.crosscheck import crosscheck, exact_element, sample_elements
+from conformance.inputs import CaseInputs, make_inputs
+from conformance.reference import Golden, compute_reference
+from conformance.rounding import round_fraction_to_f32, rounding_interval
+from conformance.spec import Case
+
+F32_TINY = np.float32(np.finfo(np.float32).smallest_subnormal)
+
+
+def bits(x: np.ndarray | np.float32) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32).view(np.uint32)
+
+
+def up(x: float | np.float32) -> np.float32:
+    return np.nextafter(np.float32(x), np.float32(np.inf))
+
+
+def down(x: float | np.float32) -> np.float32:
+    return np.nextafter(np.float32(x), np.float32(-np.inf))
+
+
+@functools.cache
+def seeded_golden(case: Case) -> tuple[CaseInputs, Golden]:
+    inputs = make_inputs(case)
+    return inputs, compute_reference(case, inputs)
+
+
+# --- against an independent float64 formula ------------------------------------------------------
+
+FORMULA_CASES = {
+    "mha": build_case(batch=2, hq=4, hkv=4, d=16, sq=6, skv=6),
+    "gqa-group4": build_case(hq=8, hkv=2, d=16, sq=5, skv=9, dtype="bfloat16", causal=False),
+    "gqa-group7": build_case(hq=14, hkv=2, d=8, sq=4, skv=4, dtype="float16"),
+    "gqa-group7-mqa": build_case(hq=7, hkv=1, d=8, sq=3, skv=6, dtype="bfloat16"),
+    "mqa-decode": build_case(batch=2, hq=4, hkv=1, d=32, sq=1, skv=11, dtype="bfloat16"),
+    "causal-sq-lt-skv": build_case(d=16, sq=3, skv=12),
+    "causal-sq-gt-skv": build_case(batch=2, d=16, sq=9, skv=4, dtype="bfloat16"),
+    "noncausal-sq-gt-skv": build_case(batch=2, d=16, sq=9, skv=4, causal=False),
+    "right-pad": build_case(batch=3, sq=5, skv=7, mask="right_pad"),
+    "left-pad": build_case(batch=3, sq=5, skv=7, mask="left_pad", dtype="float16"),
+    "holes": build_case(batch=3, sq=5, skv=7, mask="holes", causal=False, dtype="bfloat16"),
+    "all-masked": build_case(batch=3, sq=5, skv=7, mask="all_masked"),
+    "large-logits": build_case(d=32, sq=8, skv=8, dist="large_logits", dtype="bfloat16"),
+    "near-ties": build_case(d=32, sq=8, skv=8, dist="near_ties"),
+    "uniform": build_case(d=32, sq=8, skv=8, dist="uniform", dtype="float16"),
+    "explicit-negative-scale": build_case(sq=4, skv=6, scale=-0.25, causal=False),
+    "kv-cache": build_case(op="kv_cache_attention", batch=2, hq=4, hkv=2, sq=3, skv=8, mask="holes"),
+}
+
+
+@pytest.mark.parametrize("case", FORMULA_CASES.values(), ids=FORMULA_CASES.keys())
+def test_out_is_within_one_ulp_of_the_float64_formula(case: Case) -> None:
+    inputs, golden = seeded_golden(case)
+    out64, _ = float64_attention(case, inputs)
+    ulp = np.spacing(np.abs(out64).astype(np.float32)).astype(np.float64)
+    assert golden.out.dtype == np.float32 and golden.out.shape == out64.shape
+    assert np.all(np.abs(golden.out - out64) <= ulp)
+
+
+@pytest.mark.parametrize("case", FORMULA_CASES.values(), ids=FORMULA_CASES.keys())
+def test_lse_is_close_to_the_float64_formula(case: Case) -> None:
+    inputs, golden = seeded_golden(case)
+    _, lse64 = float64_attention(case, inputs)
+    np.testing.assert_allclose(golden.lse, lse64, rtol=2.0**-23, atol=1e-12)
+
+
+# --- closed forms ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scale_zero_gives_the_exact_mean_of_the_visible_values(dtype: str) -> None:
+    case = build_case(batch=2, hq=4, hkv=2, d=8, sq=4, skv=7, dtype=dtype, scale=0.0, mask="holes")
+    inputs, golden = seeded_golden(case)
+    see = visible_keys(case, inputs.key_padding_mask)
+    v = inputs.v.double().numpy()
+    expected = np.zeros(golden.out.shape, dtype=np.float32)
+    for b, h, i, d in np.ndindex(*golden.out.shape):
+        keys = np.flatnonzero(see[b, 0, i].numpy())
+        if len(keys):
+            mean = sum(Fraction(float(x)) for x in v[b, h // case.group, keys, d]) / len(keys)
+            expected[b, h, i, d] = round_fraction_to_f32(mean)
+    assert np.array_equal(bits(golden.out), bits(expected))
+
+
+def test_causal_decode_equals_noncausal_decode_bitwise() -> None:
+    causal = build_case(batch=2, hq=4, hkv=2, d=16, sq=1, skv=13, dtype="bfloat16", mask="left_pad")
+    noncausal = dataclasses.replace(causal, causal=False)
+    _, a = seeded_golden(causal)
+    _, b = seeded_golden(noncausal)
+    for name in ("out", "lse", "error_scale", "naive_error"):
+        assert getattr(a, name).tobytes() == getattr(b, name).tobytes(), name
+
+
+FULLY_MASKED = {
+    # case, the (batch, row) pairs that see no key
+    "all-masked-padding": (build_case(batch=4, sq=3, skv=5, mask="all_masked", causal=False),
+                           np.s_[0::2, :, :]),
+    "causal-sq-gt-skv-leading-rows": (build_case(batch=2, sq=7, skv=3), np.s_[:, :, :4]),
+    "kv-cache-all-masked": (build_case(op="kv_cache_attention", batch=2, sq=2, skv=6, mask="all_masked"),
+                            np.s_[0::2, :, :]),
+}
+
+
+@pytest.mark.parametrize("case, rows", FULLY_MASKED.values(), ids=FULLY_MASKED.keys())
+def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_error_scale(case: Case, rows: tuple) -> None:
+    _, golden = seeded_golden(case)
+    assert golden.out[rows].size > 0
+    assert np.all(bits(golden.out[rows]) == 0)  # +0.0, never NaN or -0.0
+    assert np.all(golden.lse[rows] == -np.inf)
+    assert np.all(golden.error_scale[rows] == 0.0)
+
+
+@pytest.mark.parametrize("case, rows", FULLY_MASKED.values(), ids=FULLY_MASKED.keys())
+def test_rows_that_see_a_key_are_not_zeroed(case: Case, rows: tuple) -> None:
+    _, golden = seeded_golden(case)
+    seen = np.ones(golden.lse.shape, dtype=bool)
+    seen[rows] = False
+    assert np.all(np.isfinite(golden.lse[seen]))
+    assert np.all(np.any(golden.out != 0, axis=-1)[seen])
+
+
+def test_first_causal_row_of_a_prefill_returns_the_first_value_exactly() -> None:
+    case = build_case(batch=2, hq=4, hkv=2, d=16, sq=5, skv=5, dtype="bfloat16")  # row 0 sees key 0 only
+    inputs, golden = seeded_golden(case)
+    v0 = inputs.v[:, :, 0].float().repeat_interleave(case.group, dim=1).numpy()
+    assert np.array_equal(bits(golden.out[:, :, 0]), bits(v0))
+
+
+def test_decode_against_one_key_returns_its_value_exactly() -> None:
+    case = build_case(hq=4, hkv=2, d=16, sq=1, skv=1, dtype="float16", causal=False)
+    inputs, golden = seeded_golden(case)
+    v0 = inputs.v[:, :, 0].float().repeat_interleave(case.group, dim=1).numpy()
+    assert np.array_equal(bits(golden.out[:, :, 0]), bits(v0))
+
+
+def test_padding_that_keeps_one_key_returns_its_value_exactly() -> None:
+    case = build_case(hq=2, hkv=1, d=8, sq=3, skv=5, causal=False)
+    seeded = make_inputs(case)
+    inputs = dataclasses.replace(seeded, key_padding_mask=torch.tensor([[False, False, True, False, False]]))
+    golden = compute_reference(case, inputs)
+    v2 = inputs.v[0, 0, 2].numpy()
+    assert np.array_equal(bits(golden.out), bits(np.broadcast_to(v2, golden.out.shape)))
+
+
+def test_query_head_h_reads_kv_head_h_div_group() -> None:
+    # CONTRACT.md: repeat_interleave mapping. Each KV head's values are its own index + 1.
+    case = build_case(hq=6, hkv=3, d=4, sq=2, skv=3, causal=False)
+    v = np.broadcast_to(np.arange(1.0, 4.0)[None, :, None, None], (1, 3, 3, 4))
+    inputs = build_inputs(case, q=np.full((1, 6, 2, 4), 0.5), k=np.full((1, 3, 3, 4), 0.25), v=v)
+    golden = compute_reference(case, inputs)
+    assert np.array_equal(golden.out[0, :, 0, 0], np.array([1, 1, 2, 2, 3, 3], dtype=np.float32))
+
+
+def test_reference_leaves_its_inputs_unchanged() -> None:
+    case = build_case(batch=2, hq=4, hkv=2, sq=4, skv=6, dtype="bfloat16", mask="holes")
+    inputs = make_inputs(case)
+    before = [t.clone() for t in (inputs.q, inputs.k, inputs.v, inputs.key_padding_mask)]
+    compute_reference(case, inputs)
+    after = (inputs.q, inputs.k, inputs.v, inputs.key_padding_mask)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+# --- correct rounding against the mpmath recomputation --------------------------------------------
+
+SMOKE_CROSSCHECK = [
+    "attention/distributions/hq2-hkv2-d64-b1-sq33-skv33-bf16-causal-largelogits",
+    "attention/distributions/hq2-hkv2-d64-b1-sq33-skv33-fp16-causal-largelogits",
+    "attention/distributions/hq2-hkv2-d64-b1-sq33-skv33-fp32-causal-largelogits",
+    "attention/distributions/hq2-hkv2-d64-b1-sq33-skv33-bf16-causal-neartie",
+    "attention/distributions/hq2-hkv2-d64-b1-sq33-skv33-fp16-causal-neartie",
+    "attention/distributions/hq2-hkv2-d64-b1-sq33-skv33-fp32-causal-neartie",
+    "attention/distributions/hq2-hkv2-d64-b1-sq1-skv129-bf16-causal-neartie",
+    "attention/dtypes/hq2-hkv2-d64-b1-sq65-skv65-fp32-noncausal",
+    "attention/padding/hq2-hkv1-d64-b3-sq17-skv17-fp16-causal-holes",
+    "attention/presets/qwen2.5-7b-b1-sq5-skv17-bf16-causal",
+    "kv_cache_attention/distributions/hq2-hkv1-d64-b1-past63-new2-fp32-causal-neartie",
+]
+
+
+def nearest_to_a_rounding_boundary(out64: np.ndarray, n: int) -> list[tuple[int, int, int, int]]:
+    """The ``n`` elements whose float64 value lies relatively closest to a float32 midpoint."""
+    lo, hi = rounding_interval(out64.astype(np.float32))
+    distance = np.minimum(out64 - lo, hi - out64) / np.maximum(np.abs(out64), 1e-300)
+    flat = np.argsort(distance, axis=None, kind="stable")[:n]
+    return [tuple(int(x) for x in idx) for idx in zip(*np.unravel_index(flat, out64.shape))]
+
+
+@pytest.mark.parametrize("case_id", SMOKE_CROSSCHECK)
+def test_smoke_case_elements_are_correctly_rounded(smoke_cases: dict[str, Case], case_id: str) -> None:
+    case = smoke_cases[case_id]
+    inputs, golden = seeded_golden(case)
+    out64, _ = float64_attention(case, inputs)
+    elements = sample_elements(golden.out.shape, 12, seed=case.seed) + nearest_to_a_rounding_boundary(out64, 4)
+    assert crosscheck(case, inputs, golden.out, elements) == []
+
+
+# Two visible keys whose values' mean is exactly a float32 midpoint, per head-dim column:
+# (v0, v1, the float32 that ties-to-even selects, the float32 on v2's side of the midpoint).
+MIDPOINTS = [
+    (1.0, up(1.0), 1.0, up(1.0)),  # 1 + 2**-24: even neighbour below; v2 lies above
+    (up(1.0), up(up(1.0)), up(up(1.0)), up(1.0)),  # 1 + 3·2**-24: even neighbour above; v2 lies below
+    (-1.0, -up(1.0), -1.0, -up(1.0)),  # negative tie; v2 lies below (more negative)
+    (0.0, F32_TINY, 0.0, F32_TINY),  # half the smallest subnormal: ties to +0.0; v2 lies above
+]
+THIRD_VALUE = [3.0, 0.5, -3.0, 3 * F32_TINY]  # v2 per column, on the side named above
+
+
+def midpoint_case(scale: float, skv: int) -> Case:
+    return build_case(hq=1, hkv=1, d=len(MIDPOINTS), sq=1, skv=skv, scale=scale, causal=False)
+
+
+def exact_midpoint_inputs() -> tuple[Case, CaseInputs]:
+    """scale 0.0: both weights are 1, the output is exactly (v0 + v1) / 2."""
+    case = midpoint_case(0.0, 2)
+    v = [[[[m[0] for m in MIDPOINTS], [m[1] for m in MIDPOINTS]]]]
+    return case, build_inputs(case, q=np.ones((1, 1, 1, 4)), k=np.zeros((1, 1, 2, 4)), v=v)
+
+
+def near_midpoint_inputs(gap: float) -> tuple[Case, CaseInputs]:
+    """Logits 0, 0, -gap (scale 1): the output is (v0 + v1 + e·v2) / (2 + e) with e = exp(-gap), i.e.
+    the midpoint moved by ~e/2 (relative) towards v2."""
+    case = midpoint_case(1.0, 3)
+    k = np.zeros((1, 1, 3, 4))
+    k[0, 0, 2, 0] = -gap
+    v = [[[[m[0] for m in MIDPOINTS], [m[1] for m in MIDPOINTS], THIRD_VALUE]]]
+    return case, build_inputs(case, q=np.eye(1, 4)[None, None], k=k, v=v)
+
+
+BoundaryInputs = Callable[[], tuple[Case, CaseInputs]]
+BOUNDARY_INPUTS: dict[str, BoundaryInputs] = {
+    "exact-midpoint": exact_midpoint_inputs,
+    "1e-18-from-midpoint": functools.partial(near_midpoint_inputs, 40.0),  # exp(-40)/2 ≈ 2e-18
+    "1e-31-from-midpoint": functools.partial(near_midpoint_inputs, 70.0),  # exp(-70)/2 ≈ 2e-31
+    "1e-44-from-midpoint": functools.partial(near_midpoint_inputs, 100.0),  # exp(-100)/2 ≈ 2e-44
+}
+
+
+def test_exact_midpoint_rounds_ties_to_even() -> None:
+    case, inputs = exact_midpoint_inputs()
+    golden = compute_reference(case, inputs)
+    assert np.array_equal(bits(golden.out[0, 0, 0]), bits(np.array([m[2] for m in MIDPOINTS])))
+
+
+@pytest.mark.parametrize("gap", [40.0, 70.0, 100.0])
+def test_near_midpoint_rounds_towards_the_third_value(gap: float) -> None:
+    case, inputs = near_midpoint_inputs(gap)
+    golden = compute_reference(case, inputs)
+    assert np.array_equal(bits(golden.out[0, 0, 0]), bits(np.array([m[3] for m in MIDPOINTS])))
+
+
+@pytest.mark.parametrize("make", BOUNDARY_INPUTS.values(), ids=BOUNDARY_INPUTS.keys())
+def test_boundary_elements_equal_the_mpmath_recomputation(make: BoundaryInputs) -> None:
+    case, inputs = make()
+    golden = compute_reference(case, inputs)
+    expected = [exact_element(case, inputs, 0, 0, 0, d) for d in range(case.d)]
+    assert np.array_equal(bits(golden.out[0, 0, 0]), bits(np.array(expected)))
+
+
+@pytest.mark.parametrize("make", BOUNDARY_INPUTS.values(), ids=BOUNDARY_INPUTS.keys())
+def test_boundary_elements_are_decided_by_the_refinement_tiers(make: BoundaryInputs) -> None:
+    case, inputs = make()
+    stats = compute_reference(case, inputs).stats
+    assert stats.double_double + stats.exact > 0
+
+
+def test_exact_midpoints_reach_the_exact_tier() -> None:
+    case, inputs = exact_midpoint_inputs()
+    assert compute_reference(case, inputs).stats.exact == case.d
+
+
+# --- round_fraction_to_f32 -------------------------------------------------------------------------
+
+MIN_NORMAL = np.float32(np.finfo(np.float32).tiny)
+MAX_SUBNORMAL = down(MIN_NORMAL)
+
+EXACT_ROUNDINGS = {
+    # rational → the float32 that round-to-nearest-even gives, worked out by hand
+    "tie-to-even-below": (1 + Fraction(1, 2**24), np.float32(1.0)),
+    "tie-to-even-above": (1 + Fraction(3, 2**24), up(up(1.0))),
+    "just-above-a-tie": (1 + Fraction(1, 2**24) + Fraction(1, 2**80), up(1.0)),
+    "just-below-a-tie": (1 + Fraction(3, 2**24) - Fraction(1, 2**80), up(1.0)),
+    "negative-tie": (-(1 + Fraction(1, 2**24)), np.float32(-1.0)),
+    "negative-just-below-a-tie": (-(1 + Fraction(1, 2**24)) - Fraction(1, 2**90), -up(1.0)),
+    "half-smallest-subnormal": (Fraction(1, 2**150), np.float32(0.0)),
+    "negative-half-smallest-subnormal": (-Fraction(1, 2**150), np.float32(-0.0)),
+    "above-half-smallest-subnormal": (Fraction(1, 2**150) + Fraction(1, 2**300), F32_TINY),
+    "subnormal-tie-to-even": (Fraction(3, 2**150), 2 * F32_TINY),
+    "subnormal-normal-boundary-tie": ((Fraction(float(MAX_SUBNORMAL)) + Fraction(float(MIN_NORMAL))) / 2,
+                                      MIN_NORMAL),
+    "one-third": (Fraction(1, 3), np.float32(11184811 * 2.0**-25)),
+    "zero": (Fraction(0), np.float32(0.0)),
+}
+
+
+@pytest.mark.parametrize("value, expected", EXACT_ROUNDINGS.values(), ids=EXACT_ROUNDINGS.keys())
+def test_round_fraction_to_f32_rounds_to_nearest_even(value: Fraction, expected: np.float32) -> None:
+    assert bits(round_fraction_to_f32(value)) == bits(expected)
+
+
+def test_round_fraction_to_f32_keeps_exact_float32_values() -> None:
+    rng = np.random.Generator(np.random.PCG64(7))
+    values = rng.integers(0, 2**32, size=2000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    values = values[np.isfinite(values)]
+    got = np.array([round_fraction_to_f32(Fraction(float(x))) for x in values], dtype=np.float32)
+    assert np.array_equal(bits(got), bits(values))
+
+
+def test_round_fraction_to_f32_agrees_with_numpy_on_float64_values() -> None:
+    # numpy's float64 → float32 cast is a single correct rounding (ties to even)
+    rng = np.random.Generator(np.random.PCG64(11))
+    mantissa = rng.uniform(1.0, 2.0, size=3000) * rng.choice([-1.0, 1.0], size=3000)
+    values = np.ldexp(mantissa, rng.integers(-160, 127, size=3000))
+    got = np.array([round_fraction_to_f32(Fraction(float(x))) for x in values], dtype=np.float32)
+    assert np.array_equal(bits(got), bits(values.astype(np.float32)))
+
+
+def test_round_fraction_to_f32_agrees_with_numpy_on_exact_midpoints() -> None:
+    rng = np.random.Generator(np.random.PCG64(13))
+    f32 = rng.integers(0, 0x7F7FFFFF, size=2000, dtype=np.uint32).view(np.float32)
+    midpoints = (f32.astype(np.float64) + up(f32).astype(np.float64)) / 2  # exact in float64
+    midpoints = np.concatenate([midpoints, -midpoints])
+    got = np.array([round_fraction_to_f32(Fraction(float(x))) for x in midpoints], dtype=np.float32)
+    assert np.array_equal(bits(got), bits(midpoints.astype(np.float32)))
