@@ -113,8 +113,9 @@ def print_summary(console: Console, records: Sequence[Record], title: str, worst
     if bad:
         console.print(f"[bold red]worst offenders[/] ({len(bad)} failing records):")
         for r in bad[:worst]:
-            console.print(f"  {r.status.upper():5} {r.check:14} {r.case_id}", markup=False, highlight=False)
-            console.print(f"        {r.message}", markup=False, highlight=False, soft_wrap=True)
+            console.print(f"  {r.status.upper()} {r.check}: {r.case_id}", markup=False, highlight=False,
+                          soft_wrap=True)
+            console.print(f"      {r.message}", markup=False, highlight=False, soft_wrap=True)
     skipped = [r for r in records if r.status == "skip"]
     if skipped:
         reasons = Counter(r.message for r in skipped)

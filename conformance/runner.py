@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .backends.contract import KernelUnavailable, one_line
+from .backends.registry import skip_reason
 from .errors import ConformanceError, GoldenError
 from .golden import GoldenCase, read_golden, read_manifest
 from .judge import (
@@ -55,6 +57,10 @@ class BackendCallError(Exception):
 
 class ContractViolation(Exception):
     """The backend returned something the op contract forbids."""
+
+
+class KernelSkipped(Exception):
+    """The backend raised KernelUnavailable: it cannot take this call (reported as skipped)."""
 
 
 def select_cases(root: Path, pattern: str | None = None, shard: tuple[int, int] | None = None) -> list[Path]:
@@ -107,6 +113,8 @@ class Invoker:
         before = [t.clone() for t in watched]
         try:
             result = fn(*args, **kwargs)
+        except KernelUnavailable as exc:
+            raise KernelSkipped(one_line(str(exc))) from exc
         except Exception as exc:  # a backend may raise anything; it becomes an 'error' record
             raise BackendCallError(f"{type(exc).__name__}: {exc}".strip().splitlines()[0]) from exc
         names = ["q", "k", "v"] if call.op == "attention" else ["q", "k_cache", "v_cache", "k_new", "v_new"]
@@ -145,17 +153,6 @@ class Invoker:
         return result, lse
 
 
-def _supports(backend: Any, op: str, case: Any) -> str | None:
-    """None if the backend takes the case, else the reason it gives."""
-    fn = getattr(backend, "supports", None)
-    if fn is None:
-        return None
-    answer = fn(op, case)
-    if answer is True:
-        return None
-    return answer if isinstance(answer, str) and answer else f"backend {backend.name} does not support this case"
-
-
 def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
              compare_to: Invoker | None = None) -> list[Record]:
     """Every requested check on one golden case."""
@@ -165,10 +162,7 @@ def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
         return Record(case.id, case.op, check, verdict.status, case.dtype, case.family, verdict.metrics,
                       verdict.message)
     requested = [c for c in settings.checks if c != "parity" or compare_to is not None]
-    if not invoker.has(case.op):
-        reason = f"backend {invoker.backend.name} does not implement {case.op}"
-        return [rec(c, Verdict("skip", {}, reason)) for c in requested]
-    reason = _supports(invoker.backend, case.op, case)
+    reason = skip_reason(invoker.backend, case.op, case)
     if reason:
         return [rec(c, Verdict("skip", {}, reason)) for c in requested]
 
@@ -178,6 +172,8 @@ def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
     records: list[Record] = []
     try:
         out, lse = invoker(call)
+    except KernelSkipped as exc:
+        return [rec(c, Verdict("skip", {}, str(exc))) for c in requested]
     except (BackendCallError, ContractViolation) as exc:
         status = "error" if isinstance(exc, BackendCallError) else "fail"
         msg = f"primary call failed: {exc}"
@@ -241,6 +237,8 @@ def _invariance(invoker: Invoker, check: str, variants: Sequence[Variant], out: 
     for variant in variants:
         try:
             got, _ = invoker(variant.call)
+        except KernelSkipped as exc:
+            return Verdict("skip", {"variant": variant.label}, f"{variant.label}: {exc}")
         except (BackendCallError, ContractViolation) as exc:
             return Verdict("error", {"variant": variant.label}, f"{variant.label}: {exc}")
         mismatch = bitwise_mismatch(variant.taken(got), variant.expected(out))
@@ -256,7 +254,7 @@ def _determinism(invoker: Invoker, call: OpCall, out: torch.Tensor, settings: Ru
     for i in range(1, reruns):
         try:
             again, _ = invoker(call)
-        except (BackendCallError, ContractViolation) as exc:
+        except (BackendCallError, ContractViolation, KernelSkipped) as exc:
             return Verdict("error", {"rerun": i}, f"rerun {i}: {exc}")
         mismatch = bitwise_mismatch(again, out)
         if mismatch is not None:
@@ -266,13 +264,13 @@ def _determinism(invoker: Invoker, call: OpCall, out: torch.Tensor, settings: Ru
 
 def _parity(other: Invoker, call: OpCall, out: torch.Tensor, gc: GoldenCase, settings: RunSettings) -> Verdict:
     case = gc.case
-    if not other.has(case.op):
-        return Verdict("skip", {}, f"backend {other.backend.name} does not implement {case.op}")
-    reason = _supports(other.backend, case.op, case)
+    reason = skip_reason(other.backend, case.op, case)
     if reason:
         return Verdict("skip", {}, f"{other.backend.name}: {reason}")
     try:
         theirs, _ = other(other.to_device(call))
+    except KernelSkipped as exc:
+        return Verdict("skip", {}, f"{other.backend.name}: {exc}")
     except (BackendCallError, ContractViolation) as exc:
         return Verdict("error", {}, f"{other.backend.name}: {exc}")
     rule_set = settings.tolerances.parity.rules

@@ -1,0 +1,286 @@
+"""Find, load and check backends: the built-ins, entry points and ``package.module:attr`` specs.
+
+``list_backends()`` lists the built-ins (``builtin.BUILTIN_BACKENDS``) and every entry point of the
+group ``rlk_conform.backends``; ``load_backend(spec, device)`` turns a name or ``module:attr`` into
+a checked backend object. Every problem a user can fix is raised as a one-line
+:class:`~conformance.errors.ConformanceError` (exit code 2) naming the backend spec and what to do.
+The API a backend implements is documented in docs/backends.md and ``contract.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConformanceError
+from ..spec import OPS, Case
+from .builtin import BUILTIN_BACKENDS
+from .contract import Backend, BackendUnavailable, one_line
+
+ENTRY_POINT_GROUP = "rlk_conform.backends"
+DOCS = "see docs/backends.md"
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One registered backend as ``list_backends`` reports it.
+
+    ``factory`` is what ``load_backend(name)`` calls or returns (a class, a zero-argument factory or
+    an instance); None when its entry point failed to import. ``available`` says whether it can be
+    created here with its default device; ``reason`` says why not. ``source`` is ``"built-in"`` or
+    the entry point (``name = module:attr`` and its distribution).
+    """
+
+    name: str
+    factory: Any
+    available: bool
+    reason: str | None
+    description: str
+    source: str
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class _Registration:
+    name: str
+    factory: Any  # None when loading failed
+    description: str
+    source: str
+    error: str | None = None
+
+
+def list_backends() -> list[BackendInfo]:
+    """Built-ins then entry points (``rlk_conform.backends``), each created once to learn whether it
+    is available here. Never raises: a backend that fails to import or to start is listed as
+    unavailable with the exception text."""
+    infos = []
+    for reg in _registrations().values():
+        if reg.error is not None:
+            infos.append(BackendInfo(reg.name, reg.factory, False, reg.error, reg.description, reg.source))
+            continue
+        try:
+            backend = _create(reg.factory, None, reg.name)
+            validate_backend(backend, reg.name)
+        except BackendUnavailable as exc:
+            infos.append(BackendInfo(reg.name, reg.factory, False, one_line(str(exc)), reg.description, reg.source))
+        except Exception as exc:  # a broken third-party backend must not break the listing
+            infos.append(BackendInfo(reg.name, reg.factory, False, _describe(exc), reg.description, reg.source))
+        else:
+            infos.append(BackendInfo(reg.name, reg.factory, True, None,
+                                     str(getattr(backend, "description", "") or reg.description), reg.source,
+                                     backend.device))
+    return infos
+
+
+def load_backend(spec: str, device: str | None = None) -> Backend:
+    """Create the backend ``spec`` names and check it (:func:`validate_backend`).
+
+    ``spec`` is a registered name (a built-in or an entry point) or ``package.module:attr`` where
+    ``attr`` (dotted for nested attributes) is a backend class (called with no arguments), a
+    zero-argument factory or a backend instance. The module is imported from ``sys.path``, the
+    current directory and ``PYTHONPATH`` included. ``device`` (e.g. ``"cuda:1"``) is passed as
+    ``device=`` to a class or factory that takes that argument; a backend that takes none must
+    already run on ``device``. Raises ConformanceError for every user-fixable problem.
+    """
+    spec = spec.strip()
+    if ":" in spec:
+        target = _import_target(spec)
+    else:
+        registrations = _registrations()
+        if spec not in registrations:
+            known = ", ".join(dict.fromkeys(reg.name for reg in registrations.values()))
+            raise ConformanceError(f"unknown backend {spec!r}; known backends: {known}; "
+                                   "or give an importable 'package.module:attr'")
+        reg = registrations[spec]
+        if reg.error is not None:
+            raise ConformanceError(f"backend {spec!r} ({reg.source}) cannot be loaded: {reg.error}; "
+                                   "fix or reinstall the package that provides it")
+        target = reg.factory
+    try:
+        backend = _create(target, device, spec)
+    except BackendUnavailable as exc:
+        where = f" on {device}" if device is not None else " on this machine"
+        raise ConformanceError(f"backend {spec!r} is unavailable{where}: {one_line(str(exc))}; "
+                               "choose another backend or --device") from None
+    except ConformanceError:
+        raise
+    except Exception as exc:
+        raise ConformanceError(f"backend {spec!r}: creating it raised {_describe(exc)}; fix the backend's "
+                               "constructor or factory") from None
+    checked = validate_backend(backend, spec)
+    moved = not _is_instance(target) and _takes_device(target)
+    if device is not None and not moved and torch.device(checked.device) != torch.device(device):
+        raise ConformanceError(f"backend {spec!r} runs on {checked.device} and takes no 'device' argument, "
+                               f"so it cannot be moved to {device}; drop --device or give the backend a "
+                               "'device' parameter")
+    return checked
+
+
+def validate_backend(obj: object, spec: str | None = None) -> Backend:
+    """Check ``obj`` against the Backend API and return it; raise ConformanceError naming the problem.
+
+    Required: ``name`` (non-empty str), ``device`` (a torch device string), at least one of the ops
+    ``attention`` / ``kv_cache_attention`` callable. Optional members, when present: ``supports``
+    callable, ``returns_lse`` bool, ``output_dtype`` None or ``torch.float32``.
+    """
+    who = f"backend {spec!r}" if spec else f"backend object {type(obj).__name__}"
+
+    def fail(problem: str) -> ConformanceError:
+        return ConformanceError(f"{who} is not a usable backend: {problem}; {DOCS}")
+
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name:
+        raise fail("it has no 'name' string attribute")
+    device = getattr(obj, "device", None)
+    if not isinstance(device, str):
+        raise fail("it has no 'device' string attribute (e.g. 'cpu', 'cuda', 'cuda:1')")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise fail(f"device {device!r} is not a torch device string") from None
+    ops = [op for op in OPS if hasattr(obj, op)]
+    if not ops:
+        raise fail("it implements neither attention() nor kv_cache_attention()")
+    for member in (*ops, "supports"):
+        if hasattr(obj, member) and not callable(getattr(obj, member)):
+            raise fail(f"its '{member}' is not callable")
+    if getattr(obj, "output_dtype", None) not in (None, torch.float32):
+        raise fail(f"output_dtype must be torch.float32 or absent, got {obj.output_dtype!r}")  # type: ignore[attr-defined]
+    if not isinstance(getattr(obj, "returns_lse", False), bool):
+        raise fail("returns_lse must be True or False")
+    return obj  # type: ignore[return-value]
+
+
+def backend_ops(backend: Backend) -> tuple[str, ...]:
+    """The ops ``backend`` implements, in ``conformance.spec.OPS`` order."""
+    return tuple(op for op in OPS if callable(getattr(backend, op, None)))
+
+
+def skip_reason(backend: Backend, op: str, case: Case) -> str | None:
+    """Why ``backend`` skips ``case`` of ``op``, or None when it runs it.
+
+    The op missing, ``supports`` returning False, or ``supports`` returning a reason string all
+    mean skipped; ``True`` (or no ``supports``) means run. Any other answer is a ConformanceError.
+    """
+    if op not in backend_ops(backend):
+        return f"{backend.name} does not implement {op}"
+    supports = getattr(backend, "supports", None)
+    if supports is None:
+        return None
+    verdict = supports(op, case)
+    if verdict is True:
+        return None
+    if verdict is False:
+        return f"{backend.name} does not support this case"
+    if isinstance(verdict, str):
+        return verdict or f"{backend.name} does not support this case"
+    raise ConformanceError(f"backend {backend.name!r}: supports({op!r}, {case.id}) returned {verdict!r}; it must "
+                           f"return True, False or a reason string; {DOCS}")
+
+
+# --- discovery and creation ------------------------------------------------------------------------
+
+
+def _registrations() -> dict[str, _Registration]:
+    """Name → registration: built-ins first, then entry points (the first of a name wins)."""
+    regs: dict[str, _Registration] = {
+        cls.name: _Registration(cls.name, cls, cls.description, "built-in") for cls in BUILTIN_BACKENDS
+    }
+    builtin_targets = {cls.name: f"{cls.__module__}:{cls.__qualname__}" for cls in BUILTIN_BACKENDS}
+    for ep in _entry_points():
+        dist = getattr(getattr(ep, "dist", None), "name", None)
+        source = f"entry point {ep.name} = {ep.value}" + (f" (from {dist})" if dist else "")
+        if builtin_targets.get(ep.name) == ep.value:
+            continue  # rlk-conform declares its own built-ins as entry points too
+        if ep.name in regs:
+            # Keep the first; list the clash under a distinct key so that it is seen.
+            regs[f"{ep.name} ({ep.value})"] = _Registration(
+                ep.name, None, "", source, f"the name {ep.name!r} is taken by {regs[ep.name].source}; "
+                f"load this one as '{ep.value}'")
+            continue
+        try:
+            target = ep.load()
+        except Exception as exc:
+            regs[ep.name] = _Registration(ep.name, None, "", source, f"import failed: {_describe(exc)}")
+            continue
+        regs[ep.name] = _Registration(ep.name, target, str(getattr(target, "description", "") or ""), source)
+    return regs
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    try:
+        return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    except Exception:  # damaged distribution metadata must not hide the built-ins
+        return []
+
+
+def _import_target(spec: str) -> Any:
+    """The object ``package.module:attr`` names. The current directory is importable."""
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise ConformanceError(f"backend {spec!r}: expected a registered name or 'package.module:attr'")
+    cwd = os.getcwd()
+    if all(os.path.abspath(p or os.curdir) != cwd for p in sys.path):
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a module file written since the last import must be found
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConformanceError(f"backend {spec!r}: importing module {module_name!r} failed: {_describe(exc)}; "
+                                   "install what it imports") from None
+        top = module_name.split(".")[0]
+        raise ConformanceError(f"backend {spec!r}: no module named {exc.name!r}; check the spelling, install "
+                               f"its package, or run from the directory holding {top}.py (or add that "
+                               "directory to PYTHONPATH)") from None
+    except Exception as exc:
+        raise ConformanceError(f"backend {spec!r}: importing module {module_name!r} failed: {_describe(exc)}; "
+                               "fix the module") from None
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            defined = sorted(n for n in vars(module) if not n.startswith("_"))
+            raise ConformanceError(
+                f"backend {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute "
+                f"{attr_path!r}; it defines: {', '.join(defined[:20]) or 'nothing public'}")
+        target = getattr(target, part)
+    return target
+
+
+def _create(target: Any, device: str | None, spec: str) -> Any:
+    """Instantiate a class, call a factory (with ``device=`` when given and accepted) or return an instance."""
+    if _is_instance(target):
+        return target
+    if not callable(target):
+        raise ConformanceError(f"backend {spec!r} names an object of type {type(target).__name__}, which is "
+                               f"neither a backend class, a zero-argument factory nor a backend instance; {DOCS}")
+    if device is not None and _takes_device(target):
+        return target(device=device)
+    return target()
+
+
+def _is_instance(target: Any) -> bool:
+    """A ready backend object (not a class, not a factory): it already has name, device and an op."""
+    return (not inspect.isclass(target) and hasattr(target, "name") and hasattr(target, "device")
+            and any(hasattr(target, op) for op in OPS))
+
+
+def _takes_device(factory: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any((p.name == "device" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or p.kind == p.VAR_KEYWORD
+               for p in params)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {one_line(str(exc))}"
