@@ -197,5 +197,7 @@ def bitwise_mismatch(a: torch.Tensor, b: torch.Tensor) -> Mismatch | None:
         absdiff = np.where(differ, np.abs(af - bf), 0.0)
     ulp = np.where(differ, np.abs(oa.astype(np.float64) - ob.astype(np.float64)), 0.0)
     first = tuple(int(i) for i in np.argwhere(differ)[0])
-    return Mismatch(count=int(differ.sum()), max_abs=float(np.nanmax(absdiff)), max_ulp=float(ulp.max()),
+    finite_diffs = absdiff[~np.isnan(absdiff)]
+    max_abs = float(finite_diffs.max()) if finite_diffs.size else float("nan")
+    return Mismatch(count=int(differ.sum()), max_abs=max_abs, max_ulp=float(ulp.max()),
                     first_index=first, first_values=(float(af[first]), float(bf[first])))
