@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -99,6 +99,7 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     out64 = torch.zeros(b, hkv, g, sq, d, dtype=torch.float64)
     bound = torch.zeros_like(out64)
     lse = torch.full((b, hkv, g, sq), -math.inf, dtype=torch.float64)
+    lse_bound = torch.zeros(b, hkv, g, sq, dtype=torch.float64)
     err_scale = torch.zeros(b, hkv, g, sq, dtype=torch.float64)
     naive = torch.zeros_like(out64)
     flops = 0
@@ -121,6 +122,7 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
         out64[:, :, :, i0:i1] = res["out"].reshape(*shape5, d).cpu()
         bound[:, :, :, i0:i1] = res["bound"].reshape(*shape5, d).cpu()
         lse[:, :, :, i0:i1] = res["lse"].reshape(shape5).cpu()
+        lse_bound[:, :, :, i0:i1] = res["lse_bound"].reshape(shape5).cpu()
         err_scale[:, :, :, i0:i1] = res["error_scale"].reshape(shape5).cpu()
         naive[:, :, :, i0:i1] = res["naive"].reshape(*shape5, d).cpu()
 
@@ -132,17 +134,45 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     stats = RefinementStats(float64=int(out.size - undecided.sum()))
     if undecided.any():
         _refine(case, inputs, out32, undecided, stats)
+    lse32 = _certified_lse(case, inputs, lse.numpy(), lse_bound.numpy())
     to4 = (b, hq, sq)
     # Against the correctly rounded output the difference is exact: no float64 noise is stored.
     naive_error = np.abs(naive.numpy() - out32.astype(np.float64)).max(-1)
     return Golden(
         out=out32.reshape(b, hq, sq, d),
-        lse=lse.numpy().astype(np.float32).reshape(to4),
-        error_scale=err_scale.numpy().reshape(to4),
+        lse=lse32.reshape(to4),
+        error_scale=round_up_significant(err_scale.numpy(), ERROR_SCALE_BITS).reshape(to4),
         naive_error=naive_error.reshape(to4),
         flops=flops,
         stats=stats,
     )
+
+
+ERROR_SCALE_BITS = 12
+
+
+def round_up_significant(x: np.ndarray, bits: int) -> np.ndarray:
+    """Round non-negative values up to ``bits`` significant bits. A scale needs no more, and the
+    coarse grid keeps the stored value independent of last-bit float64 noise (threads, devices)."""
+    mant, exp = np.frexp(x)
+    return np.ldexp(np.ceil(np.ldexp(mant, bits)), exp - bits)
+
+
+def _certified_lse(case: Case, inputs: CaseInputs, lse64: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """float32 log-sum-exp, correctly rounded: float64 where its bound decides, else exact."""
+    lse32 = lse64.astype(np.float32)
+    finite = np.isfinite(lse64)
+    mid_lo, mid_hi = rounding_interval(np.where(finite, lse32, np.float32(0)))
+    undecided = finite & ~((lse64 - bound > mid_lo) & (lse64 + bound < mid_hi))
+    if undecided.any():
+        b, hkv, g, sq = lse64.shape
+        q = inputs.q.to(torch.float64).reshape(b, hkv, g, sq, case.d).numpy()
+        k = inputs.k.to(torch.float64).numpy()
+        kpm = inputs.key_padding_mask
+        for bi, hi, gi, i in np.argwhere(undecided):
+            see = visible(case, None if kpm is None else kpm[bi:bi + 1], slice(int(i), int(i) + 1))[0, 0].numpy()
+            lse32[bi, hi, gi, i] = _exact_lse(q[bi, hi, gi, i], k[bi, hi, np.flatnonzero(see)], case)
+    return lse32
 
 
 def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch.Tensor, scale: float,
@@ -156,10 +186,9 @@ def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch
     seen = torch.isfinite(m)
     m = torch.where(seen, m, torch.zeros_like(m))
     p = torch.exp(s_masked - m)
-    l_sum = p.sum(-1, keepdim=True)
-    l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
     av = v.abs()
-    pv = p @ torch.cat([v, av], dim=-1)
+    kb, pv, l_sum = _blocked_sums(p, torch.cat([v, av], dim=-1))
+    l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
     out = pv[..., :d] / l_safe
     mean_abs_v = pv[..., d:] / l_safe  # Σ_j p_j |v_j|
     w = abs(scale) * (q.abs() @ k.abs().transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
@@ -170,9 +199,13 @@ def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch
     sensitivity = pw_v + ao * pw_sum  # ≥ Σ_j p_j w_j |v_j − o|
     error_scale = sensitivity + mean_abs_v
     # Rigorous first-order bound of this block's float64 error: logit error (d+3)·u·w_j from the
-    # dot product and the scale, u·|s_j−m| from the shift, ≤4u from exp; n+2 roundings in the sums.
-    total = (d + 4) * sensitivity + (m.abs() + 4) * (mean_abs_v + ao) + (n + 2) * (mean_abs_v + ao)
+    # dot product and the scale, u·|s_j−m| from the shift, ≤4u from exp; kb+2 roundings in the
+    # blocked sums (see _blocked_sums) and the division.
+    total = (d + 4) * sensitivity + (m.abs() + 4) * (mean_abs_v + ao) + (kb + 3) * (mean_abs_v + ao)
     bound = 2 * U * total + n * 2.0**-1000 * av.amax(-2, keepdim=True)
+    # The log-sum-exp m + log(l): relative error of l from the logits, exp and the sums, then log and +.
+    lse = m + torch.log(l_safe)
+    lse_bound = 2 * U * ((d + 4) * pw_sum + m.abs() + kb + 8 + lse.abs() + torch.log(l_safe).abs())
 
     naive = _naive_same_dtype(dots, vis, scale, v, dtype)
     seen_rows = seen.squeeze(-1)
@@ -180,11 +213,41 @@ def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch
     return {
         "out": torch.where(seen, out, zero),
         "bound": torch.where(seen, bound, zero),
-        "lse": torch.where(seen_rows, (m + torch.log(l_safe)).squeeze(-1), torch.full_like(seen_rows, -math.inf,
-                                                                                          dtype=out.dtype)),
+        "lse": torch.where(seen_rows, lse.squeeze(-1), torch.full_like(lse.squeeze(-1), -math.inf)),
+        "lse_bound": torch.where(seen_rows, lse_bound.squeeze(-1), torch.zeros_like(lse_bound.squeeze(-1))),
         "error_scale": torch.where(seen_rows, error_scale.amax(-1), torch.zeros_like(error_scale[..., 0])),
         "naive": torch.where(seen, naive, zero),
     }
+
+
+def _blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``p @ x`` and ``p.sum(-1)`` with a small, known rounding error.
+
+    Keys are cut into blocks of ``kb`` (≥ 256, at most 16 blocks); each block is one matmul (error
+    ≤ kb·u·Σ|terms|) and the block partials are added with TwoSum, whose own error is second order.
+    The total error is ≤ (kb + 1)·u·Σ|terms| instead of n·u for one long sum. Returns kb, p@x, Σp.
+    """
+    n = p.shape[-1]
+    kb = max(256, -(-n // 16))
+    pad = (-n) % kb
+    nb = (n + pad) // kb
+    pb = torch.nn.functional.pad(p, (0, pad)).reshape(*p.shape[:-1], nb, kb)
+    xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(*x.shape[:-2], nb, kb, x.shape[-1])
+    partial = pb.transpose(-2, -3) @ xb  # [..., nb, r, c]
+    psum = pb.sum(-1)  # [..., r, nb]
+    return kb, _cascade(partial.unbind(-3)), _cascade(psum.unbind(-1)).unsqueeze(-1)
+
+
+def _cascade(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum with TwoSum error compensation (cascaded summation): error ≤ u·|sum| + O(n·u²)."""
+    hi = parts[0].clone()
+    lo = torch.zeros_like(hi)
+    for part in parts[1:]:
+        s = hi + part
+        bb = s - hi
+        lo += (hi - (s - bb)) + (part - bb)
+        hi = s
+    return hi + lo
 
 
 def _naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor, scale: float, v: torch.Tensor,
@@ -321,9 +384,7 @@ EXACT_SHIFT = 149  # every float32 / bfloat16 / float16 value is an integer mult
 
 def _exact_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case) -> list[np.float32]:
     """Tier 3 for one row: exact logits, rational degenerate results, else Ziv intervals."""
-    qi = np.array([int(x) for x in np.ldexp(q, EXACT_SHIFT)], dtype=object)
-    ki = np.vectorize(int, otypes=[object])(np.ldexp(k, EXACT_SHIFT))
-    dots = list(ki @ qi)  # exact integers: dot · 2**(2·EXACT_SHIFT)
+    dots = _exact_dots(q, k)
     scale = case.effective_scale
     groups: dict[int, list[int]] = {}
     for j, dot in enumerate(dots):
@@ -337,6 +398,50 @@ def _exact_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case) -> list[
             continue
         results.append(_ziv_intervals(dots, vc, case))
     return results
+
+
+def _exact_dots(q: np.ndarray, k: np.ndarray) -> list[int]:
+    """Exact dot products as integers: value = dot · 2**(-2·EXACT_SHIFT)."""
+    qi = np.array([int(x) for x in np.ldexp(q, EXACT_SHIFT)], dtype=object)
+    ki = np.vectorize(int, otypes=[object])(np.ldexp(k, EXACT_SHIFT))
+    return list(ki @ qi)
+
+
+def _rational_scale(case: Case) -> Fraction | None:
+    if case.scale is not None:
+        return Fraction(case.scale)
+    root = math.isqrt(case.d)
+    return Fraction(1, root) if root * root == case.d else None
+
+
+def _exact_lse(q: np.ndarray, k: np.ndarray, case: Case) -> np.float32:
+    """Correctly rounded float32 of log Σ_j exp(scale·q·k_j). With one visible key it is the
+    logit itself (rational when the scale is); otherwise transcendental, decided by intervals."""
+    dots = _exact_dots(q, k)
+    rational = _rational_scale(case)
+    if len(dots) == 1 and rational is not None:
+        return round_fraction_to_f32(Fraction(dots[0], 2 ** (2 * EXACT_SHIFT)) * rational)
+    iv = mpmath.iv
+    saved = iv.prec
+    try:
+        prec = 128
+        while prec <= 8192:
+            iv.prec = prec
+            scale = (1 / iv.sqrt(case.d)) if case.scale is None else iv.mpf(case.scale)
+            logits = [iv.mpf(dot) * iv.mpf(2) ** (-2 * EXACT_SHIFT) * scale for dot in dots]
+            ref = iv.mpf(max(float(x.mid) for x in logits))
+            total = iv.mpf(0)
+            for x in logits:
+                total += iv.exp(x - ref)
+            lse = ref + iv.log(total)
+            lo, hi = lse._mpi_
+            a = round_fraction_to_f32(_raw_mpf_to_fraction(lo))
+            if a == round_fraction_to_f32(_raw_mpf_to_fraction(hi)):
+                return a
+            prec *= 2
+    finally:
+        iv.prec = saved
+    raise ArithmeticError(f"{case.id}: could not decide the float32 rounding of a log-sum-exp")
 
 
 def _ziv_intervals(dots: list[int], vc: list[float], case: Case) -> np.float32:
