@@ -54,7 +54,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ConformanceError as exc:
-            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"error: {exc}", markup=False, highlight=False, emoji=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted", markup=False)
@@ -105,6 +105,8 @@ def generate(
                     ] = os.cpu_count() or 1,
     device: Annotated[str, typer.Option(help="Where the float64 stage runs: cpu or cuda[:N].")] = "cpu",
     memory_cap_mib: CapOpt = DEFAULT_MEMORY_CAP_BYTES // 2**20,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the complete goldens an interrupted run left "
+                                         "(checked, same spec and generator) and compute only the rest.")] = False,
 ) -> None:
     """Generate correctly rounded fp32 golden files for every case of a tier, then the manifest."""
     from .generate import generate as run_generate
@@ -128,7 +130,7 @@ def generate(
 
     try:
         summary = run_generate(specs, tier.value, target, n_workers=jobs, device=device, on_start=on_start,
-                               on_done=on_done)
+                               on_done=on_done, resume=resume)
     finally:
         if progress.live.is_started:
             progress.stop()
@@ -136,7 +138,8 @@ def generate(
     refined_dd = sum(r.refined_double_double for r in summary.results)
     refined_exact = sum(r.refined_exact for r in summary.results)
     table = Table(title=f"generated tier '{tier.value}' → {target}", show_header=False)
-    table.add_row("cases", str(len(summary.results)))
+    table.add_row("cases", str(len(summary.results)) + (f" ({summary.reused} kept from the interrupted run)"
+                                                        if resume else ""))
     table.add_row("bytes", _fmt_bytes(summary.bytes))
     table.add_row("wall time", f"{summary.seconds:.1f} s ({jobs} job{'s' if jobs > 1 else ''}, {device})")
     table.add_row("float64 work", f"{summary.flops / 1e9:.2f} GFLOP (mask-remaining) at {gflops:.2f} GFLOP/s")
@@ -152,7 +155,14 @@ def verify(
     regenerate: Annotated[bool, typer.Option(help="Recompute every case and require identical bytes.")] = False,
     device: Annotated[str, typer.Option(help="Where regeneration's float64 stage runs.")] = "cpu",
 ) -> None:
-    """Check a golden directory: manifest checksums, schema, per-dataset SHA-256 (and regeneration)."""
+    """Check a golden directory: manifest checksums, schema, per-dataset SHA-256 (and regeneration).
+    A release bundle (a directory with bundle.json) is verified end to end: every file, then its goldens."""
+    from .release import is_bundle
+
+    if is_bundle(directory):
+        from .cli_report import verify_bundle_command
+
+        return verify_bundle_command(directory, regenerate=regenerate, device=device)
     from .verify import verify as run_verify
 
     progress = Progress(TextColumn("[bold]verify[/]"), BarColumn(), MofNCompleteColumn(),
@@ -236,13 +246,39 @@ def run(
     shard: Annotated[str | None, typer.Option(help="Run shard i of n (0-based), e.g. 0/4.")] = None,
     report_json: Annotated[Path | None, typer.Option("--report-json", help="Write the JSON report here.")] = None,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here.")] = None,
+    isolate: Annotated[bool, typer.Option("--isolate", help="Run the cases in a worker process, restarted after a "
+                                          "crash: a segfault, exit or hang is an error record of its case.")] = False,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.001, help="Seconds one case may take (its "
+                                                  "golden and every check); implies --isolate.")] = None,
+    max_case_mib: Annotated[int | None, typer.Option("--max-case-mib", min=1, help="Refuse golden files whose "
+                                                     "declared tensors exceed this, before reading them. "
+                                                     "Default: 4096.")] = None,
+    regression: Annotated[bool, typer.Option(help="Also run goldens/regression (promoted reproducers, "
+                                             "rlk-conform promote) when it exists.")] = True,
+    properties: Annotated[bool, typer.Option("--properties", help="Also run the property search (ci profile) "
+                                             "for the selected checks, as rlk-conform check does.")] = False,
 ) -> None:
-    """Run every golden case through a backend and judge accuracy, invariance, contract (and parity)."""
+    """Run every golden case through a backend and judge accuracy, invariance, contract (and parity).
+
+    Ctrl-C or SIGTERM stops the run: the summary and the reports of every finished case are still
+    written (flagged complete: false) and the exit code is 130 or 143.
+    """
+    import contextlib
+
     from .backends import load_backend
     from .environment import execution_target, numerical_settings
-    from .golden import read_manifest, sha256_file
+    from .golden import DEFAULT_MAX_CASE_BYTES, read_manifest, sha256_file
+    from .isolation import IsolatedBackend
     from .report import build_report, print_summary, write_json, write_junit
-    from .runner import DEFAULT_CHECKS, RunSettings, parse_shard, select_cases
+    from .runner import (
+        DEFAULT_CHECKS,
+        RunSettings,
+        deferred_signals,
+        manifest_checksums,
+        parse_shard,
+        select_cases,
+        stop_on_signals,
+    )
     from .runner import run as run_cases
     from .tolerances import load_tolerances
 
@@ -259,48 +295,90 @@ def run(
     root = goldens or Path("goldens") / tier.value
     shard_t = parse_shard(shard) if shard else None
     paths = select_cases(root, filter_, shard_t)
+    from .reproducer import DEFAULT_REGRESSION_DIR as regression_root  # goldens/regression (rlk-conform promote)
+
+    if regression and (regression_root / "manifest.json").is_file() and regression_root.resolve() != root.resolve():
+        paths += select_cases(regression_root, filter_, shard_t)
+    if properties and (isolate or timeout is not None):
+        raise ConformanceError("--properties searches in this process; it cannot be combined with --isolate/--timeout")
     if not paths:
         raise ConformanceError(f"{root}: no golden case matches" + (f" --filter {filter_!r}" if filter_ else "")
                                + (f" in shard {shard}" if shard else ""))
     requested = backend or _best_backend()
-    impl = load_backend(requested, device)
-    other = load_backend(compare_to, device) if compare_to else None
+    isolate = isolate or timeout is not None  # only killing its process stops a hung kernel
     settings = RunSettings(tolerances=tol, checks=wanted, rule_set=rules, reruns=reruns)
+    max_case_bytes = DEFAULT_MAX_CASE_BYTES if max_case_mib is None else max_case_mib * 2**20
     manifest = read_manifest(root)
-    meta = {
-        "backend": {"requested": requested, "used": impl.name, "device": str(impl.device),
-                    "output_dtype": str(getattr(impl, "output_dtype", None) or "input dtype"),
-                    "returns_lse": bool(getattr(impl, "returns_lse", False)),
-                    "description": getattr(impl, "description", "")},
-        "compare_to": None if other is None else {"requested": compare_to, "used": other.name,
-                                                    "device": str(other.device)},
-        "execution_target": execution_target(str(impl.device)),
-        "goldens": {"dir": str(root), "tier": manifest.get("tier"), "dataset_sha256": manifest.get("dataset_sha256"),
-                    "manifest_sha256": sha256_file(root / "manifest.json"), "cases_selected": len(paths)},
-        "settings": {**numerical_settings(), "checks": list(wanted), "rule_set": rules, "filter": filter_,
-                     "shard": shard, "reruns": reruns, "tolerances_file": str(tolerances),
-                     "tolerances_sha256": sha256_file(tolerances)},
-    }
-    with Progress(TextColumn(f"[bold]run[/] {impl.name}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                  console=err, transient=False) as progress:
-        task = progress.add_task("", total=len(paths))
-        failed = [0]
+    with contextlib.ExitStack() as stack:
+        if isolate:
+            impl: Any = stack.enter_context(IsolatedBackend(requested, device, compare_to, timeout))
+            other: Any = None
+            other_meta = impl.compare_to_info
+            target, numerics = impl.execution_target, impl.numerical_settings
+        else:
+            impl = load_backend(requested, device)
+            other = load_backend(compare_to, device) if compare_to else None
+            other_meta = None if other is None else {"name": other.name, "device": str(other.device)}
+            target, numerics = execution_target(str(impl.device)), numerical_settings()
+        meta = {
+            "backend": {"requested": requested, "used": impl.name, "device": str(impl.device),
+                        "output_dtype": str(getattr(impl, "output_dtype", None) or "input dtype"),
+                        "returns_lse": bool(getattr(impl, "returns_lse", False)),
+                        "description": getattr(impl, "description", "")},
+            "compare_to": None if other_meta is None else {"requested": compare_to, "used": other_meta["name"],
+                                                           "device": other_meta["device"]},
+            "execution_target": target,
+            "goldens": {"dir": str(root), "tier": manifest.get("tier"),
+                        "dataset_sha256": manifest.get("dataset_sha256"),
+                        "manifest_sha256": sha256_file(root / "manifest.json"), "cases_selected": len(paths)},
+            "settings": {**numerics, "checks": list(wanted), "rule_set": rules, "filter": filter_,
+                         "shard": shard, "reruns": reruns, "tolerances_file": str(tolerances),
+                         "tolerances_sha256": sha256_file(tolerances), "isolate": isolate, "timeout_s": timeout,
+                         "max_case_mib": max_case_bytes // 2**20},
+        }
+        with Progress(TextColumn(f"[bold]run[/] {impl.name}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("ETA"),
+                      TimeRemainingColumn(), console=err, transient=False) as progress:
+            task = progress.add_task("", total=len(paths))
+            failed = [0]
 
-        def on_case(name: str, recs: list[Any]) -> None:
-            failed[0] += sum(r.status in ("fail", "error") for r in recs)
-            progress.update(task, advance=1, description=f"{failed[0]} failing")
+            def on_case(name: str, recs: list[Any]) -> None:
+                failed[0] += sum(r.status in ("fail", "error") for r in recs)
+                progress.update(task, advance=1, description=f"{failed[0]} failing")
 
-        result = run_cases(impl, paths, settings, compare_to=other, on_case=on_case)
-    report = build_report(result.records, meta)
-    print_summary(out, result.records, f"rlk-conform run — backend {impl.name} on {impl.device}, "
-                  f"{result.cases} cases from {root}")
-    if report_json:
-        write_json(report_json, report)
-        out.print(f"JSON report: {report_json}")
-    if junit:
-        write_junit(junit, result.records, f"rlk-conform.{impl.name}")
-        out.print(f"JUnit report: {junit}")
+            with stop_on_signals():
+                result = run_cases(impl, paths, settings, compare_to=other, on_case=on_case,
+                                   max_case_bytes=max_case_bytes, checksums=manifest_checksums(root))
+        if properties:
+            from .cli_check import property_records
+
+            result.records.extend(property_records(impl, requested, tol, rules, wanted, reruns))
+        if isolate:
+            meta["isolation"] = {"worker_restarts": impl.restarts, "timeout_s": timeout}
+    if not result.complete:
+        meta["interrupted_by"] = result.interrupted_by
+    with deferred_signals() as late:  # a second Ctrl-C must not cut a report in half
+        report = build_report(result.records, meta, complete=result.complete)
+        print_summary(out, result.records, f"rlk-conform run — backend {impl.name} on {impl.device}, "
+                      f"{result.cases} cases from {root}")
+        if report_json:
+            write_json(report_json, report)
+            out.print(f"JSON report: {report_json}")
+        if junit:
+            write_junit(junit, result.records, f"rlk-conform.{impl.name}")
+            out.print(f"JUnit report: {junit}")
+    stopped_by = result.interrupted_by or (late[0] if late else None)
+    if stopped_by:
+        out.print(f"[bold red]INTERRUPTED[/] by {stopped_by}: {result.cases} of {len(paths)} cases finished; "
+                  "the reports hold every finished record" + ("" if result.complete else
+                                                              " and say complete: false"))
+        raise typer.Exit(130 if stopped_by == "SIGINT" else 143)
+    if result.refused:
+        out.print(f"[bold red]{result.refused} golden file(s) refused as damaged[/] (not judged; "
+                  f"rlk-conform verify {root} names each problem)")
+    if result.cases and result.refused == result.cases:
+        raise ConformanceError(f"{root}: every selected golden file ({result.cases}) was refused as damaged, so "
+                               f"nothing was judged; run 'rlk-conform verify {root}' to see why")
     summary = report["summary"]
     if summary["executed"] == 0:
         out.print("[bold red]FAIL[/]: no check was executed (every record skipped) — nothing was verified")
@@ -332,6 +410,9 @@ def list_backends_cmd() -> None:
 def main() -> None:
     app()
 
+
+from . import cli_check  # noqa: E402,F401,I001  (registers check, replay, promote)
+from . import cli_report  # noqa: E402,F401  (registers report, release)
 
 if __name__ == "__main__":
     main()

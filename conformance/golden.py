@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import re
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +30,7 @@ from . import __version__
 from .errors import GoldenError
 from .inputs import CaseInputs
 from .reference import ALGORITHM, Golden, RefinementStats
-from .spec import Case
+from .spec import DISTS, DTYPES, MASKS, OPS, Case
 
 SCHEMA_VERSION = 1
 FORMAT = "rlk-conform-golden"
@@ -172,41 +175,143 @@ def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Prov
 
 
 # --- reading ---------------------------------------------------------------------------------------
+#
+# A golden file may come from another company: reading it must never run code, open another file
+# or allocate more than the caller's cap. Everything below is checked before any array is read.
 
-_INT_ATTRS = ("schema_version", "batch", "hq", "hkv", "head_dim", "sq", "skv", "s_past", "s_new", "spec_seed",
+DEFAULT_MAX_CASE_BYTES = 4 * 1024**3
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# Links a golden may hold: the groups 'inputs' and 'expected' and at most eight datasets.
+MAX_LINKS = 64
+MAX_ATTR_BYTES = 64 * 1024
+# File bytes allowed beyond the declared tensors: object headers, attributes, B-trees.
+METADATA_SLACK_BYTES = 16 * 1024**2
+MAX_SPLIT_POINTS = 4096
+
+_INT_ATTRS = ("batch", "hq", "hkv", "head_dim", "sq", "skv", "s_past", "s_new", "spec_seed",
               "refined_double_double", "refined_exact", "flops")
-_STR_ATTRS = ("format", "case_id", "op", "family", "tier", "preset", "dtype", "scale_mode", "mask", "dist",
+_STR_ATTRS = ("case_id", "op", "family", "tier", "preset", "dtype", "scale_mode", "mask", "dist",
               "input_generator", "algorithm", "generator", "spec_file", "spec_sha256")
+_CASE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_STORAGE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
+_EXPECTED_DTYPES = {"inputs/key_padding_mask": np.uint8, "expected/out": np.float32, "expected/lse": np.float32,
+                    "expected/error_scale": np.float64, "expected/naive_error": np.float64}
 
 
-def _attr(path: Path, attrs: h5py.AttributeManager, key: str) -> Any:
-    if key not in attrs:
-        raise GoldenError(path, f"missing attribute '{key}'")
-    return attrs[key]
+def _h5_reason(exc: BaseException) -> str:
+    """h5py's message on one line, without the 'Unable to synchronously open file (...)' wrapper."""
+    text = " ".join(str(exc).split())
+    match = re.match(r"^Unable to [^(]*\((.*)\)$", text)
+    return match.group(1) if match else (text or type(exc).__name__)
+
+
+@contextlib.contextmanager
+def _h5_errors(path: Path, what: str, dataset: str | None = None) -> Iterator[None]:
+    """Turn whatever h5py raises on a damaged structure into one GoldenError naming file and dataset."""
+    try:
+        yield
+    except GoldenError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeError, OverflowError) as exc:
+        raise GoldenError(path, f"{what} ({_h5_reason(exc)})", dataset) from None
+
+
+def _attr(path: Path, attrs: h5py.AttributeManager, key: str, dataset: str | None = None) -> Any:
+    """Attribute ``key``; its declared size is checked before h5py allocates room for it."""
+    with _h5_errors(path, f"attribute '{key}' is unreadable", dataset):
+        if key not in attrs:
+            raise GoldenError(path, f"missing attribute '{key}'", dataset)
+        aid = attrs.get_id(key)
+        nbytes = math.prod(aid.shape or ()) * aid.dtype.itemsize
+        if nbytes > MAX_ATTR_BYTES:
+            raise GoldenError(path, f"attribute '{key}' declares {nbytes} bytes (at most {MAX_ATTR_BYTES})", dataset)
+        return attrs[key]
+
+
+def _str_attr(path: Path, attrs: h5py.AttributeManager, key: str) -> str:
+    val = _attr(path, attrs, key)
+    if isinstance(val, str):
+        return val
+    if not isinstance(val, bytes | np.bytes_):
+        raise GoldenError(path, f"attribute '{key}' must be a string, found {_type_name(val)}")
+    try:
+        return bytes(val).decode("utf-8")
+    except UnicodeDecodeError:
+        raise GoldenError(path, f"attribute '{key}' is not valid UTF-8") from None
+
+
+def _int_attr(path: Path, attrs: h5py.AttributeManager, key: str) -> int:
+    val = _attr(path, attrs, key)
+    if not isinstance(val, np.integer | int) or isinstance(val, bool | np.bool_):
+        raise GoldenError(path, f"attribute '{key}' must be an integer, found {_type_name(val)}")
+    return int(val)
+
+
+def _type_name(val: Any) -> str:
+    if isinstance(val, np.ndarray):
+        return f"an array of {val.dtype} with shape {val.shape}"
+    return type(val).__name__
 
 
 def read_attrs(path: Path, f: h5py.File) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in _STR_ATTRS:
-        val = _attr(path, f.attrs, key)
-        if not isinstance(val, bytes | np.bytes_ | str):
-            raise GoldenError(path, f"attribute '{key}' must be a string, found {type(val).__name__}")
-        out[key] = val.decode() if isinstance(val, bytes | np.bytes_) else val
+    """The root attributes, type-checked; ``format`` and ``schema_version`` first, so that a file of
+    another schema is named as such rather than as missing some attribute."""
+    out: dict[str, Any] = {"format": _str_attr(path, f.attrs, "format")}
     if out["format"] != FORMAT:
         raise GoldenError(path, f"not an rlk-conform golden (format={out['format']!r})")
-    for key in _INT_ATTRS:
-        val = _attr(path, f.attrs, key)
-        if not isinstance(val, np.integer | int):
-            raise GoldenError(path, f"attribute '{key}' must be an integer, found {type(val).__name__}")
-        out[key] = int(val)
+    out["schema_version"] = _int_attr(path, f.attrs, "schema_version")
     if out["schema_version"] != SCHEMA_VERSION:
         raise GoldenError(path, f"schema_version {out['schema_version']} is not supported "
                           f"(this rlk-conform reads {SCHEMA_VERSION})")
-    out["causal"] = bool(_attr(path, f.attrs, "causal"))
-    out["scale"] = float(_attr(path, f.attrs, "scale"))
-    out["seed"] = int(_attr(path, f.attrs, "seed"))
-    out["split_points"] = tuple(int(x) for x in np.atleast_1d(_attr(path, f.attrs, "split_points")))
+    for key in _STR_ATTRS:
+        out[key] = _str_attr(path, f.attrs, key)
+    for key in _INT_ATTRS:
+        out[key] = _int_attr(path, f.attrs, key)
+    out["causal"] = _int_attr(path, f.attrs, "causal")
+    if out["causal"] not in (0, 1):
+        raise GoldenError(path, f"attribute 'causal' must be 0 or 1, found {out['causal']}")
+    out["causal"] = bool(out["causal"])
+    scale = _attr(path, f.attrs, "scale")
+    if not isinstance(scale, np.floating | float) or not math.isfinite(float(scale)):
+        raise GoldenError(path, f"attribute 'scale' must be a finite float, found {_type_name(scale)} {scale}")
+    out["scale"] = float(scale)
+    out["seed"] = _int_attr(path, f.attrs, "seed")
+    split = _attr(path, f.attrs, "split_points")
+    split_arr = np.asarray(split)
+    if split_arr.ndim > 1 or split_arr.dtype.kind not in "iu" or split_arr.size > MAX_SPLIT_POINTS:
+        raise GoldenError(path, f"attribute 'split_points' must be a list of integers, found {_type_name(split)}")
+    out["split_points"] = tuple(int(x) for x in np.atleast_1d(split_arr))
+    _check_attr_values(path, out)
     return out
+
+
+def _check_attr_values(path: Path, a: dict[str, Any]) -> None:
+    """Values that would make a meaningless case (or a division by zero) are refused by name."""
+    def bad(key: str, why: str) -> GoldenError:
+        return GoldenError(path, f"attribute '{key}' = {a[key]!r} is invalid: {why}")
+
+    for key, allowed in (("op", OPS), ("dtype", DTYPES), ("mask", MASKS), ("dist", DISTS),
+                         ("scale_mode", ("default", "explicit"))):
+        if a[key] not in allowed:
+            raise bad(key, f"expected one of {', '.join(allowed)}")
+    for key in ("batch", "hq", "hkv", "head_dim", "sq", "skv"):
+        if a[key] < 1:
+            raise bad(key, "must be at least 1")
+    if a["hq"] % a["hkv"]:
+        raise bad("hkv", f"hq={a['hq']} is not a multiple of it")
+    if not 0 <= a["seed"] < 2**64:
+        raise bad("seed", "must be an unsigned 64-bit integer")
+    if not _CASE_ID_RE.match(a["case_id"]) or ".." in a["case_id"].split("/"):
+        raise bad("case_id", "a case id is letters, digits, '.', '_', '-' and '/'")
+    if a["op"] == "attention":
+        if a["s_past"] != -1 or a["s_new"] != -1 or a["split_points"]:
+            raise bad("s_past", "the attention op stores s_past = s_new = -1 and no split_points")
+    else:
+        if not 0 <= a["s_past"] < a["skv"] or a["s_new"] != a["sq"] or a["skv"] != a["s_past"] + a["s_new"]:
+            raise bad("s_past", f"need sq == s_new and skv == s_past + s_new (sq={a['sq']}, skv={a['skv']}, "
+                      f"s_new={a['s_new']})")
+        if not a["split_points"] or any(not a["s_past"] <= p < a["skv"] for p in a["split_points"]):
+            raise bad("split_points", f"each must lie in [s_past, skv) = [{a['s_past']}, {a['skv']})")
 
 
 def case_from_attrs(a: dict[str, Any]) -> Case:
@@ -233,41 +338,153 @@ def _expected_shapes(case: Case) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-_STORAGE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
+def _expected_dtypes(case: Case) -> dict[str, np.dtype]:
+    return {name: np.dtype(_EXPECTED_DTYPES.get(name, _STORAGE_DTYPES[case.dtype])) for name in _expected_shapes(case)}
 
 
-def read_golden(path: str | Path, check_sha256: bool = True) -> GoldenCase:
-    """Read and validate one golden file. Raises :class:`GoldenError` naming file and dataset."""
-    path = Path(path)
+def declared_bytes(case: Case) -> int:
+    """Bytes the datasets of ``case`` occupy once read, computed from its attributes alone."""
+    dtypes = _expected_dtypes(case)
+    return sum(math.prod(shape) * dtypes[name].itemsize for name, shape in _expected_shapes(case).items())
+
+
+def _check_links(path: Path, f: h5py.File) -> None:
+    """Every link in the file is a hard link: a soft or external link, or an external or virtual
+    dataset, could make HDF5 open another file. Counted, so a link cycle cannot loop."""
+    seen = 0
+
+    def walk(group: h5py.Group, prefix: str) -> None:
+        nonlocal seen
+        for name in group:
+            seen += 1
+            if seen > MAX_LINKS:
+                raise GoldenError(path, f"holds more than {MAX_LINKS} objects; a golden holds at most 10")
+            full = f"{prefix}{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise GoldenError(path, f"external link to {link.filename}:{link.path} refused "
+                                  "(a golden file must be self-contained)", full)
+            if isinstance(link, h5py.SoftLink):
+                raise GoldenError(path, f"soft link to {link.path} refused (a golden holds plain datasets)", full)
+            if not isinstance(link, h5py.HardLink):
+                raise GoldenError(path, "user-defined link refused (a golden holds plain datasets)", full)
+            obj = group.get(name)
+            if isinstance(obj, h5py.Group):
+                walk(obj, full + "/")
+
+    with _h5_errors(path, "damaged HDF5 structure"):
+        walk(f, "")
+
+
+def _check_storage(path: Path, name: str, ds: h5py.Dataset, file_size: int) -> None:
+    """Contiguous, unfiltered, inside this file and exactly as large as its shape says."""
+    with _h5_errors(path, "unreadable dataset layout", name):
+        plist = ds.id.get_create_plist()
+        layout = plist.get_layout()
+        if layout == h5py.h5d.VIRTUAL:
+            raise GoldenError(path, "virtual dataset refused (its data would come from other files)", name)
+        if plist.get_external_count():
+            raise GoldenError(path, "external raw-data storage refused (a golden file must be self-contained)",
+                              name)
+        if layout != h5py.h5d.CONTIGUOUS:
+            kind = {h5py.h5d.CHUNKED: "chunked", h5py.h5d.COMPACT: "compact"}.get(layout, f"layout {layout}")
+            raise GoldenError(path, f"{kind} storage refused (golden datasets are contiguous and unfiltered)", name)
+        offset = ds.id.get_offset()
+        stored = ds.id.get_storage_size()
+    nbytes = ds.size * ds.dtype.itemsize
+    if offset is None or stored != nbytes:
+        raise GoldenError(path, f"stores {stored or 0} bytes where its shape needs {nbytes}", name)
+    if offset + stored > file_size:
+        raise GoldenError(path, f"its data ends at byte {offset + stored}, past the end of the {file_size}-byte "
+                          "file (truncated?)", name)
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
+
+
+def _regular_file_size(path: Path) -> int:
     try:
-        f = h5py.File(path, "r")
+        st = os.stat(path)
     except FileNotFoundError:
         raise GoldenError(path, "file not found") from None
     except OSError as exc:
-        raise GoldenError(path, f"not a readable HDF5 file ({exc})") from None
+        raise GoldenError(path, f"cannot read file ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise GoldenError(path, "not a regular file")
+    return st.st_size
+
+
+def read_golden(path: str | Path, check_sha256: bool = True, max_bytes: int = DEFAULT_MAX_CASE_BYTES,
+                expected_sha256: str | None = None) -> GoldenCase:
+    """Read and validate one golden file. Raises :class:`GoldenError` naming the file and, where one
+    is to blame, the dataset; never anything else for any content of the file.
+
+    Before any array is read: the file is a regular file that starts with the HDF5 signature; every
+    link is a hard link (soft and external links refused); the attributes have their documented
+    types and consistent values; the tensors the attributes declare fit in ``max_bytes``; and every
+    dataset has the declared shape and dtype, contiguous and unfiltered storage inside this file of
+    exactly that size (no virtual, external, chunked or compressed data). Then each dataset's bytes
+    must match its ``sha256`` attribute (``check_sha256``). ``expected_sha256`` is the manifest's
+    checksum of the whole file: a mismatch is refused too, so a damaged attribute cannot slip through.
+    No other file is opened, nothing is unpickled or evaluated.
+    """
+    path = Path(path)
+    size = _regular_file_size(path)
+    if size > max_bytes + METADATA_SLACK_BYTES:
+        raise GoldenError(path, f"file is {_size(size)}, over the cap of {_size(max_bytes)} per "
+                          "case (raise it with --max-case-mib)")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(HDF5_SIGNATURE))
+    except OSError as exc:
+        raise GoldenError(path, f"cannot read file ({exc.strerror})") from None
+    if head != HDF5_SIGNATURE:
+        raise GoldenError(path, "not a readable HDF5 file (it does not start with the HDF5 signature)")
+    file_damaged = expected_sha256 is not None and sha256_file(path) != expected_sha256
+    gc = _read_checked(path, size, check_sha256, max_bytes)  # names the dataset when one is damaged
+    if file_damaged:
+        raise GoldenError(path, "SHA-256 of the file does not match the manifest (changed or damaged; every "
+                          "dataset matches its own checksum, so the damage is in the attributes or the structure)")
+    return gc
+
+
+def _read_checked(path: Path, file_size: int, check_sha256: bool, max_bytes: int) -> GoldenCase:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        reason = _h5_reason(exc)
+        cut = re.search(r"truncated file: eof = (\d+),.*stored_eof = (\d+)", reason)
+        if cut:
+            raise GoldenError(path, f"truncated file: {cut.group(1)} of its {cut.group(2)} bytes (an interrupted "
+                              "download or copy?)") from None
+        raise GoldenError(path, f"not a readable HDF5 file ({reason})") from None
     with f:
+        _check_links(path, f)
         attrs = read_attrs(path, f)
         case = case_from_attrs(attrs)
-        expected_dtypes = {"inputs/key_padding_mask": np.uint8, "expected/out": np.float32,
-                           "expected/lse": np.float32, "expected/error_scale": np.float64,
-                           "expected/naive_error": np.float64}
+        need = declared_bytes(case)
+        if need > max_bytes:
+            raise GoldenError(path, f"its attributes declare {_size(need)} of tensors, over the cap of "
+                              f"{_size(max_bytes)} per case (raise it with --max-case-mib)")
+        dtypes = _expected_dtypes(case)
         arrays: dict[str, np.ndarray] = {}
         for name, shape in _expected_shapes(case).items():
-            if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise GoldenError(path, "missing dataset", name)
-            ds = f[name]
-            want = expected_dtypes.get(name, _STORAGE_DTYPES[case.dtype])
-            if ds.shape != shape:
-                raise GoldenError(path, f"shape {ds.shape} does not match the case attributes {shape}", name)
-            if ds.dtype != np.dtype(want):
-                raise GoldenError(path, f"dtype {ds.dtype} where {np.dtype(want)} is expected", name)
-            try:
+            with _h5_errors(path, "unreadable dataset", name):
+                ds = f.get(name)
+                if not isinstance(ds, h5py.Dataset):
+                    raise GoldenError(path, "missing dataset", name)
+                if ds.shape != shape:
+                    raise GoldenError(path, f"shape {ds.shape} does not match the case attributes {shape}", name)
+                if ds.dtype != dtypes[name]:
+                    raise GoldenError(path, f"dtype {ds.dtype} where {dtypes[name]} is expected", name)
+            _check_storage(path, name, ds, file_size)
+            with _h5_errors(path, "unreadable", name):
                 arr = ds[()]
-            except OSError as exc:
-                raise GoldenError(path, f"unreadable ({exc})", name) from None
             if check_sha256:
-                stored = ds.attrs.get("sha256")
-                stored = stored.decode() if isinstance(stored, bytes | np.bytes_) else stored
+                stored = _attr(path, ds.attrs, "sha256", name)
+                if isinstance(stored, bytes | np.bytes_):
+                    stored = bytes(stored).decode("ascii", errors="replace")
                 actual = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
                 if stored != actual:
                     raise GoldenError(path, "SHA-256 of the data does not match its 'sha256' attribute", name)
@@ -342,14 +559,28 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+MAX_MANIFEST_BYTES = 256 * 1024**2
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of ``root``, checked: a regular JSON file of at most ``MAX_MANIFEST_BYTES`` whose
+    ``files`` are objects with string case_id, path and sha256 (and an integer ``bytes`` if present),
+    none of whose paths leaves ``root``. Raises :class:`GoldenError` naming the manifest."""
     path = root / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text())
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise GoldenError(path, "the manifest is not a regular file")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise GoldenError(path, f"the manifest is larger than {MAX_MANIFEST_BYTES // 2**20} MiB")
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise GoldenError(path, "no manifest here; generate goldens first (rlk-conform generate)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GoldenError(path, f"unreadable manifest ({exc})") from None
+        raise GoldenError(path, f"unreadable manifest ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise GoldenError(path, "unreadable manifest (nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise GoldenError(path, "not an rlk-conform manifest")
     if data.get("schema_version") != SCHEMA_VERSION:
@@ -360,6 +591,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
         and isinstance(e.get("case_id"), str) for e in files
     ):
         raise GoldenError(path, "manifest 'files' must list objects with case_id, path and sha256")
+    if any("bytes" in e and (not isinstance(e["bytes"], int) or isinstance(e["bytes"], bool)) for e in files):
+        raise GoldenError(path, "manifest 'bytes' of a file must be an integer")
     for e in files:
         p = Path(e["path"])
         if p.is_absolute() or ".." in p.parts:

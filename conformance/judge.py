@@ -16,7 +16,8 @@ from .reference import Golden
 from .tolerances import AccuracyRule, ElementRule
 
 Status = Literal["pass", "fail", "error", "skip"]
-CHECKS = ("accuracy", "batch", "split", "prefill_decode", "chunk", "padding", "determinism", "contract", "parity")
+CHECKS = ("accuracy", "batch", "split", "prefill_decode", "chunk", "padding", "determinism", "contract", "parity",
+          "gqa", "nan_padding")  # the last two are property-search checks only (rlk-conform check)
 INVARIANCE_CHECKS = ("batch", "split", "prefill_decode", "chunk", "padding", "determinism")
 
 

@@ -3,8 +3,11 @@ transforms and hand every outcome to the judge. One case is in memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Iterator, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,15 +17,15 @@ import torch
 from .backends.contract import KernelUnavailable, one_line
 from .backends.registry import skip_reason
 from .errors import ConformanceError, GoldenError
-from .golden import GoldenCase, read_golden, read_manifest
+from .golden import DEFAULT_MAX_CASE_BYTES, GoldenCase, read_golden, read_manifest
 from .judge import (
-    CHECKS,
     Record,
     Verdict,
     bitwise_mismatch,
     judge_accuracy,
     judge_elementwise,
 )
+from .spec import OPS
 from .tolerances import Tolerances
 from .transforms import (
     OpCall,
@@ -34,7 +37,10 @@ from .transforms import (
     split_variants,
 )
 
-DEFAULT_CHECKS = tuple(c for c in CHECKS if c != "parity")
+# The checks a golden run makes; `parity` needs --compare-to and `gqa`/`nan_padding` are properties
+# (rlk-conform check), not golden checks.
+GOLDEN_CHECKS = ("accuracy", "batch", "split", "prefill_decode", "chunk", "padding", "determinism", "contract")
+DEFAULT_CHECKS = GOLDEN_CHECKS
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class RunSettings:
 class RunResult:
     records: list[Record] = field(default_factory=list)
     cases: int = 0
+    complete: bool = True  # False when a signal stopped the run; records hold every finished case
+    interrupted_by: str | None = None  # "SIGINT" or "SIGTERM"
+    refused: int = 0  # golden files refused as damaged (one error record each, nothing judged)
 
 
 class BackendCallError(Exception):
@@ -280,24 +289,151 @@ def _parity(other: Invoker, call: OpCall, out: torch.Tensor, gc: GoldenCase, set
     return Verdict(v.status, {**v.metrics, "compared_to": other.backend.name}, v.message)
 
 
+# --- the run loop: one case at a time, in this process or in an isolated worker ----------------------
+
+
+@dataclass
+class CaseOutcome:
+    """The records of one golden file; ``refused`` when the file was refused and nothing was judged."""
+
+    records: list[Record]
+    refused: bool = False
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while :func:`stop_on_signals` was active (a BaseException, like KeyboardInterrupt,
+    so that no ``except Exception`` in a backend call swallows it)."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Terminated` in the main thread, as SIGINT raises
+    KeyboardInterrupt, so that :func:`run` can stop and return what it finished. No-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[list[str]]:
+    """While active, SIGINT and SIGTERM are only noted (their names are appended to the yielded
+    list), so that the reports of a run are written whole; the caller acts on them afterwards."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def case_id_of(path: Path) -> str:
+    """The case id a golden path stands for (``<op>/<family>/<variant>``), before the file is read."""
+    parts = path.with_suffix("").parts
+    starts = [i for i, part in enumerate(parts) if part in OPS]
+    return "/".join(parts[starts[-1]:]) if starts else path.with_suffix("").as_posix()
+
+
+def refused_outcome(path: Path, reason: str) -> CaseOutcome:
+    """One error record for a golden file that was refused (``reason`` names file and dataset)."""
+    return CaseOutcome([Record(case_id_of(path), "?", "accuracy", "error",
+                               message=f"golden file refused, nothing judged: {reason}")], refused=True)
+
+
+def case_error_record(case: dict[str, Any] | None, path: Path, settings: RunSettings, message: str,
+                      metrics: dict[str, Any]) -> Record:
+    """The one ``error`` record of a case that ended abnormally (a crash, a timeout, an exception the
+    checks did not expect). ``case`` holds case_id, op, dtype and family once the golden was read.
+    The record's check is ``contract`` (the call must return normally) when that check was asked for."""
+    check = "contract" if "contract" in settings.checks else settings.checks[0]
+    if case is None:
+        return Record(case_id_of(path), "?", check, "error", metrics=metrics, message=message)
+    return Record(case["case_id"], case["op"], check, "error", case["dtype"], case["family"], metrics, message)
+
+
+def judge_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings, compare_to: Invoker | None = None
+               ) -> list[Record]:
+    """:func:`run_case`, except that an unexpected exception (a backend's ``supports`` raising, say)
+    becomes one error record of this case instead of ending the run. ConformanceError propagates."""
+    try:
+        return run_case(invoker, gc, settings, compare_to)
+    except ConformanceError:
+        raise
+    except Exception as exc:
+        case = {"case_id": gc.case.id, "op": gc.case.op, "dtype": gc.case.dtype, "family": gc.case.family}
+        return [case_error_record(case, gc.path, settings, f"the case could not be judged: {type(exc).__name__}: "
+                                  f"{one_line(str(exc))}", {})]
+
+
+def manifest_checksums(root: Path) -> dict[Path, str]:
+    """SHA-256 of every file ``root``'s manifest lists, keyed like :func:`select_cases` paths."""
+    return {root / e["path"]: e["sha256"] for e in read_manifest(root)["files"]}
+
+
 def run(backend: Any, paths: Sequence[Path], settings: RunSettings, compare_to: Any | None = None,
-        on_case: Callable[[str, list[Record]], None] | None = None) -> RunResult:
-    """Run every golden file in ``paths`` (streamed one at a time) through ``backend``."""
-    invoker = Invoker(backend)
-    other = Invoker(compare_to) if compare_to is not None else None
+        on_case: Callable[[str, list[Record]], None] | None = None, *,
+        max_case_bytes: int = DEFAULT_MAX_CASE_BYTES, checksums: Mapping[Path, str] | None = None) -> RunResult:
+    """Run every golden file in ``paths`` (streamed one at a time) through ``backend``.
+
+    ``backend`` is a backend object, run in this process, or a started
+    :class:`~conformance.isolation.IsolatedBackend`, which judges each case in its worker process
+    (there a crash or a timeout is an error record of that case; ``compare_to`` goes to the
+    IsolatedBackend, not here). A golden that :func:`read_golden` refuses — damaged, over
+    ``max_case_bytes``, or not matching its entry in ``checksums`` (the manifest's file SHA-256) —
+    gives one error record, is counted in ``refused`` and is never judged.
+
+    KeyboardInterrupt and :class:`Terminated` stop the run: the result holds every finished case,
+    ``complete`` is False and ``interrupted_by`` names the signal; the case in flight is dropped.
+    ConformanceError (a user-fixable problem) propagates.
+    """
+    from .isolation import IsolatedBackend  # isolation builds on this module
+
+    sums = checksums or {}
+    if isinstance(backend, IsolatedBackend):
+        if compare_to is not None:
+            raise ConformanceError("an isolated run takes compare_to in IsolatedBackend(...): the worker loads it")
+
+        def judge(path: Path) -> CaseOutcome:
+            return backend.judge(path, settings, sums.get(path), max_case_bytes)
+    else:
+        invoker = Invoker(backend)
+        other = Invoker(compare_to) if compare_to is not None else None
+
+        def judge(path: Path) -> CaseOutcome:
+            try:
+                gc = read_golden(path, max_bytes=max_case_bytes, expected_sha256=sums.get(path))
+            except GoldenError as exc:
+                return refused_outcome(path, str(exc))
+            return CaseOutcome(judge_case(invoker, gc, settings, other))
+
     result = RunResult()
-    for path in paths:
-        try:
-            gc = read_golden(path)
-        except GoldenError as exc:
-            case_id = path.with_suffix("").as_posix()
-            recs = [Record(case_id, "?", "accuracy", "error", message=f"golden file refused, nothing judged: {exc}")]
-        else:
-            recs = run_case(invoker, gc, settings, other)
-        result.records.extend(recs)
-        result.cases += 1
-        if on_case:
-            on_case(path.name, recs)
+    try:
+        for path in paths:
+            outcome = judge(path)
+            result.records.extend(outcome.records)
+            result.cases += 1
+            result.refused += outcome.refused
+            if on_case:
+                on_case(path.name, outcome.records)
+    except (KeyboardInterrupt, Terminated) as exc:
+        result.complete = False
+        result.interrupted_by = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
     return result
 
 

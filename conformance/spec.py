@@ -35,6 +35,7 @@ MASK_SHORT = {"none": "", "right_pad": "rightpad", "left_pad": "leftpad", "holes
 DIST_SHORT = {"normal": "", "uniform": "uniform", "large_logits": "largelogits", "near_ties": "neartie"}
 
 DEFAULT_MEMORY_CAP_BYTES = 8 * 1024**3
+MAX_GRID_CASES = 100_000  # a typo like a 10^6-value axis must not hang `specs` or `generate`
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
 
@@ -285,6 +286,10 @@ def _expand(doc: YamlDocument, base: dict[str, Any], base_loc: Loc, grid: dict[s
             axes.append([(v, (*loc, i)) for i, v in enumerate(value)])
         else:
             axes.append([(value, loc)])
+    size = math.prod(len(axis) for axis in axes)
+    if size > MAX_GRID_CASES:
+        raise SpecError(doc.path, doc.line_of(grid_loc), dotted(grid_loc),
+                        f"this grid expands to {size} cases; a grid may declare at most {MAX_GRID_CASES}")
     for combo in itertools.product(*axes):
         yield ({k: v for k, (v, _) in zip(keys, combo)}, {k: loc for k, (_, loc) in zip(keys, combo)})
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import ConformanceError, GoldenError
 from .golden import (
+    DEFAULT_MAX_CASE_BYTES,
     MANIFEST_NAME,
     GoldenCase,
     Provenance,
@@ -83,7 +84,11 @@ def _first_difference(old: Path, new: Path) -> str:
 
 def verify(root: Path, regenerate: bool = False, device: str = "cpu",
            on_start: Callable[[int], None] | None = None,
-           on_done: Callable[[str, bool], None] | None = None) -> VerifyResult:
+           on_done: Callable[[str, bool], None] | None = None,
+           max_case_bytes: int = DEFAULT_MAX_CASE_BYTES) -> VerifyResult:
+    """Check every file the manifest of ``root`` lists: size, SHA-256, schema, per-dataset checksums
+    (and, with ``regenerate``, bit-identical recomputation). Problems are collected, one per file,
+    never raised; only a missing directory or an unreadable manifest raises (ConformanceError)."""
     if not root.is_dir():
         raise ConformanceError(f"{root}: no such golden directory")
     manifest = read_manifest(root)
@@ -100,26 +105,45 @@ def verify(root: Path, regenerate: bool = False, device: str = "cpu",
         on_start(len(entries))
     for entry in entries:
         path = root / entry["path"]
-        ok = _verify_entry(result, path, entry, regenerate, device)
+        ok = _verify_entry(result, path, entry, regenerate, device, max_case_bytes)
         result.checked += 1
         if on_done:
             on_done(entry["case_id"], ok)
     return result
 
 
-def _verify_entry(result: VerifyResult, path: Path, entry: dict[str, Any], regenerate: bool, device: str) -> bool:
+def _verify_entry(result: VerifyResult, path: Path, entry: dict[str, Any], regenerate: bool, device: str,
+                  max_case_bytes: int) -> bool:
+    """Check one listed file; every problem is recorded as one line naming the file (and the dataset
+    when one is to blame). Damaged files are read with every guard of :func:`read_golden`."""
     def problem(msg: str) -> bool:
         result.problems.append(Problem(str(path), msg))
         return False
 
-    if not path.is_file():
+    def golden_problem(exc: GoldenError, prefix: str = "") -> bool:
+        return problem(prefix + (f"dataset {exc.dataset}: {exc.reason}" if exc.dataset else exc.reason))
+
+    if not path.exists() and not path.is_symlink():
         return problem("listed in the manifest but missing")
-    if sha256_file(path) != entry["sha256"]:
-        return problem("SHA-256 does not match the manifest (file changed or damaged)")
+    if not path.is_file():
+        return problem("listed in the manifest but not a regular file")
+    size = path.stat().st_size
+    listed_size = entry.get("bytes")
+    if isinstance(listed_size, int) and size != listed_size:
+        note = "truncated" if size < listed_size else "grown"
+        prefix = f"file is {size} bytes, the manifest says {listed_size} ({note}); "
+        try:
+            read_golden(path, max_bytes=max_case_bytes)
+        except GoldenError as exc:
+            return golden_problem(exc, prefix)
+        return problem(prefix.rstrip("; "))
     try:
-        gc = read_golden(path)
+        gc = read_golden(path, max_bytes=max_case_bytes, expected_sha256=entry["sha256"])
     except GoldenError as exc:
-        return problem(f"{exc.dataset}: {exc.reason}" if exc.dataset else exc.reason)
+        if exc.reason.startswith("SHA-256 of the file does not match the manifest"):
+            return problem("SHA-256 does not match the manifest (file changed or damaged; every dataset matches "
+                           "its own checksum, so the damage is in the attributes or the structure)")
+        return golden_problem(exc)
     if gc.case.id != entry["case_id"]:
         return problem(f"holds case {gc.case.id}, the manifest says {entry['case_id']}")
     if regenerate:

@@ -127,3 +127,15 @@ def test_spec_without_cases_is_refused(spec_dir: Path) -> None:
     with pytest.raises(SpecError, match="no cases") as info:
         load_spec(path)
     assert info.value.line == 5
+
+
+def test_a_grid_that_expands_to_too_many_cases_is_refused_before_expanding(spec_dir: Path) -> None:
+    path = spec_dir / "huge.yaml"
+    axis = "[" + ", ".join(str(n) for n in range(1, 1001)) + "]"
+    path.write_text("schema_version: 1\nop: attention\nseed: 1\npresets: presets.yaml\nfamilies:\n"
+                    "  huge:\n    base: {hq: 1, hkv: 1, d: 8, dtype: float32, causal: true}\n"
+                    f"    tiers:\n      smoke:\n        - {{batch: {axis}, sq: {axis}, skv: {axis}}}\n")
+    with pytest.raises(SpecError, match=r"expands to 1000000000 cases") as info:
+        load_spec(path)
+    assert info.value.line == 10
+    assert info.value.field == "families.huge.tiers.smoke[0]"

@@ -1,0 +1,275 @@
+"""Property search: strategies built from the specs, properties that hold for correct backends, and
+planted defects hidden outside the smoke goldens that the search finds and shrinks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMOKE_GOLDENS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from property_planted import (
+    PLANTED,
+    GroupOfSevenCrossHead,
+    NanLeaksFromPadding,
+    PropertyCorrect,
+    SplitKvOnLargeBatch,
+    TileTailOffByOne,
+)
+
+from conformance.golden import read_golden
+from conformance.inputs import make_inputs
+from conformance.judge import CHECKS, Record
+from conformance.properties import (
+    PROFILES,
+    PROPERTIES,
+    PROPERTY_NAMES,
+    Example,
+    PropertyContext,
+    PropertyResult,
+    SearchSettings,
+    Subject,
+    check_backend,
+    insert_masked_keys,
+    own_call,
+    padding_limit,
+    parse_properties,
+    replay,
+    rows_call,
+)
+from conformance.reproducer import read_reproducer
+from conformance.runner import Invoker, RunSettings, run, select_cases
+from conformance.spec import DTYPES, MASKS, Case, OpSpec
+from conformance.strategies import Needs, SpecSpace, draw_case, make_case, space_from_specs
+from conformance.tolerances import load_tolerances
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCES = load_tolerances(REPO / "specs" / "tolerances.yaml")
+CI = PROFILES["ci"]
+
+
+@pytest.fixture(scope="module")
+def ci_space(repo_specs: list[OpSpec]) -> SpecSpace:
+    return space_from_specs(repo_specs, CI.tier, CI.limits)
+
+
+def search(backend: object, specs: list[OpSpec], names: tuple[str, ...], out: Path | None,
+           max_examples: int | None = None, seed: int | None = None) -> list[PropertyResult]:
+    settings = SearchSettings(profile=CI, max_examples=max_examples, seed=seed, reproducer_dir=out)
+    return check_backend(backend, specs, TOLERANCES, names, settings)
+
+
+# --- strategies --------------------------------------------------------------------------------------
+
+
+def test_the_space_is_every_value_the_specs_use_capped_by_the_profile(ci_space: SpecSpace) -> None:
+    assert ci_space.dtypes == DTYPES
+    assert ci_space.masks == MASKS
+    assert ci_space.head_dims == (64, 80, 96, 128, 256)
+    assert 7 in ci_space.groups and max(ci_space.groups) <= CI.limits.max_heads
+    assert ci_space.skv == (1, CI.limits.max_skv)
+    assert ci_space.batch == (1, CI.limits.max_batch)
+    assert ci_space.scales[0] is None and 0.0 in ci_space.scales
+    assert {63, 65, 127, 129} <= set(ci_space.skv_hints)  # lengths the specs name on purpose
+
+
+@dataclass(frozen=True)
+class NeedsCase:
+    needs: Needs
+    holds: Callable[[Case], bool]
+
+
+NEEDS = [
+    NeedsCase(Needs(), lambda c: True),
+    NeedsCase(Needs(min_batch=2), lambda c: c.batch >= 2),
+    NeedsCase(Needs(ops=("kv_cache_attention",), min_sq=2), lambda c: c.op == "kv_cache_attention" and c.sq >= 2),
+    NeedsCase(Needs(min_sq=2, sq_le_skv=True), lambda c: 2 <= c.sq <= c.skv),
+    NeedsCase(Needs(min_hkv=2), lambda c: c.hkv >= 2),
+    NeedsCase(Needs(masks=("right_pad", "holes")), lambda c: c.mask in ("right_pad", "holes")),
+]
+
+
+@settings(max_examples=60, database=None, derandomize=True, deadline=None)
+@given(data=st.data())
+def test_drawn_cases_keep_the_contract_the_profile_and_the_property_needs(data: st.DataObject,
+                                                                          repo_specs: list[OpSpec]) -> None:
+    space = space_from_specs(repo_specs, CI.tier, CI.limits)
+    need = data.draw(st.sampled_from(NEEDS), label="needs")
+    case = draw_case(data, space, "test", need.needs)
+    lim = CI.limits
+    assert case.hq % case.hkv == 0 and case.hq <= lim.max_heads
+    assert case.batch <= lim.max_batch and case.skv <= lim.max_skv
+    assert case.batch * case.hq * case.sq * case.d <= lim.max_out_elements
+    assert case.batch * case.hq * case.sq * case.skv <= lim.max_score_elements
+    if case.op == "kv_cache_attention":
+        assert case.s_past is not None and case.sq == case.skv - case.s_past and case.split_points == (case.s_past,)
+    assert case.family == "property/test" and case.id.endswith(f"-seed{case.seed}")
+    assert need.holds(case)
+
+
+def test_a_drawn_case_is_a_golden_case_readable_back(tmp_path: Path) -> None:
+    from conformance.golden import Provenance, write_golden
+    from conformance.reference import compute_reference
+
+    case = make_case("batch", op="kv_cache_attention", batch=2, hq=4, hkv=2, d=64, sq=3, skv=20, dtype="bfloat16",
+                     causal=True, scale=0.5, mask="holes", dist="near_ties", seed=2**63 - 5, s_past=17)
+    inputs = make_inputs(case)
+    path = tmp_path / f"{case.id}.h5"
+    write_golden(path, case, inputs, compute_reference(case, inputs), Provenance("kv_cache_attention.yaml", "0", 1))
+    assert read_golden(path).case == case
+
+
+def test_every_property_is_a_check_of_the_report() -> None:
+    assert set(PROPERTY_NAMES) <= set(CHECKS)
+    assert CHECKS[: len(CHECKS) - 2] == ("accuracy", "batch", "split", "prefill_decode", "chunk", "padding",
+                                         "determinism", "contract", "parity")  # appended, never reordered
+
+
+def test_properties_are_chosen_by_name() -> None:
+    assert parse_properties(None) == PROPERTY_NAMES == parse_properties("all")
+    assert parse_properties("gqa, batch,gqa") == ("gqa", "batch")
+    with pytest.raises(ValueError, match="unknown property nosuch; choose from accuracy"):
+        parse_properties("batch,nosuch")
+
+
+# --- the transformations -------------------------------------------------------------------------------
+
+
+def small_case(op: str = "attention", causal: bool = True, sq: int = 3, skv: int = 7, mask: str = "none") -> Case:
+    return make_case("t", op=op, batch=2, hq=4, hkv=2, d=64, sq=sq, skv=skv, dtype="float32", causal=causal,
+                     scale=None, mask=mask, dist="normal", seed=3, s_past=skv - sq if op != "attention" else None)
+
+
+@pytest.mark.parametrize("op", ["attention", "kv_cache_attention"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_a_block_of_rows_alone_sees_exactly_the_keys_it_saw(op: str, causal: bool) -> None:
+    case = small_case(causal=causal, sq=5, skv=9, mask="holes")
+    subject = Subject(case, make_inputs(case))
+    backend = PropertyCorrect()
+    full = backend.attention(*(subject.inputs.q, subject.inputs.k, subject.inputs.v), causal=causal, scale=None,
+                             key_padding_mask=subject.inputs.key_padding_mask)
+    for r0, r1 in [(0, 1), (1, 4), (4, 5), (0, 5)]:
+        call = rows_call(own_call(subject), r0, r1, op)
+        k, v = call.k, call.v
+        if op == "kv_cache_attention":
+            part = backend.kv_cache_attention(call.q, k[:, :, :call.s_past], v[:, :, :call.s_past],
+                                              k[:, :, call.s_past:], v[:, :, call.s_past:], causal=causal, scale=None,
+                                              key_padding_mask=call.key_padding_mask)
+        else:
+            part = backend.attention(call.q, k, v, causal=causal, scale=None, key_padding_mask=call.key_padding_mask)
+        assert torch.equal(part, full[:, :, r0:r1])
+
+
+def test_masked_keys_go_only_where_no_window_changes() -> None:
+    assert padding_limit(small_case(causal=False)) == 7  # anywhere, appended included
+    assert padding_limit(small_case(causal=True, sq=3, skv=7)) == 5  # keys 0..4 are seen by every row
+    assert padding_limit(small_case(causal=True, sq=9, skv=7)) == 0  # only prepended
+    assert padding_limit(small_case(op="kv_cache_attention", causal=False)) == 4  # inside the cache
+
+
+def test_inserted_masked_keys_leave_every_real_key_in_order() -> None:
+    case = small_case(skv=5)
+    call = own_call(Subject(case, make_inputs(case)))
+    extra = torch.full((2, 2, 3, 64), 7.0)
+    padded = insert_masked_keys(call, [[4, 1], [1, 2]], extra, extra)
+    real = padded.key_padding_mask[0]
+    assert real.tolist() == [True, False, False, True, True, True, False, True]
+    assert torch.equal(padded.k[:, :, real], call.k)
+
+
+# --- correct backends pass, planted defects are found -------------------------------------------------
+
+
+def test_a_correct_backend_passes_every_property_with_the_ci_profile(repo_specs: list[OpSpec],
+                                                                     tmp_path: Path) -> None:
+    results = search(PropertyCorrect(), repo_specs, PROPERTY_NAMES, tmp_path, max_examples=15)
+    bad = [(r.check, r.message) for res in results for r in res.records if r.status != "pass"]
+    assert bad == []
+    assert [res.name for res in results if res.records] == list(PROPERTY_NAMES)
+    assert not any(tmp_path.iterdir())  # no reproducer without a failure
+
+
+def test_a_property_needing_the_kv_op_is_skipped_with_the_reason(repo_specs: list[OpSpec]) -> None:
+    class AttentionOnly:
+        name = "attention-only"
+        device = "cpu"
+        attention = PropertyCorrect.attention
+
+    (result,) = search(AttentionOnly(), repo_specs, ("split",), None)
+    assert [(r.status, r.message) for r in result.records] == [
+        ("skip", "needs kv_cache_attention, which backend attention-only lacks")]
+
+
+@pytest.mark.parametrize("planted", PLANTED, ids=lambda cls: cls.name)
+def test_planted_defects_pass_every_check_of_the_smoke_golden_run(planted: type) -> None:
+    records = run(planted(), select_cases(SMOKE_GOLDENS), RunSettings(tolerances=TOLERANCES, reruns=2)).records
+    assert [(r.case_id, r.check) for r in records if r.status != "pass"] == []
+
+
+def test_the_gqa_defect_is_live_in_smoke_cases_that_run_cannot_see_it_in() -> None:
+    gc = read_golden(SMOKE_GOLDENS / "attention/gqa/hq14-hkv2-d64-b1-sq17-skv17-bf16-causal.h5")
+    x = gc.inputs
+    args = (x.q, x.k, x.v)
+    kw = {"causal": True, "scale": None, "key_padding_mask": None}
+    assert not torch.equal(GroupOfSevenCrossHead().attention(*args, **kw), PropertyCorrect().attention(*args, **kw))
+
+
+@dataclass(frozen=True)
+class Planted:
+    backend: type
+    prop: str
+    smallest: Callable[[Case], bool]  # what the shrunk case must look like
+
+
+PLANTED_FINDS = [
+    Planted(TileTailOffByOne, "accuracy", lambda c: c.skv == 137 and c.batch == 1 and c.hq == 1),
+    Planted(TileTailOffByOne, "padding", lambda c: c.skv <= 137 and c.batch == 1 and c.hq == 1),
+    Planted(GroupOfSevenCrossHead, "gqa", lambda c: (c.hq, c.hkv, c.batch, c.sq, c.skv) == (14, 2, 1, 1, 1)),
+    Planted(SplitKvOnLargeBatch, "batch", lambda c: (c.batch, c.hq, c.sq, c.skv) == (3, 8, 1, 1)),
+    Planted(NanLeaksFromPadding, "nan_padding", lambda c: c.mask != "none" and c.batch == 1 and c.skv <= 2),
+]
+
+
+@pytest.mark.parametrize("planted", PLANTED_FINDS, ids=lambda p: f"{p.backend.name}-{p.prop}")
+def test_a_planted_defect_is_found_shrunk_and_its_reproducer_replays(planted: Planted, repo_specs: list[OpSpec],
+                                                                     tmp_path: Path) -> None:
+    (result,) = search(planted.backend(), repo_specs, (planted.prop,), tmp_path, max_examples=200)
+    assert result.counterexample is not None, result.records
+    (record,) = result.records
+    case = result.counterexample.example.case
+    assert (record.check, record.status, record.case_id) == (planted.prop, "fail", case.id)
+    assert planted.smallest(case), record.message
+    assert record.metrics["reproducer"] == str(result.reproducer) and result.reproducer.is_file()
+    rep = read_reproducer(result.reproducer)
+    assert (rep.case, rep.info.property, rep.info.backend) == (case, planted.prop, planted.backend.name)
+    assert replay(result.reproducer, planted.backend(), TOLERANCES).still_fails
+    assert replay(result.reproducer, PropertyCorrect(), TOLERANCES).record.status == "pass"
+
+
+def test_the_ci_search_is_derandomized(repo_specs: list[OpSpec]) -> None:
+    first, second = (search(NanLeaksFromPadding(), repo_specs, ("nan_padding",), None)[0] for _ in range(2))
+    assert first.counterexample is not None and second.counterexample is not None
+    assert first.counterexample.example == second.counterexample.example
+
+
+def test_a_failure_record_names_the_smallest_case_and_its_parameters(repo_specs: list[OpSpec]) -> None:
+    (result,) = search(NanLeaksFromPadding(), repo_specs, ("nan_padding",), None)
+    record: Record = result.records[0]
+    assert "smallest failing case: " in record.message and "poison" in record.message
+    assert record.metrics["parameters"] == result.counterexample.example.params
+    assert record.family == "property/nan_padding" and "reproducer" not in record.metrics
+
+
+def test_accuracy_is_judged_against_the_exact_reference_of_the_drawn_case() -> None:
+    case = make_case("accuracy", op="attention", batch=1, hq=2, hkv=1, d=64, sq=2, skv=140, dtype="float32",
+                     causal=False, scale=None, mask="none", dist="normal", seed=1)
+    subject = Subject(case, make_inputs(case))
+    for backend, status in ((TileTailOffByOne(), "fail"), (PropertyCorrect(), "pass")):
+        ctx = PropertyContext(Invoker(backend), TOLERANCES)
+        outcome = PROPERTIES["accuracy"].check(ctx, Example("accuracy", case, {}), subject)
+        assert outcome.verdict.status == status, outcome.verdict.message
+    assert subject.golden is not None  # computed once, shared by both judgments
