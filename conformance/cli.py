@@ -413,6 +413,3 @@ def main() -> None:
 
 from . import cli_check  # noqa: E402,F401,I001  (registers check, replay, promote)
 from . import cli_report  # noqa: E402,F401  (registers report, release)
-
-if __name__ == "__main__":
-    main()
