@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -61,6 +62,28 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def verify_progress(label: str) -> Iterator[tuple[Callable[[int], None], Callable[[str, bool], None]]]:
+    """A per-file bar that appears only once the library has validated its input and calls
+    ``on_start(total)`` (so an error before that stays the only line on stderr)."""
+    progress = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False)
+    task = progress.add_task("", total=0)
+
+    def on_start(n: int) -> None:
+        progress.update(task, total=n)
+        progress.start()
+
+    def on_done(case_id: str, ok: bool) -> None:
+        progress.update(task, advance=1, description=case_id)
+
+    try:
+        yield on_start, on_done
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 def _version(value: bool) -> None:
@@ -165,20 +188,8 @@ def verify(
         return verify_bundle_command(directory, regenerate=regenerate, device=device)
     from .verify import verify as run_verify
 
-    progress = Progress(TextColumn("[bold]verify[/]"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False)
-    task = progress.add_task("", total=0)
-
-    def on_start(n: int) -> None:
-        progress.update(task, total=n)
-        progress.start()
-
-    try:
-        result = run_verify(directory, regenerate=regenerate, device=device, on_start=on_start,
-                            on_done=lambda cid, ok: progress.update(task, advance=1, description=cid))
-    finally:
-        if progress.live.is_started:
-            progress.stop()
+    with verify_progress("verify") as (on_start, on_done):
+        result = run_verify(directory, regenerate=regenerate, device=device, on_start=on_start, on_done=on_done)
     table = Table(title=f"verify {directory}", show_header=False)
     table.add_row("files checked", str(result.checked))
     if regenerate:

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import Tier, app, err, out, user_errors
+from .cli import Tier, app, out, user_errors, verify_progress
 from .errors import EXIT_FAILURE
 
 
@@ -80,20 +79,8 @@ def verify_bundle_command(directory: Path, regenerate: bool, device: str) -> Non
     """``rlk-conform verify DIR`` when DIR is a bundle: print the outcome; exit 1 on any problem."""
     from .release import verify_bundle
 
-    progress = Progress(TextColumn("[bold]verify[/] goldens"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False)
-    task = progress.add_task("", total=0)
-
-    def on_start(n: int) -> None:
-        progress.update(task, total=n)
-        progress.start()
-
-    try:
-        result = verify_bundle(directory, regenerate=regenerate, device=device, on_start=on_start,
-                               on_done=lambda cid, ok: progress.update(task, advance=1, description=cid))
-    finally:
-        if progress.live.is_started:
-            progress.stop()
+    with verify_progress("verify goldens") as (on_start, on_done):
+        result = verify_bundle(directory, regenerate=regenerate, device=device, on_start=on_start, on_done=on_done)
     table = Table(title=f"verify bundle {directory}", show_header=False)
     table.add_row("bundle files checked", str(result.files_checked))
     table.add_row("bundle SHA-256", str(result.bundle.get("bundle_sha256")))
