@@ -424,3 +424,10 @@ def main() -> None:
 
 from . import cli_check  # noqa: E402,F401,I001  (registers check, replay, promote)
 from . import cli_report  # noqa: E402,F401  (registers report, release)
+
+if __name__ == "__main__":
+    # Run as a script this file is `__main__`, not `conformance.cli`, where every command is
+    # registered: delegate to the package module.
+    from conformance.cli import main as package_main
+
+    package_main()

@@ -55,7 +55,7 @@ def cli(*args: str, env: dict[str, str] | None = None, **kw: object) -> subproce
     """``rlk-conform`` in a subprocess, from the repository, with this directory importable."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                 "COLUMNS": "200", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "conformance.cli", *args], cwd=REPO, env=full_env,
+    return subprocess.Popen([sys.executable, "-m", "conformance", *args], cwd=REPO, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # type: ignore[call-overload]
 
 

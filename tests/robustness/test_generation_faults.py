@@ -80,7 +80,7 @@ def temp_files(out: Path) -> list[Path]:
 
 
 def start(spec: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "conformance.cli", "generate", "--spec", str(spec), "--out",
+    return subprocess.Popen([sys.executable, "-m", "conformance", "generate", "--spec", str(spec), "--out",
                              str(out), "--jobs", "1", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
