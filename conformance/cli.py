@@ -268,6 +268,9 @@ def run(
                                              "rlk-conform promote) when it exists.")] = True,
     properties: Annotated[bool, typer.Option("--properties", help="Also run the property search (ci profile) "
                                              "for the selected checks, as rlk-conform check does.")] = False,
+    known_failures: Annotated[Path | None, typer.Option("--known-failures", help="YAML list of this backend's "
+                                                        "expected failures and skips (docs/known-failures.md)."
+                                                        )] = None,
 ) -> None:
     """Run every golden case through a backend and judge accuracy, invariance, contract (and parity).
 
@@ -316,6 +319,15 @@ def run(
         raise ConformanceError(f"{root}: no golden case matches" + (f" --filter {filter_!r}" if filter_ else "")
                                + (f" in shard {shard}" if shard else ""))
     requested = backend or _best_backend()
+    known = None
+    if known_failures is not None:  # validated before any case runs: a stale list is an error
+        from .known_failures import check_patterns, load_known_failures
+
+        known = load_known_failures(known_failures, requested)
+        case_ids = [e["case_id"] for e in read_manifest(root)["files"]]
+        if regression and (regression_root / "manifest.json").is_file():
+            case_ids += [e["case_id"] for e in read_manifest(regression_root)["files"]]
+        check_patterns(known, case_ids)
     isolate = isolate or timeout is not None  # only killing its process stops a hung kernel
     settings = RunSettings(tolerances=tol, checks=wanted, rule_set=rules, reruns=reruns)
     max_case_bytes = DEFAULT_MAX_CASE_BYTES if max_case_mib is None else max_case_mib * 2**20
@@ -368,6 +380,14 @@ def run(
             meta["isolation"] = {"worker_restarts": impl.restarts, "timeout_s": timeout}
     if not result.complete:
         meta["interrupted_by"] = result.interrupted_by
+    unexpected_passes: list[Any] = []
+    if known:
+        from .known_failures import apply as apply_known
+
+        outcome = apply_known(known, result.records)
+        unexpected_passes = outcome.unexpected_passes or []
+        meta["known_failures"] = {"file": str(known_failures), "expected": outcome.expected,
+                                  "unexpected_passes": [f"{r.check}: {r.case_id}" for r in unexpected_passes]}
     with deferred_signals() as late:  # a second Ctrl-C must not cut a report in half
         report = build_report(result.records, meta, complete=result.complete)
         print_summary(out, result.records, f"rlk-conform run — backend {impl.name} on {impl.device}, "
@@ -384,6 +404,11 @@ def run(
                   "the reports hold every finished record" + ("" if result.complete else
                                                               " and say complete: false"))
         raise typer.Exit(130 if stopped_by == "SIGINT" else 143)
+    for r in unexpected_passes[:10]:
+        out.print(f"[yellow]UNEXPECTED PASS[/] {r.check}: {r.case_id} (listed as a known failure in "
+                  f"{known_failures}; narrow or remove the entry)", soft_wrap=True)
+    if len(unexpected_passes) > 10:
+        out.print(f"[yellow]… and {len(unexpected_passes) - 10} more unexpected passes[/] (all in the JSON report)")
     if result.refused:
         out.print(f"[bold red]{result.refused} golden file(s) refused as damaged[/] (not judged; "
                   f"rlk-conform verify {root} names each problem)")
@@ -397,6 +422,8 @@ def run(
     counts = summary["by_status"]
     line = (f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} errors, {counts['skip']} skipped "
             f"over {summary['cases']} cases")
+    if summary["expected_failures"]:
+        line += f"; {summary['expected_failures']} of the failures and errors are known failures"
     if summary["verdict"] != "pass":
         out.print(f"[bold red]FAIL[/]: {line}")
         raise typer.Exit(EXIT_FAILURE)

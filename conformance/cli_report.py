@@ -39,7 +39,7 @@ def report_cmd(
         for run in runs:
             records = [Record(r["case_id"], r.get("op") or "", r.get("check") or "", r["status"],
                               r.get("dtype") or "", r.get("family") or "", r.get("metrics") or {},
-                              r.get("message") or "") for r in run.records]
+                              r.get("message") or "", r.get("expected")) for r in run.records]
             print_summary(out, records, f"{run.label} — {run.target.get('device_name') or ''} ({run.path})")
         return
     if html_out is not None:

@@ -33,11 +33,15 @@ class Record:
     family: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    expected: str | None = None  # reason from a known-failure list when this outcome was expected
 
     def to_json(self) -> dict[str, Any]:
-        return {"case_id": self.case_id, "op": self.op, "check": self.check, "status": self.status,
-                "dtype": self.dtype, "family": self.family, "metrics": _jsonable(self.metrics),
-                "message": self.message}
+        out = {"case_id": self.case_id, "op": self.op, "check": self.check, "status": self.status,
+               "dtype": self.dtype, "family": self.family, "metrics": _jsonable(self.metrics),
+               "message": self.message}
+        if self.expected is not None:
+            out["expected"] = self.expected
+        return out
 
 
 def _jsonable(x: Any) -> Any:

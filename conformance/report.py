@@ -27,13 +27,16 @@ def summarize(records: Sequence[Record]) -> dict[str, Any]:
     for r in records:
         by_check.setdefault(r.check, dict.fromkeys(STATUSES, 0))[r.status] += 1
     executed = by_status["pass"] + by_status["fail"] + by_status["error"]
-    verdict = "fail" if by_status["fail"] or by_status["error"] or executed == 0 else "pass"
+    unexpected = sum(r.status in ("fail", "error") and r.expected is None for r in records)
+    verdict = "fail" if unexpected or executed == 0 else "pass"
     return {
         "records": len(records),
         "cases": len({r.case_id for r in records}),
         "by_status": {s: by_status[s] for s in STATUSES},
         "by_check": by_check,
         "executed": executed,
+        "expected_failures": sum(r.status in ("fail", "error") and r.expected is not None for r in records),
+        "unexpected_failures": unexpected,
         "verdict": verdict,
     }
 
@@ -109,7 +112,13 @@ def print_summary(console: Console, records: Sequence[Record], title: str, worst
             row.append(f"[{style}]{text}[/]")
         table.add_row(*row)
     console.print(table)
-    bad = sorted((r for r in records if r.status in ("fail", "error")), key=_badness, reverse=True)
+    bad = sorted((r for r in records if r.status in ("fail", "error") and r.expected is None), key=_badness,
+                 reverse=True)
+    known = [r for r in records if r.status in ("fail", "error") and r.expected is not None]
+    if known:
+        reasons = Counter(r.expected for r in known)
+        console.print(f"[yellow]{len(known)} expected failures[/] (known-failure list): " + "; ".join(
+            f"{n}× {msg}" for msg, n in reasons.most_common(3)), soft_wrap=True)
     if bad:
         console.print(f"[bold red]worst offenders[/] ({len(bad)} failing records):")
         for r in bad[:worst]:
