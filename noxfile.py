@@ -1,4 +1,4 @@
-"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s goldens`.
+"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s goldens`, `nox -s conformance`, `nox -s nightly`.
 
 On CPU machines torch is pinned to the local CPU wheel (a bare `torch` can pull a multi-GB CUDA
 build); GPU runners set RLK_TORCH="" to keep the torch already installed in the image, together
@@ -57,3 +57,32 @@ def goldens(session: nox.Session) -> None:
     if problems:
         session.error("smoke goldens differ from specs/ — regenerate and commit them:\n  " + "\n  ".join(problems))
     session.log(f"{len(got)} smoke goldens regenerated bit-identical (dataset {fresh['dataset_sha256'][:16]}…)")
+
+
+CPU_BACKENDS = ["reference", "naive-fp32", "naive", "sdpa-math", "sdpa"]
+
+
+@nox.session
+@nox.parametrize("backend", CPU_BACKENDS)
+def conformance(session: nox.Session, backend: str) -> None:
+    """`rlk-conform run` of one backend over the committed smoke goldens, JSON and JUnit in reports/.
+
+    A backend's known-failure list, known-failures/<backend>.yaml, is used when it exists.
+    """
+    install(session)
+    out = ROOT / "reports"
+    out.mkdir(exist_ok=True)
+    args = ["--report-json", str(out / f"run-{backend}.json"), "--junit", str(out / f"run-{backend}.xml")]
+    known = ROOT / "known-failures" / f"{backend}.yaml"
+    if known.is_file():
+        args += ["--known-failures", str(known)]
+    session.run("rlk-conform", "run", "--backend", backend, *args, *session.posargs)
+
+
+@nox.session
+def nightly(session: nox.Session) -> None:
+    """The GPU lane: standard-tier goldens, every CUDA backend (run + nightly property search), JSON,
+    JUnit and HTML reports in nightly/. On a GPU runner: `RLK_TORCH= nox -s nightly` (keeps the
+    image's CUDA torch); extra arguments go to `python -m conformance.nightly` (see its --help)."""
+    install(session)
+    session.run("python", "-m", "conformance.nightly", *session.posargs)
