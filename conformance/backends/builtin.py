@@ -69,23 +69,20 @@ class NaiveBackend(BuiltinBackend):
 
     name = "naive"
     description = "naive softmax attention in the input dtype (K/V repeat_interleave, masked_fill, softmax)"
+    compute_dtype: torch.dtype | None = None  # None: the input dtype
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                   scale: float | None = None, key_padding_mask: torch.Tensor | None = None) -> AttentionResult:
         return naive_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                               compute_dtype=q.dtype)
+                               compute_dtype=self.compute_dtype or q.dtype)
 
 
-class NaiveFp32Backend(BuiltinBackend):
+class NaiveFp32Backend(NaiveBackend):
     """Naive attention with inputs upcast to float32; the output cast back to the input dtype."""
 
     name = "naive-fp32"
     description = "naive softmax attention computed in float32, output cast back to the input dtype"
-
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None) -> AttentionResult:
-        return naive_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                               compute_dtype=torch.float32)
+    compute_dtype = torch.float32
 
 
 # Order is the listing order. Each class takes one optional argument, ``device``.
