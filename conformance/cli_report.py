@@ -13,6 +13,44 @@ from .cli import Tier, app, out, user_errors, verify_progress
 from .errors import EXIT_FAILURE
 
 
+@app.command("merge")
+@user_errors
+def merge_cmd(
+    results: Annotated[list[Path], typer.Argument(metavar="RESULT.json", help="JSON reports of the shards "
+                                                  "(rlk-conform run --shard i/n --report-json).")],
+    out_json: Annotated[Path, typer.Option("--out", help="Write the merged JSON report here.")],
+    junit: Annotated[Path | None, typer.Option(help="Also write a merged JUnit XML report here.")] = None,
+) -> None:
+    """Merge the JSON reports of the shards of one run into one report (summary recomputed).
+
+    Exit 0 when the merged run passes, 1 when it has failures, errors or no executed check, 2 when
+    the reports cannot be merged (another backend or golden set, overlapping shards, bad files)."""
+    from .errors import ConformanceError
+    from .html_report import load_report
+    from .report import MergeError, merge_reports, print_summary, write_json, write_junit
+
+    reports = [load_report(path) for path in results]
+    try:
+        merged = merge_reports(reports, [str(p) for p in results])
+    except MergeError as exc:
+        raise ConformanceError(str(exc)) from None
+    write_json(out_json, merged)
+    from .judge import Record
+
+    records = [Record(r["case_id"], r["op"], r["check"], r["status"], r["dtype"], r["family"], r["metrics"],
+                      r["message"], r.get("expected")) for r in merged["records"]]
+    print_summary(out, records, f"merged report of {len(results)} shards → {out_json}")
+    if junit:
+        write_junit(junit, records, f"rlk-conform.{merged['backend'].get('used')}")
+    summary = merged["summary"]
+    out.print(f"{'PASS' if summary['verdict'] == 'pass' else 'FAIL'}: {summary['by_status']['pass']} passed, "
+              f"{summary['by_status']['fail']} failed, {summary['by_status']['error']} errors, "
+              f"{summary['by_status']['skip']} skipped over {summary['cases']} cases"
+              + ("" if merged["complete"] else " (a shard was incomplete)"), markup=False, highlight=False)
+    if summary["verdict"] != "pass":
+        raise typer.Exit(EXIT_FAILURE)
+
+
 @app.command("report")
 @user_errors
 def report_cmd(

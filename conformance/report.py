@@ -130,3 +130,40 @@ def print_summary(console: Console, records: Sequence[Record], title: str, worst
         reasons = Counter(r.message for r in skipped)
         console.print(f"[yellow]{len(skipped)} skipped[/]: " + "; ".join(f"{n}× {msg}" for msg, n in
                                                                         reasons.most_common(3)), soft_wrap=True)
+
+
+class MergeError(ValueError):
+    """Reports that cannot be merged into one (different backend or golden set, duplicate records)."""
+
+
+def merge_reports(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """One report from the reports of the shards of one run (``run --shard i/n`` on several hosts).
+
+    The shards must name the same requested backend and golden set; a (case, check) pair may appear
+    in one shard only. The summary is recomputed; ``complete`` holds only if every shard completed.
+    Metadata (target, settings) comes from the first report; ``merged_from`` lists every shard.
+    """
+    first = reports[0]
+    records: list[Record] = []
+    seen: dict[tuple[str, str], str] = {}
+    for report, name in zip(reports, names):
+        for key in ("requested",):
+            if report["backend"].get(key) != first["backend"].get(key):
+                raise MergeError(f"{name}: backend {report['backend'].get(key)!r} differs from "
+                                 f"{first['backend'].get(key)!r} in {names[0]}")
+        if (report.get("goldens") or {}).get("dataset_sha256") != (first.get("goldens") or {}).get("dataset_sha256"):
+            raise MergeError(f"{name}: its golden set (dataset_sha256) differs from {names[0]}'s")
+        for r in report["records"]:
+            pair = (r["case_id"], r.get("check", ""))
+            if pair in seen:
+                raise MergeError(f"{name}: record {pair[1]} of {pair[0]} is also in {seen[pair]} "
+                                 "(overlapping shards?)")
+            seen[pair] = name
+            records.append(Record(r["case_id"], r.get("op") or "", r.get("check") or "", r["status"],
+                                  r.get("dtype") or "", r.get("family") or "", r.get("metrics") or {},
+                                  r.get("message") or "", r.get("expected")))
+    meta = {k: v for k, v in first.items() if k not in ("format", "schema_version", "complete", "summary",
+                                                          "records")}
+    meta["merged_from"] = [{"file": name, "shard": (rep.get("settings") or {}).get("shard"),
+                            "complete": bool(rep.get("complete", True))} for rep, name in zip(reports, names)]
+    return build_report(records, meta, complete=all(bool(rep.get("complete", True)) for rep in reports))
