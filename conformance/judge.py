@@ -154,11 +154,17 @@ _INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloa
              torch.float16: torch.int16}
 
 
+def bit_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers (floats only; other dtypes as they are): equality of bit views
+    is bitwise equality, NaN payloads and signed zeros included."""
+    return t.view(_INT_VIEW[t.dtype]) if t.dtype in _INT_VIEW else t
+
+
 def _raw_and_ordered(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Raw bit patterns, and integers whose order is the float order (ulp distance = difference)."""
     if x.dtype not in _INT_VIEW:
         raise TypeError(f"bitwise comparison of {x.dtype} is not supported")
-    raw = x.detach().cpu().contiguous().view(_INT_VIEW[x.dtype]).numpy().astype(np.int64)
+    raw = bit_view(x.detach().cpu().contiguous()).numpy().astype(np.int64)
     magnitude_mask = np.int64((1 << (8 * x.element_size() - 1)) - 1)
     ordered = np.where(raw < 0, -(raw & magnitude_mask), raw)
     return raw, ordered

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -421,6 +421,35 @@ def _exact_lse(q: np.ndarray, k: np.ndarray, case: Case) -> np.float32:
     rational = _rational_scale(case)
     if len(dots) == 1 and rational is not None:
         return round_fraction_to_f32(Fraction(dots[0], 2 ** (2 * EXACT_SHIFT)) * rational)
+    def lse(iv: Any, logits: list[Any]) -> Any:
+        ref = iv.mpf(max(float(x.mid) for x in logits))
+        total = iv.mpf(0)
+        for x in logits:
+            total += iv.exp(x - ref)
+        return ref + iv.log(total)
+
+    return _decide_by_intervals(dots, case, lse, "a log-sum-exp")
+
+
+def _ziv_intervals(dots: list[int], vc: list[float], case: Case) -> np.float32:
+    def output(iv: Any, logits: list[Any]) -> Any:
+        ref = max(float(x.mid) for x in logits)
+        num = iv.mpf(0)
+        den = iv.mpf(0)
+        for x, val in zip(logits, vc):
+            w = iv.exp(x - ref)
+            num += w * iv.mpf(val)
+            den += w
+        return num / den
+
+    return _decide_by_intervals(dots, case, output, "an output element")
+
+
+def _decide_by_intervals(dots: list[int], case: Case, value: Callable[[Any, list[Any]], Any],
+                         what: str) -> np.float32:
+    """Ziv's strategy: evaluate ``value(iv, logits)`` in interval arithmetic at doubling precision
+    until both endpoints round to the same float32 (the exact value is then known to round there).
+    The logits are ``scale · dot · 2**(-2·EXACT_SHIFT)`` from exact integer dots."""
     iv = mpmath.iv
     saved = iv.prec
     try:
@@ -429,51 +458,14 @@ def _exact_lse(q: np.ndarray, k: np.ndarray, case: Case) -> np.float32:
             iv.prec = prec
             scale = (1 / iv.sqrt(case.d)) if case.scale is None else iv.mpf(case.scale)
             logits = [iv.mpf(dot) * iv.mpf(2) ** (-2 * EXACT_SHIFT) * scale for dot in dots]
-            ref = iv.mpf(max(float(x.mid) for x in logits))
-            total = iv.mpf(0)
-            for x in logits:
-                total += iv.exp(x - ref)
-            lse = ref + iv.log(total)
-            lo, hi = lse._mpi_
+            lo, hi = value(iv, logits)._mpi_  # raw (sign, mantissa, exponent, bitcount) endpoints
             a = round_fraction_to_f32(_raw_mpf_to_fraction(lo))
             if a == round_fraction_to_f32(_raw_mpf_to_fraction(hi)):
                 return a
             prec *= 2
     finally:
         iv.prec = saved
-    raise ArithmeticError(f"{case.id}: could not decide the float32 rounding of a log-sum-exp")
-
-
-def _ziv_intervals(dots: list[int], vc: list[float], case: Case) -> np.float32:
-    iv = mpmath.iv
-    saved = iv.prec
-    try:
-        return _ziv_loop(iv, dots, vc, case)
-    finally:
-        iv.prec = saved
-
-
-def _ziv_loop(iv: Any, dots: list[int], vc: list[float], case: Case) -> np.float32:
-    prec = 128
-    while prec <= 8192:
-        iv.prec = prec
-        scale = (1 / iv.sqrt(case.d)) if case.scale is None else iv.mpf(case.scale)
-        logits = [iv.mpf(dot) * iv.mpf(2) ** (-2 * EXACT_SHIFT) * scale for dot in dots]
-        ref = max(float(x.mid) for x in logits)
-        ws = [iv.exp(x - ref) for x in logits]
-        num = iv.mpf(0)
-        den = iv.mpf(0)
-        for w, val in zip(ws, vc):
-            num += w * iv.mpf(val)
-            den += w
-        o = num / den
-        lo, hi = o._mpi_  # raw (sign, mantissa, exponent, bitcount) of the interval's endpoints
-        a = round_fraction_to_f32(_raw_mpf_to_fraction(lo))
-        z = round_fraction_to_f32(_raw_mpf_to_fraction(hi))
-        if a == z:
-            return a
-        prec *= 2
-    raise ArithmeticError(f"{case.id}: could not decide the float32 rounding of an output element")
+    raise ArithmeticError(f"{case.id}: could not decide the float32 rounding of {what}")
 
 
 def _raw_mpf_to_fraction(raw: tuple[int, int, int, int]) -> Fraction:

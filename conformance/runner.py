@@ -21,6 +21,7 @@ from .golden import DEFAULT_MAX_CASE_BYTES, GoldenCase, read_golden, read_manife
 from .judge import (
     Record,
     Verdict,
+    bit_view,
     bitwise_mismatch,
     judge_accuracy,
     judge_elementwise,
@@ -85,12 +86,6 @@ def select_cases(root: Path, pattern: str | None = None, shard: tuple[int, int] 
     return [root / e["path"] for e in entries]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    views = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
-             torch.float16: torch.int16}
-    return t.view(views[t.dtype]) if t.dtype in views else t
-
-
 class Invoker:
     """Calls one backend and checks the op contract on every call (shape, dtype, device, finite
     output, inputs unchanged, no exception). Violations are collected for the case's contract record."""
@@ -128,7 +123,7 @@ class Invoker:
             raise BackendCallError(f"{type(exc).__name__}: {exc}".strip().splitlines()[0]) from exc
         names = ["q", "k", "v"] if call.op == "attention" else ["q", "k_cache", "v_cache", "k_new", "v_new"]
         for name, t, t0 in zip([*names, "key_padding_mask"], watched, before):
-            if not torch.equal(_bits(t), _bits(t0)):
+            if not torch.equal(bit_view(t), bit_view(t0)):
                 self.violations.append(f"{call.op} modified its input '{name}'")
         return self._check_result(call, result)
 
