@@ -133,7 +133,7 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     undecided = ~((out - bnd > mid_lo) & (out + bnd < mid_hi))
     stats = RefinementStats(float64=int(out.size - undecided.sum()))
     if undecided.any():
-        _refine(case, inputs, out32, undecided, stats)
+        _refine(case, inputs, out32, undecided, stats, dev)
     lse32 = _certified_lse(case, inputs, lse.numpy(), lse_bound.numpy())
     to4 = (b, hq, sq)
     # Against the correctly rounded output the difference is exact: no float64 noise is stored.
@@ -268,49 +268,89 @@ def _naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor, scale: float, v: to
 
 
 def _refine(case: Case, inputs: CaseInputs, out32: np.ndarray, undecided: np.ndarray,
-            stats: RefinementStats) -> None:
-    """Decide every undecided element of ``out32`` ([b, hkv, g, sq, d]) in place."""
+            stats: RefinementStats, dev: torch.device) -> None:
+    """Decide every undecided element of ``out32`` ([b, hkv, g, sq, d]) in place: tier 2 for all
+    of them at once (vectorised per KV head on ``dev``), tier 3 for the few tier 2 leaves open."""
     b, hkv, g, sq, d = out32.shape
-    q = inputs.q.to(torch.float64).reshape(b, hkv, g, sq, d).numpy()
-    k = inputs.k.to(torch.float64).numpy()
-    v = inputs.v.to(torch.float64).numpy()
+    q = inputs.q.to(dev, torch.float64).reshape(b, hkv, g, sq, d)
+    k = inputs.k.to(dev, torch.float64)
+    v = inputs.v.to(dev, torch.float64)
     kpm = inputs.key_padding_mask
-    rows = np.argwhere(undecided.any(-1))
-    for bi, hi, gi, i in rows:
-        see = visible(case, None if kpm is None else kpm[bi:bi + 1], slice(int(i), int(i) + 1))[0, 0].numpy()
-        keys = np.flatnonzero(see)
-        cols = np.flatnonzero(undecided[bi, hi, gi, i])
-        kk, vv = k[bi, hi, keys], v[bi, hi, keys]
-        decided = _double_double_row(q[bi, hi, gi, i], kk, vv[:, cols], case)
-        for c, val in zip(cols, decided):
-            if val is not None:
-                out32[bi, hi, gi, i, c] = val
-                stats.double_double += 1
-        rest = [c for c, val in zip(cols, decided) if val is None]
-        if rest:
-            exact = _exact_row(q[bi, hi, gi, i], kk, vv[:, rest], case)
-            for c, val in zip(rest, exact):
+    rows = np.argwhere(undecided.any(-1))  # (bi, hi, gi, i), sorted: rows of one KV head are adjacent
+    left: dict[tuple[int, ...], list[int]] = {}
+    for bh in np.unique(rows[:, :2], axis=0):
+        bi, hi = int(bh[0]), int(bh[1])
+        head = rows[(rows[:, 0] == bi) & (rows[:, 1] == hi)]
+        see_all = _visible_rows(case, None if kpm is None else kpm[bi], head[:, 3])
+        kmax = int(see_all.any(0).nonzero().max()) + 1
+        per_chunk = max(1, TIER2_ELEMENTS // kmax)
+        for c0 in range(0, len(head), per_chunk):
+            chunk = head[c0:c0 + per_chunk]
+            gi, ii = chunk[:, 2], chunk[:, 3]
+            er, ec = np.nonzero(undecided[bi, hi, gi, ii])  # (chunk row, column) of each element
+            vals, decided = _double_double(q[bi, hi, gi, ii], k[bi, hi, :kmax], v[bi, hi, :kmax],
+                                           see_all[c0:c0 + per_chunk, :kmax].to(dev), er, ec, case)
+            out32[bi, hi, gi[er[decided]], ii[er[decided]], ec[decided]] = vals[decided]
+            stats.double_double += int(decided.sum())
+            for r, c in zip(er[~decided], ec[~decided]):
+                left.setdefault((bi, hi, int(gi[r]), int(ii[r])), []).append(int(c))
+    if left:
+        qn = inputs.q.to(torch.float64).reshape(b, hkv, g, sq, d).numpy()
+        kn = inputs.k.to(torch.float64).numpy()
+        vn = inputs.v.to(torch.float64).numpy()
+        for (bi, hi, gi, i), cols in left.items():
+            keys = _visible_rows(case, None if kpm is None else kpm[bi], np.array([i]))[0].nonzero().flatten().numpy()
+            exact = _exact_row(qn[bi, hi, gi, i], kn[bi, hi, keys], vn[bi, hi][keys][:, cols], case)
+            for c, val in zip(cols, exact):
                 out32[bi, hi, gi, i, c] = val
                 stats.exact += 1
 
 
-def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+TIER2_ELEMENTS = 1 << 21  # (row, key) pairs per tier-2 chunk: bounds its working memory
+
+
+def _visible_rows(case: Case, kpm_row: torch.Tensor | None, rows: np.ndarray) -> torch.Tensor:
+    """Bool [len(rows), skv]: which keys each of the query ``rows`` of one batch entry sees."""
+    i = torch.as_tensor(rows, dtype=torch.long)[:, None]
+    j = torch.arange(case.skv)[None, :]
+    see = (j <= i + (case.skv - case.sq)) if case.causal else torch.ones(len(rows), case.skv, dtype=torch.bool)
+    return see if kpm_row is None else see & kpm_row.cpu()[None, :]
+
+
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = a + b
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
 
 
-def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c = 134217729.0 * a  # 2**27 + 1 (Veltkamp)
     hi = c - (c - a)
     return hi, a - hi
 
 
-def _two_prod(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _two_prod(a: torch.Tensor, b: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
     p = a * b
     ah, al = _split(a)
-    bh, bl = _split(b)
+    bh, bl = _split(b if isinstance(b, torch.Tensor) else torch.full_like(a, b))
     return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _dd_sum(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Double-double sum over the last axis by a pairwise tree; returns (hi, lo, levels). Each node
+    adds two double-doubles with TwoSum on the leading parts and a final TwoSum (both exact) and
+    two roundings of the trailing parts, an error ≤ 3u²·Σ|terms below it|; so the whole error is
+    ≤ 3·levels·u²·Σ|terms| (the terms being the exact leaf values)."""
+    levels = 0
+    while hi.shape[-1] > 1:
+        if hi.shape[-1] % 2:
+            hi = torch.nn.functional.pad(hi, (0, 1))
+            lo = torch.nn.functional.pad(lo, (0, 1))
+        h = hi.shape[-1] // 2
+        s, e = _two_sum(hi[..., :h], hi[..., h:])
+        hi, lo = _two_sum(s, e + (lo[..., :h] + lo[..., h:]))
+        levels += 1
+    return hi[..., 0], lo[..., 0], levels
 
 
 def _scale_dd(case: Case) -> tuple[float, float]:
@@ -322,61 +362,65 @@ def _scale_dd(case: Case) -> tuple[float, float]:
         return hi, float(s - hi)
 
 
-def _fsum_dd(terms: np.ndarray) -> tuple[float, float]:
-    """Sum of ``terms`` as a double-double, error ≤ u²·|sum| (fsum is exactly rounded)."""
-    hi = math.fsum(terms)
-    lo = math.fsum(np.append(terms, -hi))
-    return hi, lo
+def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
+                   ec: np.ndarray, case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """Tier 2 for the elements (row ``er[e]``, column ``ec[e]``) of the query rows ``q`` [R, D]
+    (float64, exact) against keys/values ``k``/``v`` [n, D], ``see`` [R, n] the visible keys.
 
-
-def _double_double_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case) -> list[np.float32 | None]:
-    """Tier 2 for one row. q [D] (float64, exact), k [n, D], v [n, c] columns to decide."""
-    if k.shape[0] == 0:
-        return [np.float32(0.0)] * v.shape[1]
-    d = q.shape[0]
-    prod = k * q  # exact: at most 24-bit × 24-bit mantissas
-    dh = np.zeros(k.shape[0])
-    dl = np.zeros(k.shape[0])
-    for j in range(d):
-        dh, e = _two_sum(dh, prod[:, j])
+    Logits are double-double (exact products, TwoSum over D), each weight exp(x_hi)·(1 + x_lo)
+    has relative error ≤ eps_j (3u + second order), sums are double-double (:func:`_dd_sum`) and
+    the quotient gets one Newton correction. The first-order bound 2·Σ p_j·eps_j·|v_j − o| plus
+    the second-order sum and division terms decides the float32 rounding of most elements.
+    Returns (float32 values, decided mask) per element.
+    """
+    d = q.shape[-1]
+    kt = k.t().contiguous()
+    dh = torch.zeros(q.shape[0], k.shape[0], dtype=torch.float64, device=q.device)
+    dl = torch.zeros_like(dh)
+    for j in range(d):  # exact products (24-bit × 24-bit mantissas), TwoSum over D
+        dh, e = _two_sum(dh, q[:, j:j + 1] * kt[j])
         dl += e
     dh, dl = _two_sum(dh, dl)
     sh, sl = _scale_dd(case)
-    s_hi, s_lo = _two_prod(dh, np.full_like(dh, sh))
-    s_lo = s_lo + dh * sl + dl * sh
-    s_hi, s_lo = _two_sum(s_hi, s_lo)
-    m = float(s_hi.max())
-    x_hi, x_lo = _two_sum(s_hi, np.full_like(s_hi, -m))
+    s_hi, s_lo = _two_prod(dh, sh)
+    s_hi, s_lo = _two_sum(s_hi, s_lo + dh * sl + dl * sh)
+    m = s_hi.masked_fill(~see, -math.inf).amax(-1, keepdim=True)
+    x_hi, x_lo = _two_sum(s_hi, -m.expand_as(s_hi))
     x_lo = x_lo + s_lo
-    p = np.exp(x_hi) * (1.0 + x_lo)  # = exp(x)·(1 + ε), |ε| ≤ 3u + O(u²x²)
-    den_h, den_l = _fsum_dd(p)
-    w = abs(case.effective_scale) * (np.abs(k) @ np.abs(q))
+    zero = torch.zeros_like(x_hi)
+    p = torch.where(see, torch.exp(torch.where(see, x_hi, zero)) * (1.0 + x_lo), zero)  # exp(x)·(1 + ε)
+    den_h, den_l, _ = _dd_sum(p, zero)
+    w = abs(case.effective_scale) * (q.abs() @ kt.abs())
     # Relative error of each weight: exp and the product (3u), the double-double logit (second order).
-    eps = 3 * U + (2 * d * d * w + 5 * np.abs(s_hi) + 3 * x_hi * x_hi) * U * U
-    results: list[np.float32 | None] = []
-    for c in range(v.shape[1]):
-        vc = v[:, c]
-        ph, pl = _two_prod(p, vc)
-        num_h, num_l = _fsum_dd(np.concatenate([ph, pl]))
-        o_h = num_h / den_h
-        # double-double division: o = num/den, one Newton correction
-        r_h, r_l = _two_prod(np.array([o_h]), np.array([den_h]))
-        o_l = float(((num_h - r_h[0]) - r_l[0] + num_l - o_h * den_l) / den_h)
-        pn = p / den_h
-        bound = 2 * (float(np.sum(pn * eps * np.abs(vc - o_h))) + 10 * U * U * (abs(o_h) + float(pn @ np.abs(vc))))
-        bound += k.shape[0] * 2.0**-1000 * float(np.abs(vc).max())
-        o32 = np.float32(o_h)
-        mid_lo, mid_hi = rounding_interval(np.array([o32]))
-        # o_h − mid is exact when the two are close (Sterbenz); then o_l is added.
-        if (o_h - mid_lo[0]) + o_l > bound and (mid_hi[0] - o_h) - o_l > bound:
-            results.append(o32)
-        elif (o_h - mid_lo[0]) + o_l < -bound:
-            results.append(np.nextafter(o32, np.float32(-np.inf)))
-        elif (mid_hi[0] - o_h) - o_l < -bound:
-            results.append(np.nextafter(o32, np.float32(np.inf)))
-        else:
-            results.append(None)
-    return results
+    eps = torch.where(see, 3 * U + (2 * d * d * w + 5 * s_hi.abs() + 3 * x_hi * x_hi) * U * U, zero)
+    er_t = torch.as_tensor(er, device=q.device)
+    pe = p[er_t]
+    vc = v[:, torch.as_tensor(ec, device=q.device)].t()
+    ph, pl = _two_prod(pe, vc)
+    num_h, num_l, levels = _dd_sum(ph, pl)
+    dh_e, dl_e = den_h[er_t], den_l[er_t]
+    o_h = num_h / dh_e
+    r_h, r_l = _two_prod(o_h, dh_e)  # double-double division: one Newton correction
+    o_l = ((num_h - r_h) - r_l + num_l - o_h * dl_e) / dh_e
+    pn = pe / dh_e[:, None]
+    n = k.shape[0]
+    first = (pn * eps[er_t] * (vc - o_h[:, None]).abs()).sum(-1)
+    second = (3 * levels + 10) * U * U * (o_h.abs() + (pn * vc.abs()).sum(-1))
+    # ×(1 + 2^-20): the float64 evaluation of the bound itself rounds (relative n·u at most).
+    bound = 2 * (first + second) * (1 + 2.0**-20) + n * 2.0**-1000 * vc.abs().amax(-1)
+    o32 = o_h.to(torch.float32)
+    below = torch.nextafter(o32, torch.full_like(o32, -math.inf))
+    above = torch.nextafter(o32, torch.full_like(o32, math.inf))
+    mid_lo = (o32.double() + below.double()) / 2  # float32 midpoints are exact in float64
+    mid_hi = (o32.double() + above.double()) / 2
+    # o_h − mid is exact when the two are close (Sterbenz); then o_l is added.
+    inside = ((o_h - mid_lo) + o_l > bound) & ((mid_hi - o_h) - o_l > bound)
+    low = (o_h - mid_lo) + o_l < -bound
+    high = (mid_hi - o_h) - o_l < -bound
+    value = torch.where(inside, o32, torch.where(low, below, above))
+    unseen = dh_e == 0  # a row that sees no key: its output is 0 by the contract
+    value = torch.where(unseen, torch.zeros_like(value), value)
+    return value.cpu().numpy(), (inside | low | high | unseen).cpu().numpy()
 
 
 EXACT_SHIFT = 149  # every float32 / bfloat16 / float16 value is an integer multiple of 2**-149

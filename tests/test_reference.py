@@ -19,6 +19,7 @@ from conftest import build_case, build_inputs, float64_attention, visible_keys
 
 from conformance.crosscheck import crosscheck, exact_element, sample_elements
 from conformance.inputs import CaseInputs, make_inputs
+from conformance import reference
 from conformance.reference import Golden, compute_reference
 from conformance.rounding import round_fraction_to_f32, rounding_interval
 from conformance.spec import Case
@@ -340,3 +341,51 @@ def test_round_fraction_to_f32_agrees_with_numpy_on_exact_midpoints() -> None:
     midpoints = np.concatenate([midpoints, -midpoints])
     got = np.array([round_fraction_to_f32(Fraction(float(x))) for x in midpoints], dtype=np.float32)
     assert np.array_equal(bits(got), bits(midpoints.astype(np.float32)))
+
+
+# --- the refinement tiers decide whatever the float64 tier hands them ------------------------------
+
+TIER_CASES = {name: FORMULA_CASES[name] for name in ("gqa-group4", "causal-sq-gt-skv", "left-pad", "holes",
+                                                     "large-logits", "near-ties", "explicit-negative-scale",
+                                                     "kv-cache")}
+
+
+def _undecided_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the float64 tier decide nothing: its bound becomes larger than any float32 spacing."""
+    original = reference._float64_block
+
+    def block(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        res = original(*args, **kwargs)
+        res["bound"] = res["bound"] + 1e-3 * (res["out"].abs() + 1)
+        return res
+
+    monkeypatch.setattr(reference, "_float64_block", block)
+
+
+@pytest.mark.parametrize("case", TIER_CASES.values(), ids=TIER_CASES.keys())
+def test_double_double_tier_gives_the_same_bits_when_it_decides_every_element(
+        case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs, golden = seeded_golden(case)
+    _undecided_everywhere(monkeypatch)
+    forced = compute_reference(case, inputs)
+    assert forced.stats.float64 < golden.out.size // 4  # the tiers below really did the work
+    assert forced.stats.double_double > 0
+    assert np.array_equal(bits(forced.out), bits(golden.out))
+
+
+@pytest.mark.parametrize("name", ["gqa-group7-mqa", "left-pad"])
+def test_exact_tier_gives_the_same_bits_when_it_decides_every_element(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    case = FORMULA_CASES[name]
+    inputs, golden = seeded_golden(case)
+    _undecided_everywhere(monkeypatch)
+    original = reference._double_double
+
+    def undecided(*args: object) -> tuple[np.ndarray, np.ndarray]:
+        values, decided = original(*args)
+        return values, np.zeros_like(decided)
+
+    monkeypatch.setattr(reference, "_double_double", undecided)
+    forced = compute_reference(case, inputs)
+    assert forced.stats.exact > 0 and forced.stats.double_double == 0
+    assert np.array_equal(bits(forced.out), bits(golden.out))
