@@ -179,22 +179,25 @@ def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch
                    dtype: str) -> dict[str, torch.Tensor]:
     """Float64 attention of one block with its error bound. q [b,h,r,d], k/v [b,h,n,d], vis [b,1,r,n]."""
     d, n = q.shape[-1], k.shape[-2]
+    all_visible = bool(vis.all())  # no mask to apply (non-causal or decode blocks without padding)
     dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
     s = dots * scale
-    s_masked = s.masked_fill(~vis, -math.inf)
+    s_masked = s if all_visible else s.masked_fill_(~vis, -math.inf)
     m = s_masked.amax(-1, keepdim=True)
     seen = torch.isfinite(m)
     m = torch.where(seen, m, torch.zeros_like(m))
     p = torch.exp(s_masked - m)
     av = v.abs()
-    kb, pv, l_sum = _blocked_sums(p, torch.cat([v, av], dim=-1))
+    ones = torch.ones_like(v[..., :1])
+    kb, sums = _blocked_sums(p, torch.cat([v, av, ones], dim=-1))
+    pv, l_sum = sums[..., :2 * d], sums[..., 2 * d:]
     l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
     out = pv[..., :d] / l_safe
     mean_abs_v = pv[..., d:] / l_safe  # Σ_j p_j |v_j|
     w = abs(scale) * (q.abs() @ k.abs().transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
-    pw = p * w
-    pw_v = (pw @ av) / l_safe  # Σ_j p_j w_j |v_j|
-    pw_sum = pw.sum(-1, keepdim=True) / l_safe
+    pw = w.mul_(p)
+    pw_sums = (pw @ torch.cat([av, ones], dim=-1)) / l_safe
+    pw_v, pw_sum = pw_sums[..., :d], pw_sums[..., d:]  # Σ_j p_j w_j |v_j| and Σ_j p_j w_j
     ao = out.abs()
     sensitivity = pw_v + ao * pw_sum  # ≥ Σ_j p_j w_j |v_j − o|
     error_scale = sensitivity + mean_abs_v
@@ -207,7 +210,7 @@ def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch
     lse = m + torch.log(l_safe)
     lse_bound = 2 * U * ((d + 4) * pw_sum + m.abs() + kb + 8 + lse.abs() + torch.log(l_safe).abs())
 
-    naive = _naive_same_dtype(dots, vis, scale, v, dtype)
+    naive = _naive_same_dtype(dots, None if all_visible else vis, scale, v, dtype)
     seen_rows = seen.squeeze(-1)
     zero = torch.zeros_like(out)
     return {
@@ -220,27 +223,22 @@ def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch
     }
 
 
-def _blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``p @ x`` and ``p.sum(-1)`` with a small, known rounding error.
+def _blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``p @ x`` with a small, known rounding error (``x`` carries a ones column for ``Σp``).
 
     Keys are cut into blocks of ``kb`` (≥ 256, at most 16 blocks); each block is one matmul (error
     ≤ kb·u·Σ|terms|) and the block partials are added with TwoSum, whose own error is second order.
-    The total error is ≤ (kb + 1)·u·Σ|terms| instead of n·u for one long sum. Returns kb, p@x, Σp.
+    The total error is ≤ (kb + 1)·u·Σ|terms| instead of n·u for one long sum. Returns kb, p@x.
     """
     n = p.shape[-1]
     kb = max(256, -(-n // 16))
-    pad = (-n) % kb
-    nb = (n + pad) // kb
-    pb = torch.nn.functional.pad(p, (0, pad)).reshape(*p.shape[:-1], nb, kb)
-    xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(*x.shape[:-2], nb, kb, x.shape[-1])
-    partial = pb.transpose(-2, -3) @ xb  # [..., nb, r, c]
-    psum = pb.sum(-1)  # [..., r, nb]
-    return kb, _cascade(partial.unbind(-3)), _cascade(psum.unbind(-1)).unsqueeze(-1)
+    parts = [p[..., j:j + kb] @ x[..., j:j + kb, :] for j in range(0, n, kb)]
+    return kb, _cascade(parts)
 
 
 def _cascade(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum with TwoSum error compensation (cascaded summation): error ≤ u·|sum| + O(n·u²)."""
-    hi = parts[0].clone()
+    hi = parts[0]
     lo = torch.zeros_like(hi)
     for part in parts[1:]:
         s = hi + part
@@ -250,17 +248,20 @@ def _cascade(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return hi + lo
 
 
-def _naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor, scale: float, v: torch.Tensor,
+def _naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor | None, scale: float, v: torch.Tensor,
                       dtype: str) -> torch.Tensor:
     """The seed's naive attention in the case dtype, modelled deterministically: scores, scaled
     scores, softmax probabilities and the output are each rounded to the dtype (accumulation inside
-    a stage in float32 or better, as PyTorch does on CPU and CUDA). Fully masked rows give 0."""
-    scores = round_like_dtype(round_like_dtype(dots, dtype) * scale, dtype).masked_fill(~vis, -math.inf)
+    a stage in float32 or better, as PyTorch does on CPU and CUDA). Fully masked rows give 0.
+    ``vis`` None means every key is visible."""
+    scores = round_like_dtype(round_like_dtype(dots, dtype).mul_(scale), dtype)
+    if vis is not None:
+        scores.masked_fill_(~vis, -math.inf)
     m = scores.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(scores - m)
+    e = torch.exp_(scores.sub_(m))
     denom = e.sum(-1, keepdim=True)
-    probs = round_like_dtype(e / torch.where(denom > 0, denom, torch.ones_like(denom)), dtype)
+    probs = round_like_dtype(e.div_(torch.where(denom > 0, denom, torch.ones_like(denom))), dtype)
     return round_like_dtype(probs @ v, dtype)
 
 
