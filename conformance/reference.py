@@ -363,6 +363,51 @@ def _scale_dd(case: Case) -> tuple[float, float]:
         return hi, float(s - hi)
 
 
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2**e exactly, as float64, for integer tensors ``e`` in the normal range (built from the bits)."""
+    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
+def _slices(x: torch.Tensor, beta: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the rows of ``x`` exactly (Ozaki): x = a·2^(e−β) + b·2^(e−2β) + rest, with integers
+    |a| ≤ 2^β, |b| ≤ 2^(β−1), |rest| ≤ 2^(e−2β−1) and 2^e > max|row|. Returns (a, b, rest, e)."""
+    e = torch.frexp(x.abs().amax(-1, keepdim=True)).exponent
+    a = torch.round(x * _pow2(beta - e))
+    r1 = x - a * _pow2(e - beta)  # exact: a·2^(e−β) is x rounded to that grid
+    b = torch.round(r1 * _pow2(2 * beta - e))
+    return a, b, r1 - b * _pow2(e - 2 * beta), e
+
+
+def _dd_dots(q: torch.Tensor, kt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dot products of the rows of ``q`` [R, D] with the columns of ``kt`` [D, n] as double-doubles,
+    from matmuls: both sides are sliced (:func:`_slices`) so that the four products of leading
+    slices are exact integer matmuls (D·2^(2β) ≤ 2^53); the remainders enter through two ordinary
+    matmuls whose error is ~2^(-2β) smaller than the plain dot product's; the parts are added with
+    TwoSum. Returns (hi, lo, bound on |hi + lo − exact dot|)."""
+    d = q.shape[-1]
+    beta = (53 - math.ceil(math.log2(max(d, 2)))) // 2
+    qa, qb, qr, eq = _slices(q, beta)
+    ka, kb, kr, ek = _slices(kt.t(), beta)
+    ka, kb, kr, ek = ka.t(), kb.t(), kr.t(), ek.t()
+    base = eq + ek  # [R, n] exponent of each (row, key) pair
+    parts = [(qa @ ka) * _pow2(base - 2 * beta), (qa @ kb) * _pow2(base - 3 * beta),
+             (qb @ ka) * _pow2(base - 3 * beta), (qb @ kb) * _pow2(base - 4 * beta),
+             q @ kr + qr @ (kt - kr)]
+    hi, lo = parts[0], torch.zeros_like(parts[0])
+    total = parts[0].abs()
+    for part in parts[1:]:
+        hi, e = _two_sum(hi, part)
+        lo += e
+        total += part.abs()
+    hi, lo = _two_sum(hi, lo)
+    # The two rounded matmuls: ≤ γ_2D·Σ(|q||kr| + |qr||k − kr|) ≤ 1.01·2D·u·D·(max|q|·max|kr| + max|qr|·max|k|);
+    # the TwoSum chain: ≤ 8u²·Σ|parts|.
+    q_max, qr_max = q.abs().amax(-1, keepdim=True), qr.abs().amax(-1, keepdim=True)
+    k_max, kr_max = kt.abs().amax(0, keepdim=True), kr.abs().amax(0, keepdim=True)
+    err = 1.01 * 2 * d * d * U * (q_max * kr_max + qr_max * k_max) + 8 * U * U * total
+    return hi, lo, err
+
+
 def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
                    ec: np.ndarray, case: Case) -> tuple[np.ndarray, np.ndarray]:
     """Tier 2 for the elements (row ``er[e]``, column ``ec[e]``) of the query rows ``q`` [R, D]
@@ -374,14 +419,8 @@ def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch
     the second-order sum and division terms decides the float32 rounding of most elements.
     Returns (float32 values, decided mask) per element.
     """
-    d = q.shape[-1]
     kt = k.t().contiguous()
-    dh = torch.zeros(q.shape[0], k.shape[0], dtype=torch.float64, device=q.device)
-    dl = torch.zeros_like(dh)
-    for j in range(d):  # exact products (24-bit × 24-bit mantissas), TwoSum over D
-        dh, e = _two_sum(dh, q[:, j:j + 1] * kt[j])
-        dl += e
-    dh, dl = _two_sum(dh, dl)
+    dh, dl, dot_err = _dd_dots(q, kt)
     sh, sl = _scale_dd(case)
     s_hi, s_lo = _two_prod(dh, sh)
     s_hi, s_lo = _two_sum(s_hi, s_lo + dh * sl + dl * sh)
@@ -391,9 +430,9 @@ def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch
     zero = torch.zeros_like(x_hi)
     p = torch.where(see, torch.exp(torch.where(see, x_hi, zero)) * (1.0 + x_lo), zero)  # exp(x)·(1 + ε)
     den_h, den_l, _ = _dd_sum(p, zero)
-    w = abs(case.effective_scale) * (q.abs() @ kt.abs())
     # Relative error of each weight: exp and the product (3u), the double-double logit (second order).
-    eps = torch.where(see, 3 * U + (2 * d * d * w + 5 * s_hi.abs() + 3 * x_hi * x_hi) * U * U, zero)
+    eps = torch.where(see, 3 * U + abs(case.effective_scale) * dot_err + (5 * s_hi.abs() + 3 * x_hi * x_hi) * U * U,
+                      zero)
     er_t = torch.as_tensor(er, device=q.device)
     pe = p[er_t]
     vc = v[:, torch.as_tensor(ec, device=q.device)].t()
