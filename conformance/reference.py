@@ -289,8 +289,17 @@ def _refine(case: Case, inputs: CaseInputs, out32: np.ndarray, undecided: np.nda
             chunk = head[c0:c0 + per_chunk]
             gi, ii = chunk[:, 2], chunk[:, 3]
             er, ec = np.nonzero(undecided[bi, hi, gi, ii])  # (chunk row, column) of each element
-            vals, decided = _double_double(q[bi, hi, gi, ii], k[bi, hi, :kmax], v[bi, hi, :kmax],
-                                           see_all[c0:c0 + per_chunk, :kmax].to(dev), er, ec, case)
+            see = see_all[c0:c0 + per_chunk, :kmax].to(dev)
+            kk, vv = k[bi, hi, :kmax], v[bi, hi, :kmax]
+            vals, decided = _double_double(q[bi, hi, gi, ii], kk, vv, see, er, ec, case)
+            if not decided.all():  # the same rows again with double-double exp, for what is left
+                rest = np.unique(er[~decided])
+                remap = np.full(len(chunk), -1)
+                remap[rest] = np.arange(len(rest))
+                sub = ~decided
+                vals[sub], decided[sub] = _double_double(q[bi, hi, gi[rest], ii[rest]], kk, vv,
+                                                         see[torch.as_tensor(rest, device=see.device)],
+                                                         remap[er[sub]], ec[sub], case, precise=True)
             out32[bi, hi, gi[er[decided]], ii[er[decided]], ec[decided]] = vals[decided]
             stats.double_double += int(decided.sum())
             for r, c in zip(er[~decided], ec[~decided]):
@@ -408,8 +417,66 @@ def _dd_dots(q: torch.Tensor, kt: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return hi, lo, err
 
 
+def _dd_add(ah: torch.Tensor, al: torch.Tensor, bh: torch.Tensor | float,
+            bl: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    s, e = _two_sum(ah, bh if isinstance(bh, torch.Tensor) else torch.full_like(ah, bh))
+    return _two_sum(s, e + (al + bl))
+
+
+def _dd_mul(ah: torch.Tensor, al: torch.Tensor, bh: torch.Tensor,
+            bl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p, e = _two_prod(ah, bh)
+    return _two_sum(p, e + (ah * bl + al * bh))
+
+
+def _dd_constant(x: Fraction) -> tuple[float, float]:
+    hi = float(x)
+    return hi, float(x - Fraction(hi))
+
+
+with mpmath.workprec(300):
+    _, _man, _exp, _ = mpmath.log(2)._mpf_
+_LN2 = Fraction(int(_man)) * Fraction(2) ** int(_exp)
+_LN2_1 = float(Fraction(round(_LN2 * 2**40), 2**40))  # 40 bits: k·_LN2_1 is exact for |k| < 2^13
+_LN2_2, _LN2_3 = _dd_constant(_LN2 - Fraction(_LN2_1))
+_EXP_TERMS = 15  # Taylor terms of expm1 on |r| ≤ 0.35/16: the first one left out is < 2^-120
+_INV_FACTORIAL = [_dd_constant(Fraction(1, math.factorial(n))) for n in range(_EXP_TERMS + 1)]
+EXP_DD_ERROR = 2.0**-88  # relative error of _exp_dd (analysis ~2^-93; margin kept)
+
+
+def _exp_dd(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(x_hi + x_lo) as a double-double for x ≤ ~0: relative error ≤ EXP_DD_ERROR down to
+    x = −650; below, where the trailing part is subnormal, and below x = −700, where the result is
+    0, the absolute error is < 2^-1000, which the callers' bounds carry (the n·2^-1000 term).
+
+    x = k·ln2 + r with ln2 in three parts (k·ln2₁ exact, the subtraction exact by Sterbenz);
+    expm1(r/16) by its Taylor series in double-double (Horner), then four doublings
+    expm1(2a) = 2·expm1(a) + expm1(a)², which keep the relative error of expm1; 1 + expm1; ·2^k.
+    """
+    x_hi = x_hi.clamp(min=-700.0)
+    k = torch.round(x_hi / float(_LN2))
+    t = x_hi - k * _LN2_1
+    p, pe = _two_prod(k, _LN2_2)
+    r_hi, r_lo = _two_sum(t, -p)
+    r_hi, r_lo = _two_sum(r_hi, r_lo - pe - k * _LN2_3 + x_lo)
+    r_hi, r_lo = r_hi / 16, r_lo / 16  # exact
+    c_hi, c_lo = _INV_FACTORIAL[_EXP_TERMS]
+    f_hi, f_lo = torch.full_like(r_hi, c_hi), torch.full_like(r_hi, c_lo)
+    for n in range(_EXP_TERMS - 1, 0, -1):
+        f_hi, f_lo = _dd_mul(f_hi, f_lo, r_hi, r_lo)
+        f_hi, f_lo = _dd_add(f_hi, f_lo, *_INV_FACTORIAL[n])
+    f_hi, f_lo = _dd_mul(f_hi, f_lo, r_hi, r_lo)  # expm1(r/16)
+    for _ in range(4):
+        sq_hi, sq_lo = _dd_mul(f_hi, f_lo, f_hi, f_lo)
+        f_hi, f_lo = _dd_add(2 * f_hi, 2 * f_lo, sq_hi, sq_lo)
+    e_hi, e_lo = _dd_add(f_hi, f_lo, 1.0, 0.0)
+    scale = _pow2(k.to(torch.int64))
+    under = x_hi <= -700.0
+    return torch.where(under, 0.0, e_hi * scale), torch.where(under, 0.0, e_lo * scale)
+
+
 def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
-                   ec: np.ndarray, case: Case) -> tuple[np.ndarray, np.ndarray]:
+                   ec: np.ndarray, case: Case, precise: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Tier 2 for the elements (row ``er[e]``, column ``ec[e]``) of the query rows ``q`` [R, D]
     (float64, exact) against keys/values ``k``/``v`` [n, D], ``see`` [R, n] the visible keys.
 
@@ -417,6 +484,8 @@ def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch
     has relative error ≤ eps_j (3u + second order), sums are double-double (:func:`_dd_sum`) and
     the quotient gets one Newton correction. The first-order bound 2·Σ p_j·eps_j·|v_j − o| plus
     the second-order sum and division terms decides the float32 rounding of most elements.
+    With ``precise`` the weights come from :func:`_exp_dd` instead (relative error ≤ 2^-88 rather
+    than 3u), which decides all but the elements within ~2^-80 of a rounding boundary.
     Returns (float32 values, decided mask) per element.
     """
     kt = k.t().contiguous()
@@ -428,15 +497,24 @@ def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch
     x_hi, x_lo = _two_sum(s_hi, -m.expand_as(s_hi))
     x_lo = x_lo + s_lo
     zero = torch.zeros_like(x_hi)
-    p = torch.where(see, torch.exp(torch.where(see, x_hi, zero)) * (1.0 + x_lo), zero)  # exp(x)·(1 + ε)
-    den_h, den_l, _ = _dd_sum(p, zero)
-    # Relative error of each weight: exp and the product (3u), the double-double logit (second order).
-    eps = torch.where(see, 3 * U + abs(case.effective_scale) * dot_err + (5 * s_hi.abs() + 3 * x_hi * x_hi) * U * U,
-                      zero)
+    x_hi, x_lo = torch.where(see, x_hi, zero), torch.where(see, x_lo, zero)
+    if precise:
+        p, p_lo = _exp_dd(x_hi, x_lo)
+        p, p_lo = torch.where(see, p, zero), torch.where(see, p_lo, zero)
+        exp_err = EXP_DD_ERROR
+    else:
+        p, p_lo = torch.where(see, torch.exp(x_hi) * (1.0 + x_lo), zero), zero  # exp(x)·(1 + ε)
+        exp_err = 3 * U  # exp (≤ 1 ulp) and the product
+    den_h, den_l, _ = _dd_sum(p, p_lo)
+    # Relative error of each weight: the exp, then the double-double logit (second order).
+    eps = torch.where(see, exp_err + abs(case.effective_scale) * dot_err
+                      + (5 * s_hi.abs() + 3 * x_hi.abs() + 3 * x_hi * x_hi) * U * U, zero)
     er_t = torch.as_tensor(er, device=q.device)
     pe = p[er_t]
     vc = v[:, torch.as_tensor(ec, device=q.device)].t()
     ph, pl = _two_prod(pe, vc)
+    if precise:
+        pl = pl + p_lo[er_t] * vc  # two roundings, ≤ 2u²·|p·v|: inside the second-order term below
     num_h, num_l, levels = _dd_sum(ph, pl)
     dh_e, dl_e = den_h[er_t], den_l[er_t]
     o_h = num_h / dh_e
@@ -445,7 +523,7 @@ def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch
     pn = pe / dh_e[:, None]
     n = k.shape[0]
     first = (pn * eps[er_t] * (vc - o_h[:, None]).abs()).sum(-1)
-    second = (3 * levels + 10) * U * U * (o_h.abs() + (pn * vc.abs()).sum(-1))
+    second = (3 * levels + 14) * U * U * (o_h.abs() + (pn * vc.abs()).sum(-1))
     # ×(1 + 2^-20): the float64 evaluation of the bound itself rounds (relative n·u at most).
     bound = 2 * (first + second) * (1 + 2.0**-20) + n * 2.0**-1000 * vc.abs().amax(-1)
     o32 = o_h.to(torch.float32)

@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import build_case, build_inputs, float64_attention, visible_keys
 
+from conformance import reference
 from conformance.crosscheck import crosscheck, exact_element, sample_elements
 from conformance.inputs import CaseInputs, make_inputs
-from conformance import reference
 from conformance.reference import Golden, compute_reference
 from conformance.rounding import round_fraction_to_f32, rounding_interval
 from conformance.spec import Case
@@ -381,11 +381,45 @@ def test_exact_tier_gives_the_same_bits_when_it_decides_every_element(
     _undecided_everywhere(monkeypatch)
     original = reference._double_double
 
-    def undecided(*args: object) -> tuple[np.ndarray, np.ndarray]:
-        values, decided = original(*args)
+    def undecided(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        values, decided = original(*args, **kwargs)
         return values, np.zeros_like(decided)
 
     monkeypatch.setattr(reference, "_double_double", undecided)
     forced = compute_reference(case, inputs)
     assert forced.stats.exact > 0 and forced.stats.double_double == 0
     assert np.array_equal(bits(forced.out), bits(golden.out))
+
+
+@pytest.mark.parametrize("case", TIER_CASES.values(), ids=TIER_CASES.keys())
+def test_double_double_exp_pass_gives_the_same_bits_when_it_decides_every_element(
+        case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs, golden = seeded_golden(case)
+    _undecided_everywhere(monkeypatch)
+    original = reference._double_double
+    calls = {"precise": 0}
+
+    def only_precise(*args: object, precise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        values, decided = original(*args, precise=precise)
+        if not precise:
+            return values, np.zeros_like(decided)
+        calls["precise"] += 1
+        return values, decided
+
+    monkeypatch.setattr(reference, "_double_double", only_precise)
+    forced = compute_reference(case, inputs)
+    assert calls["precise"] > 0 and forced.stats.double_double > 0
+    assert np.array_equal(bits(forced.out), bits(golden.out))
+
+
+def test_double_double_exp_is_accurate_to_2_to_the_minus_88() -> None:
+    import mpmath
+
+    rng = np.random.Generator(np.random.PCG64(3))
+    x = np.concatenate([-rng.exponential(4.0, 400), -rng.uniform(0, 650, 200), [0.0, -0.5 * np.log(2), -np.log(2)]])
+    x_lo = rng.uniform(-1, 1, x.size) * np.abs(x) * 2.0**-53
+    hi, lo = reference._exp_dd(torch.from_numpy(x), torch.from_numpy(x_lo))
+    with mpmath.workprec(240):
+        worst = max(abs((mpmath.mpf(float(h)) + mpmath.mpf(float(lw))) / mpmath.exp(mpmath.mpf(a) + mpmath.mpf(b)) - 1)
+                    for h, lw, a, b in zip(hi.tolist(), lo.tolist(), x, x_lo))
+    assert worst <= reference.EXP_DD_ERROR
