@@ -1,6 +1,6 @@
 """`generate --device cuda` against CPU generation, in one run: byte identity and speed ratio.
 
-    python benchmarks/gpu_generation.py --tier standard --cpu-jobs 16 --gpu-jobs 4
+    python benchmarks/gpu_generation.py --tier standard --cpu-jobs 16 --gpu-jobs 4 [--keep DIR]
 
 Generates the tier twice into temporary directories (CPU with --cpu-jobs worker processes, CUDA
 with --gpu-jobs processes sharing the GPU for the float64 stage), then compares every file's
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--cpu-jobs", type=int, default=16)
     parser.add_argument("--gpu-jobs", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--keep", type=Path, default=None, help="move the CUDA-generated goldens here afterwards")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: CUDA is not available on this machine")
@@ -41,6 +43,9 @@ def main() -> None:
         start = time.perf_counter()
         gpu = generate(specs, args.tier, Path(tmp) / "gpu", n_workers=args.gpu_jobs, device="cuda")
         gpu_s = time.perf_counter() - start
+        if args.keep:
+            shutil.rmtree(args.keep, ignore_errors=True)
+            shutil.move(str(Path(tmp) / "gpu"), args.keep)
     by_id = {r.case_id: r.sha256 for r in cpu.results}
     differing = sorted(r.case_id for r in gpu.results if by_id.get(r.case_id) != r.sha256)
     figures = {
