@@ -98,6 +98,10 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     k64 = inputs.k.to(dev, torch.float64)
     v64 = inputs.v.to(dev, torch.float64)
     kpm = None if inputs.key_padding_mask is None else inputs.key_padding_mask.to(dev)
+    # Per-case operands of every block: [v, |v|, 1] for the blocked sums, |k|, and max|v| per column.
+    vx = torch.cat([v64, v64.abs(), torch.ones_like(v64[..., :1])], dim=-1)
+    kabs = k64.abs()
+    vmax = vx[..., d:2 * d].amax(-2, keepdim=True)
 
     out64 = torch.zeros(b, hkv, g, sq, d, dtype=torch.float64)
     bound = torch.zeros_like(out64)
@@ -120,8 +124,8 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
         vis = vis[:, None, None].expand(b, 1, g, n, kmax).reshape(b, 1, g * n, kmax)
         flops += int(vis.expand(b, hkv, g * n, kmax).sum()) * 4 * d
         q = q64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
-        k, v = k64[:, :, :kmax], v64[:, :, :kmax]
-        res = _float64_block(q, k, v, vis, scale, case.dtype)
+        res = _float64_block(q, k64[:, :, :kmax], kabs[:, :, :kmax], v64[:, :, :kmax], vx[:, :, :kmax], vmax, vis,
+                             scale, case.dtype)
         shape5 = (b, hkv, g, n)
         out64[:, :, :, i0:i1] = res["out"].reshape(*shape5, d).cpu()
         bound[:, :, :, i0:i1] = res["bound"].reshape(*shape5, d).cpu()
@@ -137,7 +141,7 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     undecided = ~((out - bnd > mid_lo) & (out + bnd < mid_hi))
     stats = RefinementStats(float64=int(out.size - undecided.sum()))
     if undecided.any():
-        _refine(case, inputs, out32, undecided, stats, dev)
+        _refine(case, inputs, (q64, k64, v64), out32, undecided, stats)
     lse32 = _certified_lse(case, inputs, lse.numpy(), lse_bound.numpy())
     to4 = (b, hq, sq)
     # Against the correctly rounded output the difference is exact: no float64 noise is stored.
@@ -179,9 +183,10 @@ def _certified_lse(case: Case, inputs: CaseInputs, lse64: np.ndarray, bound: np.
     return lse32
 
 
-def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch.Tensor, scale: float,
-                   dtype: str) -> dict[str, torch.Tensor]:
-    """Float64 attention of one block with its error bound. q [b,h,r,d], k/v [b,h,n,d], vis [b,1,r,n]."""
+def _float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch.Tensor, vx: torch.Tensor,
+                   vmax: torch.Tensor, vis: torch.Tensor, scale: float, dtype: str) -> dict[str, torch.Tensor]:
+    """Float64 attention of one block with its error bound. q [b,h,r,d], k/v [b,h,n,d], ``kabs`` |k|,
+    ``vx`` [v, |v|, 1] [b,h,n,2d+1], ``vmax`` [b,h,1,d] ≥ max|v| over the keys, vis [b,1,r,n]."""
     d, n = q.shape[-1], k.shape[-2]
     all_visible = bool(vis.all())  # no mask to apply (non-causal or decode blocks without padding)
     dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
@@ -191,16 +196,14 @@ def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch
     seen = torch.isfinite(m)
     m = torch.where(seen, m, torch.zeros_like(m))
     p = torch.exp(s_masked - m)
-    av = v.abs()
-    ones = torch.ones_like(v[..., :1])
-    kb, sums = _blocked_sums(p, torch.cat([v, av, ones], dim=-1))
+    kb, sums = _blocked_sums(p, vx)
     pv, l_sum = sums[..., :2 * d], sums[..., 2 * d:]
     l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
     out = pv[..., :d] / l_safe
     mean_abs_v = pv[..., d:] / l_safe  # Σ_j p_j |v_j|
-    w = abs(scale) * (q.abs() @ k.abs().transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
+    w = abs(scale) * (q.abs() @ kabs.transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
     pw = w.mul_(p)
-    pw_sums = (pw @ torch.cat([av, ones], dim=-1)) / l_safe
+    pw_sums = (pw @ vx[..., d:]) / l_safe
     pw_v, pw_sum = pw_sums[..., :d], pw_sums[..., d:]  # Σ_j p_j w_j |v_j| and Σ_j p_j w_j
     ao = out.abs()
     sensitivity = pw_v + ao * pw_sum  # ≥ Σ_j p_j w_j |v_j − o|
@@ -209,7 +212,7 @@ def _float64_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis: torch
     # dot product and the scale, u·|s_j−m| from the shift, ≤4u from exp; kb+2 roundings in the
     # blocked sums (see _blocked_sums) and the division.
     total = (d + 4) * sensitivity + (m.abs() + 4) * (mean_abs_v + ao) + (kb + 3) * (mean_abs_v + ao)
-    bound = 2 * U * total + n * 2.0**-1000 * av.amax(-2, keepdim=True)
+    bound = 2 * U * total + n * 2.0**-1000 * vmax
     # The log-sum-exp m + log(l): relative error of l from the logits, exp and the sums, then log and +.
     lse = m + torch.log(l_safe)
     lse_bound = 2 * U * ((d + 4) * pw_sum + m.abs() + kb + 8 + lse.abs() + torch.log(l_safe).abs())
@@ -272,14 +275,14 @@ def _naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor | None, scale: float
 # --- tiers 2 and 3 ---------------------------------------------------------------------------------
 
 
-def _refine(case: Case, inputs: CaseInputs, out32: np.ndarray, undecided: np.ndarray,
-            stats: RefinementStats, dev: torch.device) -> None:
+def _refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out32: np.ndarray,
+            undecided: np.ndarray, stats: RefinementStats) -> None:
     """Decide every undecided element of ``out32`` ([b, hkv, g, sq, d]) in place: tier 2 for all
-    of them at once (vectorised per KV head on ``dev``), tier 3 for the few tier 2 leaves open."""
+    of them at once (vectorised per KV head, on the device of ``qkv64``: q [b, hkv, g, sq, d] and
+    k, v in float64), tier 3 for the few tier 2 leaves open."""
     b, hkv, g, sq, d = out32.shape
-    q = inputs.q.to(dev, torch.float64).reshape(b, hkv, g, sq, d)
-    k = inputs.k.to(dev, torch.float64)
-    v = inputs.v.to(dev, torch.float64)
+    q, k, v = qkv64
+    dev = q.device
     kpm = inputs.key_padding_mask
     rows = np.argwhere(undecided.any(-1))  # (bi, hi, gi, i), sorted: rows of one KV head are adjacent
     left: dict[tuple[int, ...], list[int]] = {}
