@@ -249,6 +249,8 @@ def run(
     checks: Annotated[str | None, typer.Option(help="Comma-separated subset of: " + ", ".join(CHECKS) + ".")
                       ] = None,
     device: Annotated[str | None, typer.Option(help="Torch device for the backend, e.g. cpu, cuda:1.")] = None,
+    devices: Annotated[str | None, typer.Option(help="Split the cases over these devices, one worker process "
+                                                "each, into one report, e.g. cuda:0,cuda:1.")] = None,
     compare_to: Annotated[str | None, typer.Option("--compare-to", help="Judge parity against this backend.")
                           ] = None,
     rules: Annotated[str, typer.Option(help="Accuracy rule set of tolerances.yaml: default or strict.")] = "default",
@@ -271,31 +273,32 @@ def run(
     known_failures: Annotated[Path | None, typer.Option("--known-failures", help="YAML list of this backend's "
                                                         "expected failures and skips (docs/known-failures.md)."
                                                         )] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="Time each phase (read, transfer, backend, judge, "
+                                          "report), peak RSS and the largest case: a table, and 'profile' in "
+                                          "the JSON report.")] = False,
 ) -> None:
     """Run every golden case through a backend and judge accuracy, invariance, contract (and parity).
 
     Ctrl-C or SIGTERM stops the run: the summary and the reports of every finished case are still
     written (flagged complete: false) and the exit code is 130 or 143.
     """
-    import contextlib
-
-    from .backends import load_backend
-    from .environment import execution_target, numerical_settings
+    from .devices import DevicesResult, devices_profile, golden_sizes, parse_devices, run_on_devices
+    from .execution import RunJob, execute
     from .golden import DEFAULT_MAX_CASE_BYTES, read_manifest, sha256_file
-    from .isolation import IsolatedBackend
-    from .report import build_report, print_summary, write_json, write_junit
-    from .runner import (
-        DEFAULT_CHECKS,
-        RunSettings,
-        deferred_signals,
-        manifest_checksums,
-        parse_shard,
-        select_cases,
-        stop_on_signals,
-    )
-    from .runner import run as run_cases
+    from .profiling import PhaseTimer, print_profile
+    from .report import build_report, print_summary, with_profile, write_json, write_junit
+    from .runner import DEFAULT_CHECKS, RunSettings, deferred_signals, manifest_checksums, parse_shard, select_cases
     from .tolerances import load_tolerances
 
+    timer = PhaseTimer(enabled=profile)  # the profile's wall time starts here
+    device_list = None
+    if devices is not None:  # checked before anything is read or started
+        if device is not None:
+            raise ConformanceError("--devices cannot be combined with --device: list every device in --devices")
+        if shard is not None:
+            raise ConformanceError("--devices cannot be combined with --shard: --devices splits the selected cases "
+                                   "itself")
+        device_list = parse_devices(devices)
     tol = load_tolerances(tolerances)
     if rules not in tol.accuracy:
         raise ConformanceError(f"--rules {rules!r}: {tolerances} defines {', '.join(sorted(tol.accuracy))}")
@@ -309,10 +312,12 @@ def run(
     root = goldens or Path("goldens") / tier.value
     shard_t = parse_shard(shard) if shard else None
     paths = select_cases(root, filter_, shard_t)
+    roots = [root]
     from .reproducer import DEFAULT_REGRESSION_DIR as regression_root  # goldens/regression (rlk-conform promote)
 
     if regression and (regression_root / "manifest.json").is_file() and regression_root.resolve() != root.resolve():
         paths += select_cases(regression_root, filter_, shard_t)
+        roots.append(regression_root)
     if properties and (isolate or timeout is not None):
         raise ConformanceError("--properties searches in this process; it cannot be combined with --isolate/--timeout")
     if not paths:
@@ -329,75 +334,91 @@ def run(
             case_ids += [e["case_id"] for e in read_manifest(regression_root)["files"]]
         check_patterns(known, case_ids)
     isolate = isolate or timeout is not None  # only killing its process stops a hung kernel
-    settings = RunSettings(tolerances=tol, checks=wanted, rule_set=rules, reruns=reruns)
     max_case_bytes = DEFAULT_MAX_CASE_BYTES if max_case_mib is None else max_case_mib * 2**20
     manifest = read_manifest(root)
-    with contextlib.ExitStack() as stack:
-        if isolate:
-            impl: Any = stack.enter_context(IsolatedBackend(requested, device, compare_to, timeout))
-            other: Any = None
-            other_meta = impl.compare_to_info
-            target, numerics = impl.execution_target, impl.numerical_settings
+    job = RunJob(backend=requested, device=device, compare_to=compare_to,
+                 settings=RunSettings(tolerances=tol, checks=wanted, rule_set=rules, reruns=reruns),
+                 paths=tuple(paths), checksums=manifest_checksums(root), max_case_bytes=max_case_bytes,
+                 isolate=isolate, timeout=timeout, properties=properties, profile=profile)
+    # The bar starts once a backend is loaded, so that a loading error stays the only line on stderr.
+    progress = Progress(TextColumn("[bold]run[/] {task.fields[backend]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=err, transient=False)
+    task = progress.add_task("", total=len(paths), backend=requested)
+    failed = [0]
+
+    def on_ready(info: dict[str, Any]) -> None:
+        if not progress.live.is_started:
+            progress.update(task, backend=info["backend"]["used"])
+            progress.start()
+
+    def on_case(name: str, recs: list[Any]) -> None:
+        failed[0] += sum(r.status in ("fail", "error") for r in recs)
+        progress.update(task, advance=1, description=f"{failed[0]} failing")
+
+    try:
+        if device_list is None:
+            outcome = execute(job, timer, on_ready=on_ready, on_case=on_case)
         else:
-            impl = load_backend(requested, device)
-            other = load_backend(compare_to, device) if compare_to else None
-            other_meta = None if other is None else {"name": other.name, "device": str(other.device)}
-            target, numerics = execution_target(str(impl.device)), numerical_settings()
-        meta = {
-            "backend": {"requested": requested, "used": impl.name, "device": str(impl.device),
-                        "output_dtype": str(getattr(impl, "output_dtype", None) or "input dtype"),
-                        "returns_lse": bool(getattr(impl, "returns_lse", False)),
-                        "description": getattr(impl, "description", "")},
-            "compare_to": None if other_meta is None else {"requested": compare_to, "used": other_meta["name"],
-                                                           "device": other_meta["device"]},
-            "execution_target": target,
-            "goldens": {"dir": str(root), "tier": manifest.get("tier"),
-                        "dataset_sha256": manifest.get("dataset_sha256"),
-                        "manifest_sha256": sha256_file(root / "manifest.json"), "cases_selected": len(paths)},
-            "settings": {**numerics, "checks": list(wanted), "rule_set": rules, "filter": filter_,
-                         "shard": shard, "reruns": reruns, "tolerances_file": str(tolerances),
-                         "tolerances_sha256": sha256_file(tolerances), "isolate": isolate, "timeout_s": timeout,
-                         "max_case_mib": max_case_bytes // 2**20},
-        }
-        with Progress(TextColumn(f"[bold]run[/] {impl.name}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("ETA"),
-                      TimeRemainingColumn(), console=err, transient=False) as progress:
-            task = progress.add_task("", total=len(paths))
-            failed = [0]
-
-            def on_case(name: str, recs: list[Any]) -> None:
-                failed[0] += sum(r.status in ("fail", "error") for r in recs)
-                progress.update(task, advance=1, description=f"{failed[0]} failing")
-
-            with stop_on_signals():
-                result = run_cases(impl, paths, settings, compare_to=other, on_case=on_case,
-                                   max_case_bytes=max_case_bytes, checksums=manifest_checksums(root))
-        if properties:
-            from .cli_check import property_records
-
-            result.records.extend(property_records(impl, requested, tol, rules, wanted, reruns))
-        if isolate:
-            meta["isolation"] = {"worker_restarts": impl.restarts, "timeout_s": timeout}
-    if not result.complete:
+            outcome = run_on_devices(job, device_list, golden_sizes(paths, roots), on_ready=on_ready,
+                                     on_case=on_case)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    result, info = outcome.result, outcome.info
+    split = outcome if isinstance(outcome, DevicesResult) else None  # a --devices run
+    if info is None:  # --devices, interrupted before any worker had loaded the backend
+        err.print(f"interrupted by {result.interrupted_by} before the backend was loaded", markup=False)
+        raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)
+    backend_meta, target = dict(info["backend"]), dict(info["execution_target"])
+    if split is not None:
+        backend_meta["device"] = target["device"] = ",".join(d["device"] for d in split.devices)
+    meta: dict[str, Any] = {
+        "backend": backend_meta,
+        "compare_to": info["compare_to"],
+        "execution_target": target,
+        "goldens": {"dir": str(root), "tier": manifest.get("tier"), "dataset_sha256": manifest.get("dataset_sha256"),
+                    "manifest_sha256": sha256_file(root / "manifest.json"), "cases_selected": len(paths)},
+        "settings": {**info["numerical_settings"], "checks": list(wanted), "rule_set": rules, "filter": filter_,
+                     "shard": shard, "reruns": reruns, "tolerances_file": str(tolerances),
+                     "tolerances_sha256": sha256_file(tolerances), "isolate": isolate, "timeout_s": timeout,
+                     "max_case_mib": max_case_bytes // 2**20},
+    }
+    if split is not None:
+        meta["devices"] = split.devices
+    if isolate:
+        meta["isolation"] = {"worker_restarts": outcome.restarts, "timeout_s": timeout}
+    if result.interrupted_by:
         meta["interrupted_by"] = result.interrupted_by
+    failures = split.failures if split is not None else []
     unexpected_passes: list[Any] = []
     if known:
         from .known_failures import apply as apply_known
 
-        outcome = apply_known(known, result.records)
-        unexpected_passes = outcome.unexpected_passes or []
-        meta["known_failures"] = {"file": str(known_failures), "expected": outcome.expected,
+        applied = apply_known(known, result.records)
+        unexpected_passes = applied.unexpected_passes or []
+        meta["known_failures"] = {"file": str(known_failures), "expected": applied.expected,
                                   "unexpected_passes": [f"{r.check}: {r.case_id}" for r in unexpected_passes]}
+    used, where = backend_meta["used"], backend_meta["device"]
     with deferred_signals() as late:  # a second Ctrl-C must not cut a report in half
-        report = build_report(result.records, meta, complete=result.complete)
-        print_summary(out, result.records, f"rlk-conform run — backend {impl.name} on {impl.device}, "
-                      f"{result.cases} cases from {root}")
+        with timer.phase("report"):
+            report = build_report(result.records, meta, complete=result.complete)
+            print_summary(out, result.records, f"rlk-conform run — backend {used} on {where}, "
+                          f"{result.cases} cases from {root}")
+            if junit:
+                write_junit(junit, result.records, f"rlk-conform.{used}")
+        if profile:  # taken just before the JSON file is written, which is the one thing it leaves out
+            own = timer.profile(result.cases)
+            if split is not None:
+                own = devices_profile(own, split.waited_s, split.profiles)
+            report = with_profile(report, own.to_json())
         if report_json:
             write_json(report_json, report)
             out.print(f"JSON report: {report_json}")
         if junit:
-            write_junit(junit, result.records, f"rlk-conform.{impl.name}")
             out.print(f"JUnit report: {junit}")
+        if profile:
+            print_profile(out, report["profile"], f"profile of the run ({result.cases} cases)")
     stopped_by = result.interrupted_by or (late[0] if late else None)
     if stopped_by:
         out.print(f"[bold red]INTERRUPTED[/] by {stopped_by}: {result.cases} of {len(paths)} cases finished; "
@@ -412,6 +433,8 @@ def run(
     if result.refused:
         out.print(f"[bold red]{result.refused} golden file(s) refused as damaged[/] (not judged; "
                   f"rlk-conform verify {root} names each problem)")
+    for line in failures:
+        out.print(f"[bold red]INCOMPLETE[/]: {line}", soft_wrap=True)
     if result.cases and result.refused == result.cases:
         raise ConformanceError(f"{root}: every selected golden file ({result.cases}) was refused as damaged, so "
                                f"nothing was judged; run 'rlk-conform verify {root}' to see why")
@@ -424,7 +447,9 @@ def run(
             f"over {summary['cases']} cases")
     if summary["expected_failures"]:
         line += f"; {summary['expected_failures']} of the failures and errors are known failures"
-    if summary["verdict"] != "pass":
+    if failures:
+        line += f"; incomplete: {result.cases} of {len(paths)} cases finished"
+    if summary["verdict"] != "pass" or failures:
         out.print(f"[bold red]FAIL[/]: {line}")
         raise typer.Exit(EXIT_FAILURE)
     out.print(f"[bold green]PASS[/]: {line}")

@@ -21,7 +21,8 @@ def merge_cmd(
     out_json: Annotated[Path, typer.Option("--out", help="Write the merged JSON report here.")],
     junit: Annotated[Path | None, typer.Option(help="Also write a merged JUnit XML report here.")] = None,
 ) -> None:
-    """Merge the JSON reports of the shards of one run into one report (summary recomputed).
+    """Merge the JSON reports of the shards of one run into one report (summary recomputed; the
+    profiles of shards run with --profile are summed).
 
     Exit 0 when the merged run passes, 1 when it has failures, errors or no executed check, 2 when
     the reports cannot be merged (another backend or golden set, overlapping shards, bad files)."""
@@ -42,6 +43,10 @@ def merge_cmd(
     print_summary(out, records, f"merged report of {len(results)} shards → {out_json}")
     if junit:
         write_junit(junit, records, f"rlk-conform.{merged['backend'].get('used')}")
+    if merged.get("profile"):
+        from .profiling import print_profile
+
+        print_profile(out, merged["profile"], f"profile of the {len(results)} shards (summed)")
     summary = merged["summary"]
     out.print(f"{'PASS' if summary['verdict'] == 'pass' else 'FAIL'}: {summary['by_status']['pass']} passed, "
               f"{summary['by_status']['fail']} failed, {summary['by_status']['error']} errors, "

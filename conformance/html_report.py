@@ -258,7 +258,7 @@ def replay_command(run: BackendRun, record: dict[str, Any]) -> str:
     golden_dir = run.goldens.get("dir")
     if golden_dir and golden_dir != DEFAULT_GOLDENS_DIR:
         parts += ["--goldens", shlex.quote(str(golden_dir))]
-    device = backend.get("device")
+    device = str(backend.get("device") or "").split(",")[0]  # a --devices run names each device: one will do
     if device and device != "cpu":
         parts += ["--device", shlex.quote(str(device))]
     settings = run.report.get("settings") or {}

@@ -9,10 +9,13 @@ message per ``send_bytes`` — plain data only, nothing from a golden file is ev
 
 - worker → parent, once: ``{"kind": "ready", "backend": {...}, "compare_to": {...} | null,
   "execution_target": {...}, "numerical_settings": {...}}`` or ``{"kind": "fatal", "message": ...}``;
-- parent → worker, per case: ``{"kind": "case", "path", "sha256", "max_case_bytes", "settings"}``;
+- parent → worker, per case: ``{"kind": "case", "path", "sha256", "max_case_bytes", "settings",
+  "profile": bool}``;
 - worker → parent, per case: ``{"kind": "started", "case": {...}}`` once the golden is read, then
-  ``{"kind": "records", "records": [...], "restart": bool}``, ``{"kind": "refused", "message": ...}``
-  (a damaged golden) or ``{"kind": "fatal", "message": ...}`` (a user error that ends the run).
+  ``{"kind": "records", "records": [...], "restart": bool, "profile": {...} | null}``,
+  ``{"kind": "refused", "message": ..., "profile": {...} | null}`` (a damaged golden) or
+  ``{"kind": "fatal", "message": ...}`` (a user error that ends the run). ``profile`` (with
+  ``--profile``) is the worker's :meth:`~conformance.profiling.PhaseTimer.snapshot` of that case.
 
 A worker that dies (signal or exit code) or exceeds the per-case timeout is killed and replaced
 before the next case; the case becomes one ``error`` record saying what happened. A worker whose
@@ -40,8 +43,9 @@ import numpy as np
 
 from .errors import ConformanceError, GoldenError
 from .generate import exit_with_parent
-from .golden import DEFAULT_MAX_CASE_BYTES, read_golden
+from .golden import DEFAULT_MAX_CASE_BYTES, declared_bytes, read_golden
 from .judge import Record
+from .profiling import PhaseTimer
 from .runner import CaseOutcome, Invoker, RunSettings, case_error_record, judge_case, refused_outcome
 from .tolerances import Tolerances
 
@@ -134,21 +138,33 @@ def worker_main(conn: multiprocessing.connection.Connection, backend_spec: str, 
             cached = (settings_text, _settings_from_json(message["settings"]))
         settings = cached[1]
         path = Path(message["path"])
-        try:
-            loaded = read_golden(path, max_bytes=message["max_case_bytes"], expected_sha256=message["sha256"])
-        except GoldenError as exc:
-            _send(conn, {"kind": "refused", "message": str(exc)})
+        timer = PhaseTimer(enabled=bool(message.get("profile")))
+        timer.synchronize_with(backend.device)
+        invoker.timer = timer
+        if other_invoker is not None:
+            other_invoker.timer = timer
+        loaded, refusal = None, ""
+        with timer.phase("read"):
+            try:
+                loaded = read_golden(path, max_bytes=message["max_case_bytes"], expected_sha256=message["sha256"])
+            except GoldenError as exc:
+                refusal = str(exc)
+        if loaded is None:
+            _send(conn, {"kind": "refused", "message": refusal, "profile": timer.snapshot() if timer.enabled else None})
             continue
         case = loaded.case
+        timer.note_case(case.id, declared_bytes(case))
         _send(conn, {"kind": "started", "case": {"case_id": case.id, "op": case.op, "dtype": case.dtype,
                                                  "family": case.family}})
         try:
-            records = judge_case(invoker, loaded, settings, other_invoker)
+            with timer.phase("judge"):
+                records = judge_case(invoker, loaded, settings, other_invoker)
         except ConformanceError as exc:
             _send(conn, {"kind": "fatal", "message": str(exc)})
             return
         poisoned = any(r.status == "error" and POISONED_CONTEXT.search(r.message) for r in records)
-        _send(conn, {"kind": "records", "records": [_record_to_wire(r) for r in records], "restart": poisoned})
+        _send(conn, {"kind": "records", "records": [_record_to_wire(r) for r in records], "restart": poisoned,
+                     "profile": timer.snapshot() if timer.enabled else None})
         if poisoned:
             return  # this process's CUDA context is unusable; the parent starts a fresh worker
 
@@ -275,11 +291,11 @@ class IsolatedBackend:
         self.info = message
 
     def judge(self, path: Path, settings: RunSettings, sha256: str | None = None,
-              max_case_bytes: int = DEFAULT_MAX_CASE_BYTES) -> CaseOutcome:
+              max_case_bytes: int = DEFAULT_MAX_CASE_BYTES, profile: bool = False) -> CaseOutcome:
         """Judge one golden in the worker. A crash, a timeout or a worker that cannot be restarted
         becomes one error record of this case; a ConformanceError from the worker (a user error that
         would stop an in-process run too) is raised. KeyboardInterrupt and other BaseExceptions kill
-        the worker and propagate."""
+        the worker and propagate. With ``profile`` the worker times the case (``outcome.profile``)."""
         if self._proc is None:
             try:
                 self.start()
@@ -289,7 +305,7 @@ class IsolatedBackend:
         started: dict[str, Any] | None = None
         begun = time.monotonic()
         request = {"kind": "case", "path": str(path), "sha256": sha256, "max_case_bytes": max_case_bytes,
-                   "settings": _settings_to_json(settings)}
+                   "settings": _settings_to_json(settings), "profile": profile}
         try:
             sent = self._send_request(request)
             while True:
@@ -315,12 +331,14 @@ class IsolatedBackend:
                 if kind == "started":
                     started = message["case"]
                 elif kind == "refused":
-                    return refused_outcome(path, message["message"])
+                    outcome = refused_outcome(path, message["message"])
+                    outcome.profile = message.get("profile")
+                    return outcome
                 elif kind == "records":
                     if message["restart"]:
                         self._stop()
                         self.restarts += 1
-                    return CaseOutcome([Record(**r) for r in message["records"]])
+                    return CaseOutcome([Record(**r) for r in message["records"]], profile=message.get("profile"))
                 else:  # fatal: the same user error would have stopped an in-process run
                     self.close()
                     raise ConformanceError(str(message["message"]))

@@ -52,6 +52,15 @@ def build_report(records: Sequence[Record], meta: dict[str, Any], complete: bool
     }
 
 
+def with_profile(report: dict[str, Any], profile: dict[str, Any] | None) -> dict[str, Any]:
+    """``report`` with its ``profile`` object (``run --profile``) placed after the summary, before the
+    records; unchanged when ``profile`` is None."""
+    if profile is None:
+        return report
+    head = {k: v for k, v in report.items() if k not in ("profile", "records")}
+    return {**head, "profile": profile, "records": report["records"]}
+
+
 def write_json(path: Path, report: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(report, indent=2, sort_keys=False, allow_nan=False) + "\n")
@@ -142,7 +151,12 @@ def merge_reports(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> di
     The shards must name the same requested backend and golden set; a (case, check) pair may appear
     in one shard only. The summary is recomputed; ``complete`` holds only if every shard completed.
     Metadata (target, settings) comes from the first report; ``merged_from`` lists every shard.
+    When every shard was profiled (``run --profile``), ``profile`` combines theirs
+    (:func:`conformance.profiling.merge_profiles`: seconds and cases summed, peak RSS and largest
+    case the maximum).
     """
+    from .profiling import merge_profiles
+
     first = reports[0]
     records: list[Record] = []
     seen: dict[tuple[str, str], str] = {}
@@ -163,7 +177,8 @@ def merge_reports(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> di
                                   r.get("dtype") or "", r.get("family") or "", r.get("metrics") or {},
                                   r.get("message") or "", r.get("expected")))
     meta = {k: v for k, v in first.items() if k not in ("format", "schema_version", "complete", "summary",
-                                                          "records")}
+                                                          "records", "profile")}
     meta["merged_from"] = [{"file": name, "shard": (rep.get("settings") or {}).get("shard"),
                             "complete": bool(rep.get("complete", True))} for rep, name in zip(reports, names)]
-    return build_report(records, meta, complete=all(bool(rep.get("complete", True)) for rep in reports))
+    merged = build_report(records, meta, complete=all(bool(rep.get("complete", True)) for rep in reports))
+    return with_profile(merged, merge_profiles([rep.get("profile") for rep in reports]))

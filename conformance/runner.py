@@ -17,7 +17,7 @@ import torch
 from .backends.contract import KernelUnavailable, one_line
 from .backends.registry import skip_reason
 from .errors import ConformanceError, GoldenError
-from .golden import DEFAULT_MAX_CASE_BYTES, GoldenCase, read_golden, read_manifest
+from .golden import DEFAULT_MAX_CASE_BYTES, GoldenCase, declared_bytes, read_golden, read_manifest
 from .judge import (
     Record,
     Verdict,
@@ -26,6 +26,7 @@ from .judge import (
     judge_accuracy,
     judge_elementwise,
 )
+from .profiling import NO_TIMER, PhaseTimer
 from .spec import OPS
 from .tolerances import Tolerances
 from .transforms import (
@@ -88,22 +89,30 @@ def select_cases(root: Path, pattern: str | None = None, shard: tuple[int, int] 
 
 class Invoker:
     """Calls one backend and checks the op contract on every call (shape, dtype, device, finite
-    output, inputs unchanged, no exception). Violations are collected for the case's contract record."""
+    output, inputs unchanged, no exception). Violations are collected for the case's contract record.
+    ``timer`` (``--profile``) is charged the backend calls and the copies to and from the device."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, timer: PhaseTimer = NO_TIMER) -> None:
         self.backend = backend
         self.device = torch.device(backend.device)
         self.returns_lse = bool(getattr(backend, "returns_lse", False))
         self.output_dtype = getattr(backend, "output_dtype", None)
         self.violations: list[str] = []
+        self.timer = timer
 
     def has(self, op: str) -> bool:
         return callable(getattr(self.backend, op, None))
 
     def to_device(self, call: OpCall) -> OpCall:
-        mask = None if call.key_padding_mask is None else call.key_padding_mask.to(self.device)
-        return OpCall(call.op, call.q.to(self.device), call.k.to(self.device), call.v.to(self.device), mask,
-                      call.causal, call.scale, call.s_past)
+        with self.timer.phase("transfer"):
+            mask = None if call.key_padding_mask is None else call.key_padding_mask.to(self.device)
+            return OpCall(call.op, call.q.to(self.device), call.k.to(self.device), call.v.to(self.device), mask,
+                          call.causal, call.scale, call.s_past)
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the CPU, for judging (the same tensor when it is there already)."""
+        with self.timer.phase("transfer"):
+            return t.detach().cpu()
 
     def __call__(self, call: OpCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         fn = getattr(self.backend, call.op)
@@ -116,7 +125,8 @@ class Invoker:
         watched = [*args, *([call.key_padding_mask] if call.key_padding_mask is not None else [])]
         before = [t.clone() for t in watched]
         try:
-            result = fn(*args, **kwargs)
+            with self.timer.phase("backend"):
+                result = fn(*args, **kwargs)
         except KernelUnavailable as exc:
             raise KernelSkipped(one_line(str(exc))) from exc
         except Exception as exc:  # a backend may raise anything; it becomes an 'error' record
@@ -186,8 +196,10 @@ def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
             records.append(rec("contract", Verdict(status, {}, str(exc))))
         return records
 
+    out_host = invoker.to_host(out) if {"accuracy", "determinism", "parity"} & set(requested) else out
     if "accuracy" in requested:
-        records.append(rec("accuracy", _accuracy(out, lse, gc, settings)))
+        records.append(rec("accuracy", _accuracy(out_host, None if lse is None else invoker.to_host(lse), gc,
+                                                 settings)))
     transforms: dict[str, Callable[[], Iterator[Variant]]] = {
         "batch": lambda: batch_variants(call),
         "split": lambda: split_variants(call, case),
@@ -201,9 +213,9 @@ def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
             if verdict is not None:
                 records.append(rec(check, verdict))
     if "determinism" in requested:
-        records.append(rec("determinism", _determinism(invoker, call, out, settings)))
+        records.append(rec("determinism", _determinism(invoker, call, out_host, settings)))
     if "parity" in requested and compare_to is not None:
-        records.append(rec("parity", _parity(compare_to, call, out, gc, settings)))
+        records.append(rec("parity", _parity(compare_to, call, out_host, gc, settings)))
     if "contract" in requested:
         if invoker.violations:
             first = invoker.violations[0]
@@ -245,14 +257,14 @@ def _invariance(invoker: Invoker, check: str, variants: Sequence[Variant], out: 
             return Verdict("skip", {"variant": variant.label}, f"{variant.label}: {exc}")
         except (BackendCallError, ContractViolation) as exc:
             return Verdict("error", {"variant": variant.label}, f"{variant.label}: {exc}")
-        mismatch = bitwise_mismatch(variant.taken(got), variant.expected(out))
+        mismatch = bitwise_mismatch(invoker.to_host(variant.taken(got)), invoker.to_host(variant.expected(out)))
         if mismatch is not None:
             return Verdict("fail", {"variant": variant.label, **mismatch.metrics()},
                            f"{variant.label}: {mismatch.describe()}")
     return Verdict("pass", {"variants": len(variants)}, f"{len(variants)} variants bit-identical")
 
 
-def _determinism(invoker: Invoker, call: OpCall, out: torch.Tensor, settings: RunSettings) -> Verdict:
+def _determinism(invoker: Invoker, call: OpCall, out_host: torch.Tensor, settings: RunSettings) -> Verdict:
     rule = settings.tolerances.invariance_rule("determinism")
     reruns = settings.reruns or (rule.reruns if rule and rule.reruns else 5)
     for i in range(1, reruns):
@@ -260,13 +272,13 @@ def _determinism(invoker: Invoker, call: OpCall, out: torch.Tensor, settings: Ru
             again, _ = invoker(call)
         except (BackendCallError, ContractViolation, KernelSkipped) as exc:
             return Verdict("error", {"rerun": i}, f"rerun {i}: {exc}")
-        mismatch = bitwise_mismatch(again, out)
+        mismatch = bitwise_mismatch(invoker.to_host(again), out_host)
         if mismatch is not None:
             return Verdict("fail", {"rerun": i, **mismatch.metrics()}, f"rerun {i} of {reruns}: {mismatch.describe()}")
     return Verdict("pass", {"reruns": reruns}, f"{reruns} runs bit-identical")
 
 
-def _parity(other: Invoker, call: OpCall, out: torch.Tensor, gc: GoldenCase, settings: RunSettings) -> Verdict:
+def _parity(other: Invoker, call: OpCall, out_host: torch.Tensor, gc: GoldenCase, settings: RunSettings) -> Verdict:
     case = gc.case
     reason = skip_reason(other.backend, case.op, case)
     if reason:
@@ -279,7 +291,7 @@ def _parity(other: Invoker, call: OpCall, out: torch.Tensor, gc: GoldenCase, set
         return Verdict("error", {}, f"{other.backend.name}: {exc}")
     rule_set = settings.tolerances.parity.rules
     rule = settings.tolerances.accuracy_rule(rule_set, case.op, case.dtype)
-    v = judge_elementwise(out, theirs.detach().to("cpu", torch.float64).numpy(), rule,
+    v = judge_elementwise(out_host, other.to_host(theirs).to(torch.float64).numpy(), rule,
                           f"parity with {other.backend.name}", gc.golden.naive_error)
     return Verdict(v.status, {**v.metrics, "compared_to": other.backend.name}, v.message)
 
@@ -293,6 +305,7 @@ class CaseOutcome:
 
     records: list[Record]
     refused: bool = False
+    profile: dict[str, Any] | None = None  # an --isolate worker's PhaseTimer.snapshot() of this case
 
 
 class Terminated(BaseException):
@@ -376,6 +389,20 @@ def judge_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings, compare_
                                   f"{one_line(str(exc))}", {})]
 
 
+def read_and_judge(path: Path, invoker: Invoker, settings: RunSettings, compare_to: Invoker | None = None,
+                   timer: PhaseTimer = NO_TIMER, max_case_bytes: int = DEFAULT_MAX_CASE_BYTES,
+                   sha256: str | None = None) -> CaseOutcome:
+    """One golden file: read it (refused when :func:`read_golden` refuses it), then :func:`judge_case`."""
+    with timer.phase("read"):
+        try:
+            gc = read_golden(path, max_bytes=max_case_bytes, expected_sha256=sha256)
+        except GoldenError as exc:
+            return refused_outcome(path, str(exc))
+    timer.note_case(gc.case.id, declared_bytes(gc.case))
+    with timer.phase("judge"):
+        return CaseOutcome(judge_case(invoker, gc, settings, compare_to))
+
+
 def manifest_checksums(root: Path) -> dict[Path, str]:
     """SHA-256 of every file ``root``'s manifest lists, keyed like :func:`select_cases` paths."""
     return {root / e["path"]: e["sha256"] for e in read_manifest(root)["files"]}
@@ -383,8 +410,12 @@ def manifest_checksums(root: Path) -> dict[Path, str]:
 
 def run(backend: Any, paths: Sequence[Path], settings: RunSettings, compare_to: Any | None = None,
         on_case: Callable[[str, list[Record]], None] | None = None, *,
-        max_case_bytes: int = DEFAULT_MAX_CASE_BYTES, checksums: Mapping[Path, str] | None = None) -> RunResult:
+        max_case_bytes: int = DEFAULT_MAX_CASE_BYTES, checksums: Mapping[Path, str] | None = None,
+        timer: PhaseTimer = NO_TIMER, on_outcome: Callable[[Path, CaseOutcome], None] | None = None) -> RunResult:
     """Run every golden file in ``paths`` (streamed one at a time) through ``backend``.
+
+    As each case finishes, in the order of ``paths``, ``on_case(file name, records)`` and
+    ``on_outcome(path, outcome)`` are called.
 
     ``backend`` is a backend object, run in this process, or a started
     :class:`~conformance.isolation.IsolatedBackend`, which judges each case in its worker process
@@ -395,7 +426,9 @@ def run(backend: Any, paths: Sequence[Path], settings: RunSettings, compare_to: 
 
     KeyboardInterrupt and :class:`Terminated` stop the run: the result holds every finished case,
     ``complete`` is False and ``interrupted_by`` names the signal; the case in flight is dropped.
-    ConformanceError (a user-fixable problem) propagates.
+    ConformanceError (a user-fixable problem) propagates. An enabled ``timer`` (``--profile``) is
+    charged each phase of each case: ``read``, ``judge`` and, within it, ``backend`` and ``transfer``
+    (an isolated worker times its cases itself and the timer adds them up).
     """
     from .isolation import IsolatedBackend  # isolation builds on this module
 
@@ -405,17 +438,15 @@ def run(backend: Any, paths: Sequence[Path], settings: RunSettings, compare_to: 
             raise ConformanceError("an isolated run takes compare_to in IsolatedBackend(...): the worker loads it")
 
         def judge(path: Path) -> CaseOutcome:
-            return backend.judge(path, settings, sums.get(path), max_case_bytes)
+            outcome = backend.judge(path, settings, sums.get(path), max_case_bytes, profile=timer.enabled)
+            timer.absorb(outcome.profile)
+            return outcome
     else:
-        invoker = Invoker(backend)
-        other = Invoker(compare_to) if compare_to is not None else None
+        invoker = Invoker(backend, timer)
+        other = Invoker(compare_to, timer) if compare_to is not None else None
 
         def judge(path: Path) -> CaseOutcome:
-            try:
-                gc = read_golden(path, max_bytes=max_case_bytes, expected_sha256=sums.get(path))
-            except GoldenError as exc:
-                return refused_outcome(path, str(exc))
-            return CaseOutcome(judge_case(invoker, gc, settings, other))
+            return read_and_judge(path, invoker, settings, other, timer, max_case_bytes, sums.get(path))
 
     result = RunResult()
     try:
@@ -426,6 +457,8 @@ def run(backend: Any, paths: Sequence[Path], settings: RunSettings, compare_to: 
             result.refused += outcome.refused
             if on_case:
                 on_case(path.name, outcome.records)
+            if on_outcome:
+                on_outcome(path, outcome)
     except (KeyboardInterrupt, Terminated) as exc:
         result.complete = False
         result.interrupted_by = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
