@@ -1,14 +1,17 @@
 """nox sessions: `nox -s tests`, `nox -s lint`, `nox -s goldens`, `nox -s conformance`, `nox -s nightly`.
 
 On CPU machines torch is pinned to the local CPU wheel (a bare `torch` can pull a multi-GB CUDA
-build); GPU runners set RLK_TORCH="" to keep the torch already installed in the image, together
-with `--no-venv` or `--force-venv-backend none`.
+build); GPU runners set RLK_TORCH="" to keep the torch already installed in the image. Without a
+virtualenv (`nox --no-venv`, or `--force-venv-backend none`) nothing is installed: the sessions run
+on nox's own interpreter, where the package must already be importable (installed, or on
+PYTHONPATH); that is how an offline GPU runner runs the nightly lane (README.md, "The nightly GPU lane").
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,24 +24,47 @@ TORCH = os.environ.get("RLK_TORCH", "torch==2.13.0")
 ROOT = Path(__file__).parent
 
 
+def has_venv(session: nox.Session) -> bool:
+    """False under `--no-venv` / `--force-venv-backend none` (nox's PassthroughEnv)."""
+    return session.venv_backend != "none"
+
+
+def pip_install(session: nox.Session, *args: str) -> None:
+    """`session.install`, or nothing (with a log line) when the session has no virtualenv."""
+    if not has_venv(session):
+        session.log(f"no virtualenv (--no-venv): not installing {' '.join(args)}; using {sys.executable}")
+        return
+    session.install(*args)
+
+
 def install(session: nox.Session, extras: str = "") -> None:
+    """torch (RLK_TORCH; empty: keep the installed one) and this package, editable, with ``extras``."""
+    if not has_venv(session):
+        session.log(f"no virtualenv (--no-venv): installing nothing; rlk-conform must be importable by "
+                    f"{sys.executable} (installed, or on PYTHONPATH)")
+        return
     if TORCH:
         session.install(TORCH)
     session.install("-e", f".{extras}")
+
+
+def python(session: nox.Session) -> str:
+    """The session's interpreter: the virtualenv's, or without one the interpreter running nox."""
+    return "python" if has_venv(session) else sys.executable
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The CI lane: the whole pytest suite."""
     install(session, "[test]")
-    session.run("python", "-m", "pytest", "-q", *session.posargs)
+    session.run(python(session), "-m", "pytest", "-q", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests, benchmarks and this file."""
-    session.install("ruff>=0.5")
-    session.run("ruff", "check", ".")
+    pip_install(session, "ruff>=0.5")
+    session.run(python(session), "-m", "ruff", "check", ".")
 
 
 @nox.session
@@ -47,7 +73,7 @@ def goldens(session: nox.Session) -> None:
     install(session)
     committed = json.loads((ROOT / "goldens" / "smoke" / "manifest.json").read_text())
     with tempfile.TemporaryDirectory(prefix="rlk-goldens-") as tmp:
-        session.run("rlk-conform", "generate", "--tier", "smoke", "--out", tmp)
+        session.run(python(session), "-m", "conformance", "generate", "--tier", "smoke", "--out", tmp)
         fresh = json.loads((Path(tmp) / "manifest.json").read_text())
     want = {e["case_id"]: e["sha256"] for e in committed["files"]}
     got = {e["case_id"]: e["sha256"] for e in fresh["files"]}
@@ -76,13 +102,14 @@ def conformance(session: nox.Session, backend: str) -> None:
     known = ROOT / "known-failures" / f"{backend}.yaml"
     if known.is_file():
         args += ["--known-failures", str(known)]
-    session.run("rlk-conform", "run", "--backend", backend, *args, *session.posargs)
+    session.run(python(session), "-m", "conformance", "run", "--backend", backend, *args, *session.posargs)
 
 
 @nox.session
 def nightly(session: nox.Session) -> None:
     """The GPU lane: standard-tier goldens, every CUDA backend (run + nightly property search), JSON,
     JUnit and HTML reports in nightly/. On a GPU runner: `RLK_TORCH= nox -s nightly` (keeps the
-    image's CUDA torch); extra arguments go to `python -m conformance.nightly` (see its --help)."""
+    image's CUDA torch), or offline `nox --no-venv -s nightly` with the package importable; extra
+    arguments go to `python -m conformance.nightly` (see its --help)."""
     install(session)
-    session.run("python", "-m", "conformance.nightly", *session.posargs)
+    session.run(python(session), "-m", "conformance.nightly", *session.posargs)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from .cli import CapOpt, SpecOpt, _best_backend, _load, app, err, out, user_errors
 from .errors import EXIT_FAILURE, EXIT_OK, UsageError
@@ -68,8 +69,9 @@ def search_records(impl: Any, requested: str, specs: list[Any], tol: Any, names:
         task = bar.add_task(names[0] if names else "", total=len(names))
 
         def on_property(result: Any) -> None:
-            status = "FAIL" if result.counterexample is not None else "ok"
-            bar.update(task, advance=1, description=f"{result.name}: {status}")
+            status = "FAIL" if result.counterexample is not None else ("ok" if result.status == "pass" else "skip")
+            bar.update(task, advance=1, description=f"{result.name}: {status} ({result.examples_run} examples, "
+                       f"{result.stopped_by or 'not applicable'})")
 
         results = properties.check_backend(impl, specs, tol, names, settings, rules, reruns, reference_device,
                                            requested, on_property=on_property)
@@ -91,6 +93,28 @@ def property_records(impl: Any, requested: str, tol: Any, rules: str, checks: tu
     return records
 
 
+def print_search(console: Console, results: list[Any], budget: float | None) -> None:
+    """One row per property: its result, the examples the search judged and what stopped it."""
+    title = "property search" + (f" (time budget {budget:g} s per property)" if budget is not None else "")
+    table = Table(title=title, caption="stopped by: max-examples, time-budget, counterexample (then shrunk), "
+                  "exhausted (Hypothesis ran out of new or accepted examples)")
+    table.add_column("property")
+    table.add_column("result")
+    table.add_column("examples run", justify="right")
+    table.add_column("declined", justify="right")
+    table.add_column("stopped by")
+    table.add_column("seconds", justify="right")
+    styles = {"pass": "green", "fail": "red", "error": "red", "skip": "yellow"}
+    for res in results:
+        status = res.status
+        stopped = res.stopped_by or "not applicable"
+        if res.shrink_stopped_by == "time-budget":
+            stopped += ", shrinking cut by time-budget"
+        table.add_row(res.name, f"[{styles.get(status, 'white')}]{status}[/]", str(res.examples_run),
+                      str(res.examples_declined), stopped, f"{res.elapsed_s:.1f}")
+    console.print(table)
+
+
 def _print_reproducers(results: list[Any], backend: str) -> None:
     for res in results:
         if res.reproducer is not None:
@@ -107,6 +131,11 @@ def check(
                                                  "examples, GPU, larger shapes.")] = ProfileName.ci,
     max_examples: Annotated[int | None, typer.Option("--max-examples", min=1, help="Examples per property "
                                                      "(default: the profile's).")] = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", min=0.0, metavar="SECONDS",
+                                                      help="Wall-clock budget per property: no new example "
+                                                      "starts after it; a counterexample found in time is "
+                                                      "shrunk until twice the budget. Default: none (the "
+                                                      "examples of --max-examples or the profile).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Search seed: the same seed draws the same examples "
                                              "(default: 0 for ci, random for nightly).")] = None,
     properties: Annotated[str | None, typer.Option(help="Comma-separated subset of: " + PROPERTY_HELP + ".")
@@ -145,7 +174,8 @@ def check(
     requested = backend or _best_backend()
     impl = load_backend(requested, device)
     settings = props.SearchSettings(profile=chosen, max_examples=max_examples, seed=seed,
-                                    database_dir=database or props.DEFAULT_DATABASE_DIR, reproducer_dir=reproducers)
+                                    database_dir=database or props.DEFAULT_DATABASE_DIR, reproducer_dir=reproducers,
+                                    time_budget=time_budget)
     space = props.space_from_specs(specs, chosen.tier, chosen.limits)
     meta = {
         "backend": {"requested": requested, "used": impl.name, "device": str(impl.device),
@@ -156,7 +186,7 @@ def check(
         "execution_target": execution_target(str(impl.device)),
         "goldens": None,
         "search": {"profile": chosen.name, "tier": chosen.tier, "properties": list(names),
-                   "max_examples": settings.examples, "seed": settings.effective_seed,
+                   "max_examples": settings.examples, "time_budget_s": time_budget, "seed": settings.effective_seed,
                    "database": None if settings.effective_seed is not None else str(settings.database_dir),
                    "reproducers": str(reproducers), "reference_device": reference_device,
                    "specs": {op: p.spec_file for op, p in space.provenance.items()}, "space": space.describe()},
@@ -165,10 +195,13 @@ def check(
     }
     records, results = search_records(impl, requested, specs, tol, names, settings, rules, reruns,
                                       reference_device, err)
+    meta["search"]["results"] = [res.summary() for res in results]
     report = build_report(records, meta)
     seed_text = "random seed" if settings.effective_seed is None else f"seed {settings.effective_seed}"
+    budget_text = "" if time_budget is None else f", at most {time_budget:g} s"
     print_summary(out, records, f"rlk-conform check — backend {impl.name} on {impl.device}, profile {chosen.name} "
-                  f"({settings.examples} examples per property, {seed_text})")
+                  f"({settings.examples} examples per property{budget_text}, {seed_text})")
+    print_search(out, results, time_budget)
     _print_reproducers(results, requested)
     if report_json:
         write_json(report_json, report)
@@ -181,10 +214,12 @@ def check(
         out.print("[bold red]FAIL[/]: no property was executed (every record skipped) — nothing was verified")
         raise typer.Exit(EXIT_FAILURE)
     failing = [res.name for res in results if res.counterexample is not None]
-    passed = [res.name for res in results if res.counterexample is None and any(r.status == "pass"
-                                                                                 for r in res.records)]
+    passed = [res.name for res in results if res.status == "pass"]
     line = (f"{len(passed)} properties held, {len(failing)} failed ({', '.join(failing) or 'none'}), "
             f"{len(names) - len(passed) - len(failing)} skipped")
+    starved = [res.name for res in results if res.status == "skip" and res.stopped_by == "time-budget"]
+    if starved:
+        line += f" ({', '.join(starved)}: no example within the time budget)"
     if summary["verdict"] != "pass":
         out.print(f"[bold red]FAIL[/]: {line}")
         raise typer.Exit(EXIT_FAILURE)

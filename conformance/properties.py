@@ -15,11 +15,23 @@ params describe a counterexample completely: :func:`replay` re-runs it from a re
 Outcomes are :class:`~conformance.judge.Record` values, the same as ``rlk-conform run``'s: a passing
 property gives one ``pass`` record per (op, dtype) it exercised; a failing one gives one ``fail``
 (or ``error``) record for its smallest counterexample, whose reproducer is written to disk.
+
+A search may have a wall-clock budget (:attr:`SearchSettings.time_budget`, ``check --time-budget``).
+Hypothesis has no time limit of its own, so the test body checks the clock after drawing an example
+(cheap: a few choices) and before making its inputs and calling the backend; once the budget is
+spent it raises :class:`BudgetSpent`, a ``unittest.SkipTest``, which Hypothesis treats as a control
+exception and re-raises at once, ending the run without a failure. Every record says how many
+examples ran and what stopped the search (``examples_run``, ``stopped_by``). A counterexample found
+within the budget is still shrunk, until twice the budget has passed; after that the shrinker's
+remaining candidates are rejected, so it ends on the smallest failing example found so far.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import time
+import unittest
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -144,6 +156,14 @@ class Outcome:
 
 class PropertySkipped(Exception):
     """The backend declines this example (``supports`` or ``KernelUnavailable``); another is drawn."""
+
+
+class BudgetSpent(unittest.SkipTest):
+    """Raised inside the Hypothesis test when the search's time budget is spent. Hypothesis re-raises
+    skip exceptions (``unittest.SkipTest`` and pytest's) at once as control exceptions: the run stops
+    with no failure, no shrinking and nothing written to the example database. It is raised only
+    after the example's draws, so that the run never looks to Hypothesis as if the strategy had
+    stopped drawing early (which it reports as flaky data generation)."""
 
 
 class Counterexample(Exception):
@@ -540,17 +560,29 @@ def evaluate(prop: Property, ctx: PropertyContext, example: Example, subject: Su
 
 # --- the search ------------------------------------------------------------------------------------
 
+# What ended a property's search (``stopped_by`` in its records).
+STOP_MAX_EXAMPLES = "max-examples"  # the examples asked for were judged
+STOP_TIME_BUDGET = "time-budget"  # the wall-clock budget was spent first
+STOP_COUNTEREXAMPLE = "counterexample"  # a failure was found (then shrunk)
+STOP_EXHAUSTED = "exhausted"  # Hypothesis ended earlier: too many declined examples, or none new left
+# What ended the shrinking of a counterexample (``shrink_stopped_by``).
+SHRINK_DONE = "hypothesis"  # Hypothesis's shrinker ended by itself (nothing smaller fails, or its own limits)
+SHRINK_BUDGET = "time-budget"  # twice the budget had passed: the smallest failing example found so far
+
 
 @dataclass(frozen=True)
 class SearchSettings:
     """How to search: the profile, the examples per property, the seed, where the example
-    database and the reproducers go."""
+    database and the reproducers go, and an optional wall-clock budget per property."""
 
     profile: Profile = PROFILES["ci"]
     max_examples: int | None = None  # None = the profile's
     seed: int | None = None  # None = 0 for a derandomized profile, else random (with the database)
     database_dir: Path | None = None  # used only by unseeded searches
     reproducer_dir: Path | None = None  # where reproducers go (the CLI: reproducers/); None = none written
+    # Seconds per property: no new example starts after it (one in flight finishes); shrinking a
+    # counterexample found in time goes on until twice the budget. None = no limit but max_examples.
+    time_budget: float | None = None
 
     @property
     def effective_seed(self) -> int | None:
@@ -565,7 +597,11 @@ class SearchSettings:
 
 @dataclass
 class PropertyResult:
-    """The records of one property's search, and its shrunk counterexample when it failed."""
+    """The records of one property's search, and its shrunk counterexample when it failed.
+
+    ``examples`` counts every example the backend was given (declined and shrinking ones included);
+    ``examples_run`` the examples the search judged (pass or fail) before any shrinking;
+    ``stopped_by`` what ended the search (``STOP_*``; None when the property does not apply)."""
 
     name: str
     records: list[Record]
@@ -573,15 +609,48 @@ class PropertyResult:
     counterexample: Counterexample | None = None
     reproducer: Path | None = None
     flaky: bool = False
+    examples_run: int = 0
+    examples_declined: int = 0
+    stopped_by: str | None = None
+    elapsed_s: float = 0.0
+    shrink_examples: int = 0
+    shrink_stopped_by: str | None = None  # SHRINK_*, for a counterexample
+
+    @property
+    def status(self) -> str:
+        """``fail``/``error`` for a counterexample, ``pass`` when an example held, else ``skip``."""
+        if self.counterexample is not None:
+            return self.records[0].status if self.records else "fail"
+        return "pass" if any(r.status == "pass" for r in self.records) else "skip"
+
+    def summary(self) -> dict[str, Any]:
+        """The search's own figures (the JSON report's ``search.results``)."""
+        return {"property": self.name, "status": self.status, "examples_run": self.examples_run,
+                "examples_declined": self.examples_declined, "stopped_by": self.stopped_by,
+                "elapsed_s": round(self.elapsed_s, 3), "shrink_examples": self.shrink_examples,
+                "shrink_stopped_by": self.shrink_stopped_by,
+                "reproducer": None if self.reproducer is None else str(self.reproducer)}
 
 
 @dataclass
 class _Tally:
-    examples: int = 0
+    examples: int = 0  # examples the backend was given, declined and shrinking ones included
+    run: int = 0  # examples judged before the first failure (that one included)
+    shrink_runs: int = 0  # examples judged while shrinking
     passed: Counter[tuple[str, str]] = field(default_factory=Counter)
     margins: dict[tuple[str, str], float] = field(default_factory=dict)  # worst accuracy margin per cell
     skipped: Counter[str] = field(default_factory=Counter)
     last_failure: Counterexample | None = None
+    failing: set[tuple[Any, ...]] = field(default_factory=set)  # every failing example seen (_key)
+    shrink_cut: bool = False  # the shrink deadline rejected a candidate
+
+
+def _key(example: Example) -> tuple[Any, ...]:
+    return (example.prop, example.case, json.dumps(example.params, sort_keys=True, default=str))
+
+
+def _seconds(x: float) -> str:
+    return f"{x:g} s"
 
 
 def _safe_name(name: str) -> str:
@@ -608,9 +677,21 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
         msg = f"needs {', '.join(missing)}, which backend {ctx.backend.name} lacks"
         return PropertyResult(prop.name, [_summary_record(prop, "", "", "skip", {}, msg)], 0)
     tally = _Tally()
+    budget = settings.time_budget
+    start = time.monotonic()
+    deadline = None if budget is None else start + budget
+    shrink_deadline = None if budget is None else start + 2 * budget
 
     def body(data: st.DataObject) -> None:
-        example = prop.draw(data, space, ctx)
+        example = prop.draw(data, space, ctx)  # cheap: choices only, no tensors
+        searching = tally.last_failure is None
+        if deadline is not None:
+            now = time.monotonic()
+            if searching and now >= deadline:
+                raise BudgetSpent(f"time budget of {_seconds(budget)} spent")
+            if not searching and now >= shrink_deadline and _key(example) not in tally.failing:
+                tally.shrink_cut = True  # only failures already seen may run (Hypothesis replays its smallest)
+                reject()
         subject = Subject(example.case, make_inputs(example.case))
         tally.examples += 1
         try:
@@ -618,8 +699,13 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
         except PropertySkipped as exc:
             tally.skipped[str(exc)] += 1
             reject()
+        if searching:
+            tally.run += 1
+        else:
+            tally.shrink_runs += 1
         if outcome.failed:
             tally.last_failure = Counterexample(example, subject, outcome)
+            tally.failing.add(_key(example))
             raise tally.last_failure
         cell = (example.case.op, example.case.dtype)
         tally.passed[cell] += 1
@@ -633,28 +719,49 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
         test = hypothesis.seed(seed)(test)
     found: Counterexample | None = None
     flaky = False
+    spent = False
     try:
         test()
+    except BudgetSpent:
+        spent = True
     except Counterexample as exc:
         found = exc
     except Flaky:
         found, flaky = tally.last_failure, True
     except Unsatisfiable:
         pass
-    result = PropertyResult(prop.name, [], tally.examples, found, flaky=flaky)
+    if found is not None:
+        stopped_by = STOP_COUNTEREXAMPLE
+    elif spent:
+        stopped_by = STOP_TIME_BUDGET
+    else:
+        stopped_by = STOP_MAX_EXAMPLES if tally.run >= settings.examples else STOP_EXHAUSTED
+    result = PropertyResult(prop.name, [], tally.examples, found, flaky=flaky, examples_run=tally.run,
+                            examples_declined=sum(tally.skipped.values()), stopped_by=stopped_by,
+                            elapsed_s=time.monotonic() - start, shrink_examples=tally.shrink_runs,
+                            shrink_stopped_by=None if found is None else
+                            (SHRINK_BUDGET if tally.shrink_cut else SHRINK_DONE))
+    meta = {"examples": tally.examples, "examples_run": result.examples_run,
+            "examples_declined": result.examples_declined, "stopped_by": stopped_by, "time_budget_s": budget,
+            "profile": settings.profile.name, "seed": seed}
     if found is not None:
         result.reproducer = _write(found, ctx, settings, space) if settings.reproducer_dir is not None else None
-        result.records = [_failure_record(found, result, settings)]
+        result.records = [_failure_record(found, result, settings, meta)]
     elif tally.passed:
-        meta = {"examples": tally.examples, "profile": settings.profile.name, "seed": seed}
+        cut = (f" (search stopped by its {_seconds(budget)} time budget after {tally.run} examples)"
+               if spent and budget is not None else "")
         result.records = [_summary_record(prop, op, dtype, "pass", {**meta, "examples_of_cell": n,
                                           **({"margin": tally.margins[(op, dtype)]} if (op, dtype) in tally.margins
-                                             else {})}, f"{n} examples: {prop.summary}")
+                                             else {})}, f"{n} examples{cut}: {prop.summary}")
                           for (op, dtype), n in sorted(tally.passed.items())]
-    else:
-        reasons = "; ".join(f"{n}× {r}" for r, n in tally.skipped.most_common(3)) or "no example could be drawn"
-        result.records = [_summary_record(prop, "", "", "skip", {"examples": tally.examples},
-                                          f"every example skipped: {reasons}")]
+    else:  # nothing was judged: never a pass
+        reasons = "; ".join(f"{n}× {r}" for r, n in tally.skipped.most_common(3))
+        if spent and budget is not None:
+            msg = f"time budget of {_seconds(budget)} spent before any example ran" + (
+                f" ({result.examples_declined} declined: {reasons})" if reasons else "")
+        else:
+            msg = f"every example skipped: {reasons or 'no example could be drawn'}"
+        result.records = [_summary_record(prop, "", "", "skip", meta, msg)]
     return result
 
 
@@ -663,14 +770,17 @@ def _summary_record(prop: Property, op: str, dtype: str, status: Any, metrics: d
     return Record(case_id, op or "*", prop.name, status, dtype, f"{PROPERTY_FAMILY}/{prop.name}", metrics, msg)
 
 
-def _failure_record(found: Counterexample, result: PropertyResult, settings: SearchSettings) -> Record:
+def _failure_record(found: Counterexample, result: PropertyResult, settings: SearchSettings,
+                    meta: dict[str, Any]) -> Record:
     case, verdict = found.example.case, found.outcome.verdict
-    metrics = {**verdict.metrics, "parameters": found.example.params, "shape": describe_shape(case),
-               "examples": result.examples, "profile": settings.profile.name, "seed": settings.effective_seed}
+    metrics = {**verdict.metrics, "parameters": found.example.params, "shape": describe_shape(case), **meta,
+               "shrink_examples": result.shrink_examples, "shrink_stopped_by": result.shrink_stopped_by}
     if result.reproducer is not None:
         metrics["reproducer"] = str(result.reproducer)
     flaky = "flaky (failed, then passed when replayed): " if result.flaky else ""
-    message = f"{flaky}{verdict.message} — smallest failing case: {describe_shape(case)}; {found.example.params}"
+    smallest = ("smallest failing case found before the time budget stopped shrinking"
+                if result.shrink_stopped_by == SHRINK_BUDGET else "smallest failing case")
+    message = f"{flaky}{verdict.message} — {smallest}: {describe_shape(case)}; {found.example.params}"
     return Record(case.id, case.op, result.name, verdict.status, case.dtype, case.family, metrics, message)
 
 

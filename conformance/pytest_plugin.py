@@ -47,6 +47,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "'none'.")
     group.addoption("--rlk-profile", default="ci", choices=("ci", "nightly"), help="Property search profile.")
     group.addoption("--rlk-max-examples", type=int, default=None, help="Examples per property.")
+    group.addoption("--rlk-time-budget", type=float, default=None, metavar="SECONDS",
+                    help="Wall-clock budget per property (as rlk-conform check --time-budget).")
     group.addoption("--rlk-seed", type=int, default=None, help="Search seed (default: 0 for ci, random for "
                     "nightly).")
     group.addoption("--rlk-specs", default="specs", metavar="DIR", help="Directory of attention.yaml and "
@@ -205,6 +207,7 @@ class RlkState:
         database = self.opt("rlk_database")
         settings = properties.SearchSettings(
             profile=profile, max_examples=self.opt("rlk_max_examples"), seed=self.opt("rlk_seed"),
+            time_budget=self.opt("rlk_time_budget"),
             database_dir=self.base / database if database else self.base / properties.DEFAULT_DATABASE_DIR,
             reproducer_dir=self.path("rlk_reproducers"))
         device = str(self.backend.device)

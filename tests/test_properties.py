@@ -273,3 +273,83 @@ def test_accuracy_is_judged_against_the_exact_reference_of_the_drawn_case() -> N
         outcome = PROPERTIES["accuracy"].check(ctx, Example("accuracy", case, {}), subject)
         assert outcome.verdict.status == status, outcome.verdict.message
     assert subject.golden is not None  # computed once, shared by both judgments
+
+
+# --- the time budget -----------------------------------------------------------------------------------
+
+
+def budgeted(backend: object, specs: list[OpSpec], prop: str, budget: float, max_examples: int = 100_000,
+             out: Path | None = None) -> PropertyResult:
+    settings = SearchSettings(profile=CI, max_examples=max_examples, reproducer_dir=out, time_budget=budget)
+    (result,) = check_backend(backend, specs, TOLERANCES, (prop,), settings)
+    return result
+
+
+def test_a_time_budget_stops_the_search_and_every_record_says_how_many_examples_ran(
+        repo_specs: list[OpSpec]) -> None:
+    result = budgeted(PropertyCorrect(), repo_specs, "gqa", budget=1.0)
+    assert result.stopped_by == "time-budget"
+    assert 0 < result.examples_run < 100_000
+    assert result.elapsed_s < 30  # the budget, plus the one example in flight (generous: a shared 2-core machine)
+    assert result.records and {r.status for r in result.records} == {"pass"}
+    for r in result.records:
+        assert (r.metrics["examples_run"], r.metrics["stopped_by"]) == (result.examples_run, "time-budget")
+        assert r.metrics["time_budget_s"] == 1.0
+        assert f"stopped by its 1 s time budget after {result.examples_run} examples" in r.message
+    assert sum(r.metrics["examples_of_cell"] for r in result.records) == result.examples_run
+    assert result.summary()["stopped_by"] == "time-budget" and result.summary()["status"] == "pass"
+
+
+def test_a_budget_that_is_not_reached_leaves_the_search_to_max_examples(repo_specs: list[OpSpec]) -> None:
+    result = budgeted(PropertyCorrect(), repo_specs, "gqa", budget=600.0, max_examples=4)
+    assert (result.stopped_by, result.examples_run) == ("max-examples", 4)
+    assert {(r.status, r.metrics["stopped_by"], r.metrics["examples_run"]) for r in result.records} == {
+        ("pass", "max-examples", 4)}
+    plain = search(PropertyCorrect(), repo_specs, ("gqa",), None, max_examples=4)[0]
+    assert (plain.stopped_by, plain.examples_run) == ("max-examples", 4)  # no budget: the same examples
+
+
+def test_a_property_that_ran_no_example_within_its_budget_is_not_passed(repo_specs: list[OpSpec]) -> None:
+    result = budgeted(PropertyCorrect(), repo_specs, "batch", budget=0.0)
+    assert (result.status, result.examples_run, result.stopped_by) == ("skip", 0, "time-budget")
+    (record,) = result.records
+    assert record.status == "skip" and record.status != "pass"
+    assert record.message == "time budget of 0 s spent before any example ran"
+    assert (record.metrics["examples_run"], record.metrics["stopped_by"]) == (0, "time-budget")
+
+
+def test_a_counterexample_found_within_the_budget_is_shrunk_as_without_one(repo_specs: list[OpSpec]) -> None:
+    free = search(NanLeaksFromPadding(), repo_specs, ("nan_padding",), None)[0]
+    result = budgeted(NanLeaksFromPadding(), repo_specs, "nan_padding", budget=300.0, max_examples=CI.max_examples)
+    assert result.counterexample is not None and free.counterexample is not None
+    assert result.counterexample.example == free.counterexample.example  # the same smallest case
+    assert (result.stopped_by, result.shrink_stopped_by) == ("counterexample", "hypothesis")
+    (record,) = result.records
+    assert (record.status, record.metrics["stopped_by"], record.metrics["shrink_stopped_by"]) == (
+        "fail", "counterexample", "hypothesis")
+    assert record.metrics["examples_run"] == result.examples_run >= 1
+    assert record.metrics["shrink_examples"] == result.shrink_examples > 0
+
+
+class SlowNanLeak(NanLeaksFromPadding):
+    """The NaN defect, 50 ms a call: shrinking cannot finish within twice a one-second budget."""
+
+    name = "planted-slow-nan-padding"
+
+    def attention(self, q, k, v, *, causal, scale, key_padding_mask):
+        import time
+
+        time.sleep(0.05)
+        return super().attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+
+
+def test_shrinking_stops_at_twice_the_budget_on_a_real_counterexample(repo_specs: list[OpSpec],
+                                                                        tmp_path: Path) -> None:
+    result = budgeted(SlowNanLeak(), repo_specs, "nan_padding", budget=1.0, out=tmp_path)
+    assert result.counterexample is not None, result.records
+    assert (result.stopped_by, result.shrink_stopped_by) == ("counterexample", "time-budget")
+    assert result.elapsed_s < 30  # twice the budget, then the rejected candidates and one replay
+    (record,) = result.records
+    assert record.status == "fail" and record.metrics["shrink_stopped_by"] == "time-budget"
+    assert "smallest failing case found before the time budget stopped shrinking" in record.message
+    assert replay(result.reproducer, NanLeaksFromPadding(), TOLERANCES).still_fails  # still a real failure
