@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/performance.md in one go, on a machine with one or more CUDA GPUs:
+#
+#   benchmarks/gpu.sh OUTDIR [TIER]
+#
+# 1. generate TIER (default standard) on the CPU cores and with --device cuda: speed ratio and
+#    byte identity (benchmarks/gpu_generation.py), keeping the CUDA goldens;
+# 2. `run --backend cuda` over them with --profile: streaming memory and phase overhead, and with
+#    two or more GPUs, `run --devices cuda:0,cuda:1,...` against one GPU (benchmarks/run.py);
+# 3. peak memory of the full tier's largest 32k-context case (benchmarks/memory.py), unless
+#    RLK_SKIP_MEMORY=1.
+# The package need not be installed: the repository root goes on PYTHONPATH.
+set -u -o pipefail
+out=${1:?usage: benchmarks/gpu.sh OUTDIR [TIER]}
+tier=${2:-standard}
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+cd "$root"
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+cores=$(nproc)
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+  echo "cpu cores: $cores, gpus: $gpus"
+} 2>&1 | tee "$out/machine.txt"
+
+goldens=$(mktemp -d)/goldens
+python3 benchmarks/gpu_generation.py --tier "$tier" --cpu-jobs "$cores" --gpu-jobs 8 --keep "$goldens" \
+  --json "$out/generation.json" 2>&1 | tee "$out/generation.txt"
+
+devices=""
+if [ "$gpus" -ge 2 ]; then
+  devices=$(python3 -c "print(','.join(f'cuda:{i}' for i in range($gpus)))")
+fi
+python3 benchmarks/run.py --goldens "$goldens" --backend cuda --device cuda:0 ${devices:+--devices "$devices"} \
+  2>&1 | tee "$out/run.txt"
+
+if [ "${RLK_SKIP_MEMORY:-0}" != 1 ]; then
+  timeout "${RLK_MEMORY_TIMEOUT:-300}" python3 benchmarks/memory.py --device cuda --json "$out/memory.json" 2>&1 | tee "$out/memory.txt"
+fi
