@@ -166,7 +166,7 @@ def generate(
     table.add_row("bytes", _fmt_bytes(summary.bytes))
     table.add_row("wall time", f"{summary.seconds:.1f} s ({jobs} job{'s' if jobs > 1 else ''}, {device})")
     table.add_row("float64 work", f"{summary.flops / 1e9:.2f} GFLOP (mask-remaining) at {gflops:.2f} GFLOP/s")
-    table.add_row("refined elements", f"{refined_dd} double-double, {refined_exact} exact")
+    table.add_row("refined elements", f"{refined_dd} double-double, {refined_exact} exact (cases computed in this run)")
     table.add_row("manifest", str(summary.manifest))
     out.print(table)
 

@@ -29,10 +29,10 @@ import torch
 from . import __version__
 from .errors import GoldenError
 from .inputs import CaseInputs
-from .reference import ALGORITHM, Golden, RefinementStats
+from .reference import ALGORITHM, Golden
 from .spec import DISTS, DTYPES, MASKS, OPS, Case
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: no refinement counts in the file (they depend on the device's float64 rounding)
 FORMAT = "rlk-conform-golden"
 MANIFEST_FORMAT = "rlk-conform-manifest"
 MANIFEST_NAME = "manifest.json"
@@ -152,8 +152,6 @@ def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Prov
         a["spec_file"] = _ascii(prov.spec_file)
         a["spec_sha256"] = _ascii(prov.spec_sha256)
         a["spec_seed"] = np.int64(prov.spec_seed)
-        a["refined_double_double"] = np.int64(golden.stats.double_double)
-        a["refined_exact"] = np.int64(golden.stats.exact)
         a["flops"] = np.int64(golden.flops)
         arrays: dict[str, np.ndarray] = {
             "inputs/q": _tensor_to_storage(inputs.q),
@@ -188,8 +186,7 @@ MAX_ATTR_BYTES = 64 * 1024
 METADATA_SLACK_BYTES = 16 * 1024**2
 MAX_SPLIT_POINTS = 4096
 
-_INT_ATTRS = ("batch", "hq", "hkv", "head_dim", "sq", "skv", "s_past", "s_new", "spec_seed",
-              "refined_double_double", "refined_exact", "flops")
+_INT_ATTRS = ("batch", "hq", "hkv", "head_dim", "sq", "skv", "s_past", "s_new", "spec_seed", "flops")
 _STR_ATTRS = ("case_id", "op", "family", "tier", "preset", "dtype", "scale_mode", "mask", "dist",
               "input_generator", "algorithm", "generator", "spec_file", "spec_sha256")
 _CASE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -498,9 +495,7 @@ def _read_checked(path: Path, file_size: int, check_sha256: bool, max_bytes: int
     )
     golden = Golden(out=arrays["expected/out"], lse=arrays["expected/lse"],
                     error_scale=arrays["expected/error_scale"], naive_error=arrays["expected/naive_error"],
-                    flops=attrs["flops"],
-                    stats=RefinementStats(double_double=attrs["refined_double_double"],
-                                          exact=attrs["refined_exact"]))
+                    flops=attrs["flops"])
     return GoldenCase(path=path, case=case, inputs=inputs, golden=golden, attrs=attrs)
 
 

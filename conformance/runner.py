@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -325,10 +327,33 @@ def stop_on_signals() -> Iterator[None]:
         raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_stops(previous_hook)
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
+
+
+def _redeliver_stops(fallback: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An ``unraisablehook`` for :func:`stop_on_signals`: a KeyboardInterrupt or Terminated raised
+    where Python cannot propagate it (a weakref callback, a finaliser) would be printed as an
+    ignored traceback and lost; instead the signal is sent again, to be raised at the next point
+    that can propagate it."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt | Terminated):
+            again = signal.SIGINT if isinstance(unraisable.exc_value, KeyboardInterrupt) else signal.SIGTERM
+            # A moment later, from another thread: sent from here, its handler would raise inside this
+            # hook and be lost again.
+            timer = threading.Timer(0.05, os.kill, args=(os.getpid(), again))
+            timer.daemon = True
+            timer.start()
+            return
+        fallback(unraisable)
+
+    return hook
 
 
 @contextlib.contextmanager

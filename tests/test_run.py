@@ -151,3 +151,28 @@ def test_shards_partition_the_cases():
     shards = [select_cases(SMOKE, shard=(i, 3)) for i in range(3)]
     assert sorted(p for s in shards for p in s) == sorted(every)
     assert all(s for s in shards)
+
+
+def test_an_interrupt_raised_where_python_cannot_propagate_it_is_delivered_again(capfd: pytest.CaptureFixture) -> None:
+    """A KeyboardInterrupt raised inside a weakref callback would be printed as an ignored traceback
+    and lost; under stop_on_signals the signal comes again and stops the run where it can."""
+    import time
+    import weakref
+
+    from conformance.runner import stop_on_signals
+
+    class Thing:
+        pass
+
+    def callback(_: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), stop_on_signals():
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing  # the callback raises where the exception cannot propagate
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert ref() is None
+    assert "Traceback" not in capfd.readouterr().err
