@@ -6,6 +6,7 @@ backend itself, parity (P) against another backend, plus the op contract.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,50 +67,80 @@ class Verdict:
     message: str
 
 
+JUDGE_CHUNK = 1 << 20  # elements judged at a time: bounds the judge's float64 temporaries to a few MiB each
+
+
+def _row_chunks(rows: int, d: int) -> list[tuple[int, int]]:
+    step = max(1, JUDGE_CHUNK // max(1, d))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
 def judge_accuracy(out: torch.Tensor, golden: Golden, rule: AccuracyRule | None, peak_k: float | None,
                    rule_name: str) -> Verdict:
     """Elementwise ``|c − g| ≤ max(atol + rtol·|g|, naive_factor·e_row)``; strict rules also bound the
-    max and mean error by multiples of the naive same-dtype error. NaN/Inf where g is finite fails."""
+    max and mean error by multiples of the naive same-dtype error. NaN/Inf where g is finite fails.
+    Rows are judged a chunk at a time, so the judge's memory does not grow with the case."""
     if rule is None:
         return Verdict("fail", {}, f"no accuracy rule for this op and dtype in rule set '{rule_name}' of "
                        "tolerances.yaml (fail closed)")
-    c = out.detach().to("cpu", torch.float64).numpy()
-    g = golden.out.astype(np.float64)
-    e_row = golden.naive_error[..., None]
-    err = np.abs(c - g)
-    nonfinite = ~np.isfinite(c) & np.isfinite(g)
-    err = np.where(nonfinite, np.inf, err)
-    threshold = np.maximum(rule.atol + rule.rtol * np.abs(g), rule.naive_factor * e_row)
-    ratio = err / threshold
-    worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape) if ratio.size else None
-    peak = float(np.max(np.abs(g))) if g.size else 0.0
-    max_err = float(err.max()) if err.size else 0.0
-    mean_err = float(err[np.isfinite(err)].mean()) if np.isfinite(err).any() else float("inf")
+    shape = golden.out.shape
+    d = shape[-1] if shape else 1
+    got = out.detach().to("cpu").reshape(-1, d)
+    want = golden.out.reshape(-1, d)
+    e_rows = golden.naive_error.reshape(-1)
+    scales = golden.error_scale.reshape(-1)
+    max_err = peak = in_units = 0.0
+    err_sum, n_finite, n_nonfinite, n_bad = 0.0, 0, 0, 0
+    worst_ratio, worst_flat = -math.inf, 0
+    for r0, r1 in _row_chunks(want.shape[0], d):
+        c = got[r0:r1].to(torch.float64).numpy()
+        g = want[r0:r1].astype(np.float64)
+        err = np.abs(c - g)
+        nonfinite = ~np.isfinite(c) & np.isfinite(g)
+        err[nonfinite] = np.inf
+        threshold = np.maximum(rule.atol + rule.rtol * np.abs(g), rule.naive_factor * e_rows[r0:r1, None])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(err == 0, 0.0, err / threshold)
+            scale = scales[r0:r1, None]
+            units = np.where(scale > 0, err / np.where(scale > 0, scale, 1.0), 0.0)
+        finite = np.isfinite(err)
+        err_sum += float(err[finite].sum())
+        n_finite += int(finite.sum())
+        n_nonfinite += int(nonfinite.sum())
+        n_bad += int((ratio > 1).sum())
+        max_err = max(max_err, float(err.max()))
+        peak = max(peak, float(np.abs(g).max()))
+        in_units = max(in_units, float(units.max()))
+        local = int(np.argmax(ratio))
+        if ratio.flat[local] > worst_ratio:
+            worst_ratio, worst_flat = float(ratio.flat[local]), r0 * d + local
+    size = want.size
+    worst = np.unravel_index(worst_flat, shape) if size else None
+    worst_ratio = worst_ratio if size else 0.0
+    mean_err = err_sum / n_finite if n_finite else float("inf")
     naive_max = float(golden.naive_error.max()) if golden.naive_error.size else 0.0
-    scale = golden.error_scale[..., None]
-    in_scale_units = np.where(scale > 0, err / np.where(scale > 0, scale, 1.0), 0.0)
-    worst_ratio = float(ratio.max()) if ratio.size else 0.0
     metrics: dict[str, Any] = {
         "max_abs_err": max_err,
         "mean_abs_err": mean_err,
         "err_rel_peak": max_err / peak if peak > 0 else 0.0,
-        "err_in_error_scale_units": float(in_scale_units.max()) if in_scale_units.size else 0.0,
+        "err_in_error_scale_units": in_units,
         "naive_ratio": max_err / naive_max if naive_max > 0 else (0.0 if max_err == 0 else float("inf")),
         "threshold_ratio": worst_ratio,
         "margin": 1.0 - worst_ratio,
-        "nonfinite": int(nonfinite.sum()),
+        "nonfinite": n_nonfinite,
         "worst_index": [int(i) for i in worst] if worst is not None else None,
         "rule_set": rule_name,
     }
     if peak_k is not None:
         metrics["peak_relative_ok"] = bool(max_err <= peak_k * peak)
     problems = []
-    if nonfinite.any():
-        problems.append(f"{int(nonfinite.sum())} NaN/Inf elements where the golden is finite")
-    n_bad = int((ratio > 1).sum())
-    if n_bad and not nonfinite.all():
+    if n_nonfinite:
+        problems.append(f"{n_nonfinite} NaN/Inf elements where the golden is finite")
+    if n_bad and n_nonfinite < size:
+        got_w = float(got.reshape(-1)[worst_flat].to(torch.float64))
         problems.append(f"{n_bad} elements over the threshold, worst {worst_ratio:.3g}× at "
-                        f"(b,h,row,col)={tuple(metrics['worst_index'])}: got {c[worst]:.9g}, golden {g[worst]:.9g}")
+                        f"(b,h,row,col)={tuple(metrics['worst_index'])}: got {got_w:.9g}, golden "
+                        f"{float(want.reshape(-1)[worst_flat]):.9g}")
     naive_mean = float(golden.naive_error.mean()) if golden.naive_error.size else 0.0
     if rule.max_naive_ratio is not None and max_err > rule.max_naive_ratio * naive_max:
         problems.append(f"max error {max_err:.3g} > {rule.max_naive_ratio}× naive same-dtype error {naive_max:.3g}")
@@ -191,24 +222,37 @@ class Mismatch:
 def bitwise_mismatch(a: torch.Tensor, b: torch.Tensor) -> Mismatch | None:
     """None if ``a`` and ``b`` are bit-identical, with two explicit exceptions: a NaN matches any
     NaN (payloads are not values), and +0 matches −0 (a fully masked row is "exactly 0" either way;
-    a sign flip of zero changes no later sum). Everything else is compared bit for bit."""
+    a sign flip of zero changes no later sum). Everything else is compared bit for bit.
+    Identical bits are confirmed without temporaries; differences are measured a chunk at a time."""
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"cannot compare {tuple(a.shape)} {a.dtype} with {tuple(b.shape)} {b.dtype}")
-    a = a.detach().cpu()
-    b = b.detach().cpu()
-    both_nan = (torch.isnan(a) & torch.isnan(b)).numpy()
-    ra, oa = _raw_and_ordered(a)
-    rb, ob = _raw_and_ordered(b)
-    both_zero = ((a == 0) & (b == 0)).numpy()
-    differ = (ra != rb) & ~both_nan & ~both_zero
-    if not differ.any():
+    if a.dtype not in _INT_VIEW:
+        raise TypeError(f"bitwise comparison of {a.dtype} is not supported")
+    a = a.detach().cpu().contiguous()
+    b = b.detach().cpu().contiguous()
+    if torch.equal(bit_view(a), bit_view(b)):
         return None
-    af, bf = a.to(torch.float64).numpy(), b.to(torch.float64).numpy()
-    with np.errstate(invalid="ignore"):
-        absdiff = np.where(differ, np.abs(af - bf), 0.0)
-    ulp = np.where(differ, np.abs(oa.astype(np.float64) - ob.astype(np.float64)), 0.0)
-    first = tuple(int(i) for i in np.argwhere(differ)[0])
-    finite_diffs = absdiff[~np.isnan(absdiff)]
-    max_abs = float(finite_diffs.max()) if finite_diffs.size else float("nan")
-    return Mismatch(count=int(differ.sum()), max_abs=max_abs, max_ulp=float(ulp.max()),
-                    first_index=first, first_values=(float(af[first]), float(bf[first])))
+    af_all, bf_all = a.reshape(-1), b.reshape(-1)
+    count, max_abs, max_ulp, first, any_finite = 0, -math.inf, 0.0, None, False
+    for i0 in range(0, af_all.numel(), JUDGE_CHUNK):
+        ca, cb = af_all[i0:i0 + JUDGE_CHUNK], bf_all[i0:i0 + JUDGE_CHUNK]
+        ra, oa = _raw_and_ordered(ca)
+        rb, ob = _raw_and_ordered(cb)
+        differ = (ra != rb) & ~(torch.isnan(ca) & torch.isnan(cb)).numpy() & ~((ca == 0) & (cb == 0)).numpy()
+        if not differ.any():
+            continue
+        if first is None:
+            first = i0 + int(np.flatnonzero(differ)[0])
+        count += int(differ.sum())
+        with np.errstate(invalid="ignore"):
+            absdiff = np.abs(ca.to(torch.float64).numpy() - cb.to(torch.float64).numpy())[differ]
+        finite = absdiff[~np.isnan(absdiff)]
+        if finite.size:
+            any_finite = True
+            max_abs = max(max_abs, float(finite.max()))
+        max_ulp = max(max_ulp, float(np.abs(oa[differ].astype(np.float64) - ob[differ].astype(np.float64)).max()))
+    if first is None:
+        return None
+    index = tuple(int(i) for i in np.unravel_index(first, tuple(a.shape)))
+    return Mismatch(count=count, max_abs=max_abs if any_finite else float("nan"), max_ulp=max_ulp,
+                    first_index=index, first_values=(float(af_all[first]), float(bf_all[first])))
