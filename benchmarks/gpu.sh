@@ -26,7 +26,7 @@ cores=$(nproc)
 } 2>&1 | tee "$out/machine.txt"
 
 goldens=$(mktemp -d)/goldens
-python3 benchmarks/gpu_generation.py --tier "$tier" --cpu-jobs "$cores" --gpu-jobs 8 --keep "$goldens" \
+python3 benchmarks/gpu_generation.py --tier "$tier" --cpu-jobs "$cores" --gpu-jobs "$cores" --keep "$goldens" \
   --json "$out/generation.json" 2>&1 | tee "$out/generation.txt"
 
 devices=""
