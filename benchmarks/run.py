@@ -101,6 +101,20 @@ def conform_run(label: str, goldens: Path, backend: str, report: Path, *extra: s
     return data, wall
 
 
+def same_records(a: list[dict], b: list[dict]) -> str:
+    """Whether two runs' records are the same, compared as canonical JSON (NaN metrics equal NaN,
+    which Python's == on floats denies), with the count and first of the differing ones if not."""
+    ca = [json.dumps(r, sort_keys=True) for r in a]
+    cb = [json.dumps(r, sort_keys=True) for r in b]
+    if ca == cb:
+        return "yes"
+    if sorted(ca) == sorted(cb):
+        return "same records, other order"
+    differ = [(x, y) for x, y in zip(ca, cb) if x != y]
+    first = differ[0] if differ else ("", "")
+    return f"NO: {len(differ)} of {max(len(ca), len(cb))} differ; first: {first[0][:300]} vs {first[1][:300]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--goldens", type=Path, default=ROOT / "goldens" / "smoke", help="golden directory "
@@ -169,7 +183,7 @@ def main() -> None:
                                                            f"profile wall, verdict {several['summary']['verdict']}"),
                  ("   per device", "; ".join(f"{d['device']} {d['cases']} cases {d['wall_s']:.2f} s"
                                              for d in dev_prof.get("devices") or [])),
-                 ("   records identical to one device's", str(several["records"] == one["records"])),
+                 ("   records identical to one device's", same_records(several["records"], one["records"])),
                  (f"   speed-up over --device {device}", f"{speedup:.2f}x outside, "
                                                           f"{prof['wall_s'] / dev_prof['wall_s']:.2f}x profile wall "
                                                           f"(target ≥ {MIN_SPEEDUP}x on 2 GPUs: "
