@@ -101,15 +101,33 @@ class BackendRun:
         return self.report.get("goldens") or {}
 
     @property
+    def search(self) -> dict[str, Any] | None:
+        """The property search's settings when this report is one (``rlk-conform check``), else None."""
+        return self.report.get("search")
+
+    @property
+    def source(self) -> str:
+        """What was judged: the goldens' tier and dataset hash, or the property search's profile."""
+        if self.search is not None:
+            examples = sum(int(r.get("examples_run") or 0) for r in self.search.get("results") or [])
+            budget = self.search.get("time_budget_s")
+            return (f"property search, profile {self.search.get('profile')}, {examples} examples"
+                    + (f", {budget:g} s per property" if budget else ""))
+        g = self.goldens
+        return f"{g.get('tier')} goldens `{str(g.get('dataset_sha256'))[:12]}`"
+
+    @property
     def requested(self) -> str:
         b = self.report["backend"]
         return str(b.get("requested") or b.get("used") or "?")
 
 
 def load_runs(paths: Sequence[Path]) -> list[BackendRun]:
-    """Load every report; labels are the requested backend, made unique by device name, then by index."""
+    """Load every report; labels are the requested backend (``(check)`` for a property search), made
+    unique by device name, then by index."""
     reports = [(p, load_report(p)) for p in paths]
-    labels = [str(r["backend"].get("requested") or r["backend"].get("used") or "?") for _, r in reports]
+    labels = [str(r["backend"].get("requested") or r["backend"].get("used") or "?")
+              + (" (check)" if "search" in r else "") for _, r in reports]
     if len(set(labels)) < len(labels):
         labels = [f"{lab} · {(r.get('execution_target') or {}).get('device_name') or r['backend'].get('device')}"
                   if labels.count(lab) > 1 else lab for lab, (_, r) in zip(labels, reports)]
@@ -811,7 +829,7 @@ def render_markdown(runs: Sequence[BackendRun], top: int = 5) -> str:
     """A short summary for docs/results/: per backend its target, counts per check × dtype
     (pass/fail/error/skip) and the top failures with replay commands."""
     lines = ["# rlk-conform results", "",
-             "| backend | device | torch | verdict | pass | fail | error | skip | goldens |",
+             "| backend | device | torch | verdict | pass | fail | error | skip | judged against |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for run in runs:
         s = run.report.get("summary") or {}
@@ -819,7 +837,7 @@ def render_markdown(runs: Sequence[BackendRun], top: int = 5) -> str:
         lines.append(f"| {_md(run.label)} | {_md(run.target.get('device_name') or run.target.get('device'))} | "
                      f"{_md(run.target.get('torch'))} | **{_md(s.get('verdict', '?'))}** | "
                      + " | ".join(str(st.get(x, 0)) for x in STATUSES)
-                     + f" | {_md(run.goldens.get('tier'))} `{str(run.goldens.get('dataset_sha256'))[:12]}` |")
+                     + f" | {_md(run.source)} |")
     for run in runs:
         t, g = run.target, run.goldens
         s = run.report.get("summary") or {}
@@ -827,7 +845,8 @@ def render_markdown(runs: Sequence[BackendRun], top: int = 5) -> str:
                   f"- target: `{t.get('device')}` {t.get('device_name') or ''} (compute capability "
                   f"{t.get('compute_capability') or '—'}); torch {t.get('torch')}, CUDA {t.get('cuda') or '—'}, "
                   f"cuDNN {t.get('cudnn') or '—'}, driver {t.get('driver') or '—'}; host {t.get('host')}",
-                  f"- goldens: `{g.get('dir')}` (tier {g.get('tier')}), dataset SHA-256 `{g.get('dataset_sha256')}`",
+                  (f"- judged against: {run.source}" if run.search is not None else
+                   f"- goldens: `{g.get('dir')}` (tier {g.get('tier')}), dataset SHA-256 `{g.get('dataset_sha256')}`"),
                   f"- verdict: **{s.get('verdict', '?')}** over {s.get('cases')} cases"
                   + ("" if run.report.get("complete", True) else " (incomplete run)"), ""]
         dtypes, checks = ordered_dtypes(run.records), ordered_checks(run.records)

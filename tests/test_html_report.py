@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 
 from conformance.cli import app
 from conformance.errors import EXIT_BAD_INPUT, EXIT_OK
-from conformance.html_report import case_dims, load_runs
+from conformance.html_report import case_dims, load_runs, render_markdown
 from conformance.judge import INVARIANCE_CHECKS, Record
 from conformance.report import STATUSES, summarize
 
@@ -313,3 +313,19 @@ def test_bad_input_is_one_line_exit_2_naming_the_file(tmp_path: Path, report_fil
 ])
 def test_case_dims_parses_skv_and_head_dim_from_the_id(case_id: str, dims: tuple[int | None, int | None]) -> None:
     assert case_dims(case_id, _preset_dims()) == dims
+
+
+def test_property_search_reports_are_labelled_as_checks_and_name_their_search(tmp_path: Path,
+                                                                              report_files: list[Path]) -> None:
+    run = json.loads(report_files[0].read_text())
+    check = copy.deepcopy(run)
+    check["goldens"] = None
+    check["search"] = {"profile": "nightly", "time_budget_s": 10.0,
+                       "results": [{"examples_run": 12}, {"examples_run": 30}]}
+    (tmp_path / "check.json").write_text(json.dumps(check))
+    runs = load_runs([report_files[0], tmp_path / "check.json"])
+    assert [r.label for r in runs] == ["naive", "naive (check)"]
+    text = render_markdown(runs)
+    section = text.split("## naive (check)\n", 1)[1]
+    assert "judged against: property search, profile nightly, 42 examples, 10 s per property" in section
+    assert "None" not in text.split("## naive\n", 1)[0]  # the overview table names no missing goldens
