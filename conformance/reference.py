@@ -278,39 +278,41 @@ def _naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor | None, scale: float
 def _refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out32: np.ndarray,
             undecided: np.ndarray, stats: RefinementStats) -> None:
     """Decide every undecided element of ``out32`` ([b, hkv, g, sq, d]) in place: tier 2 for all
-    of them at once (vectorised per KV head, on the device of ``qkv64``: q [b, hkv, g, sq, d] and
-    k, v in float64), tier 3 for the few tier 2 leaves open."""
+    of them (vectorised over rows and over KV heads, on the device of ``qkv64``: q [b, hkv, g, sq, d]
+    and k, v in float64, so that a GPU gets a few large kernels per case, not a few per head), then
+    tier 3 for the few tier 2 leaves open."""
     b, hkv, g, sq, d = out32.shape
     q, k, v = qkv64
-    dev = q.device
     kpm = inputs.key_padding_mask
     rows = np.argwhere(undecided.any(-1))  # (bi, hi, gi, i), sorted: rows of one KV head are adjacent
     left: dict[tuple[int, ...], list[int]] = {}
-    for bh in np.unique(rows[:, :2], axis=0):
-        bi, hi = int(bh[0]), int(bh[1])
-        head = rows[(rows[:, 0] == bi) & (rows[:, 1] == hi)]
-        see_all = _visible_rows(case, None if kpm is None else kpm[bi], head[:, 3])
-        kmax = int(see_all.any(0).nonzero().max()) + 1
-        per_chunk = max(1, TIER2_ELEMENTS // kmax)
-        for c0 in range(0, len(head), per_chunk):
-            chunk = head[c0:c0 + per_chunk]
-            gi, ii = chunk[:, 2], chunk[:, 3]
-            er, ec = np.nonzero(undecided[bi, hi, gi, ii])  # (chunk row, column) of each element
-            see = see_all[c0:c0 + per_chunk, :kmax].to(dev)
-            kk, vv = k[bi, hi, :kmax], v[bi, hi, :kmax]
-            vals, decided = _double_double(q[bi, hi, gi, ii], kk, vv, see, er, ec, case)
-            if not decided.all():  # the same rows again with double-double exp, for what is left
-                rest = np.unique(er[~decided])
-                remap = np.full(len(chunk), -1)
-                remap[rest] = np.arange(len(rest))
-                sub = ~decided
-                vals[sub], decided[sub] = _double_double(q[bi, hi, gi[rest], ii[rest]], kk, vv,
-                                                         see[torch.as_tensor(rest, device=see.device)],
-                                                         remap[er[sub]], ec[sub], case, precise=True)
-            out32[bi, hi, gi[er[decided]], ii[er[decided]], ec[decided]] = vals[decided]
-            stats.double_double += int(decided.sum())
-            for r, c in zip(er[~decided], ec[~decided]):
-                left.setdefault((bi, hi, int(gi[r]), int(ii[r])), []).append(int(c))
+    for batch in _tier2_batches(case, kpm, rows):
+        heads = len(batch)
+        r_max = max(len(seg.rows) for seg in batch)
+        n = max(seg.kmax for seg in batch)
+        bi_t = torch.as_tensor([seg.bi for seg in batch], device=q.device)
+        hi_t = torch.as_tensor([seg.hi for seg in batch], device=q.device)
+        qb = q.new_zeros(heads, r_max, d)
+        see = torch.zeros(heads, r_max, n, dtype=torch.bool)
+        er_parts, ec_parts, where = [], [], []
+        for j, seg in enumerate(batch):
+            qb[j, :len(seg.rows)] = q[seg.bi, seg.hi, seg.rows[:, 2], seg.rows[:, 3]]
+            see[j, :len(seg.rows), :seg.kmax] = seg.see
+            er, ec = np.nonzero(undecided[seg.bi, seg.hi, seg.rows[:, 2], seg.rows[:, 3]])
+            er_parts.append(j * r_max + er)
+            ec_parts.append(ec)
+            where.append(np.stack([np.full(len(er), seg.bi), np.full(len(er), seg.hi), seg.rows[er, 2],
+                                   seg.rows[er, 3], ec], axis=1))
+        er, ec, at = np.concatenate(er_parts), np.concatenate(ec_parts), np.concatenate(where)
+        kb, vb, see = k[bi_t, hi_t, :n], v[bi_t, hi_t, :n], see.to(q.device)
+        vals, decided = _double_double(qb, kb, vb, see, er, ec, case)
+        if not decided.all():  # the rows with something left, again with the double-double exp
+            sub = ~decided
+            vals[sub], decided[sub] = _precise_rows(qb, kb, vb, see, er[sub], ec[sub], case)
+        out32[tuple(at[decided].T)] = vals[decided]
+        stats.double_double += int(decided.sum())
+        for bi, hi, gi, i, c in at[~decided]:
+            left.setdefault((int(bi), int(hi), int(gi), int(i)), []).append(int(c))
     if left:
         qn = inputs.q.to(torch.float64).reshape(b, hkv, g, sq, d).numpy()
         kn = inputs.k.to(torch.float64).numpy()
@@ -321,6 +323,62 @@ def _refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out
             for c, val in zip(cols, exact):
                 out32[bi, hi, gi, i, c] = val
                 stats.exact += 1
+
+
+@dataclass
+class _Segment:
+    """Undecided query rows of one KV head (``rows``: (bi, hi, gi, i) each), their visible keys."""
+
+    bi: int
+    hi: int
+    rows: np.ndarray
+    see: torch.Tensor  # bool [len(rows), kmax]
+    kmax: int
+
+
+def _tier2_batches(case: Case, kpm: torch.Tensor | None, rows: np.ndarray) -> Iterator[list[_Segment]]:
+    """Group the undecided rows into batches of segments (one KV head each) whose padded working set
+    heads × max rows × max keys stays within TIER2_ELEMENTS; a head with more rows is cut up."""
+    batch: list[_Segment] = []
+    for bh in np.unique(rows[:, :2], axis=0):
+        bi, hi = int(bh[0]), int(bh[1])
+        head = rows[(rows[:, 0] == bi) & (rows[:, 1] == hi)]
+        see_all = _visible_rows(case, None if kpm is None else kpm[bi], head[:, 3])
+        kmax = int(see_all.any(0).nonzero().max()) + 1
+        per = max(1, TIER2_ELEMENTS // kmax)
+        for r0 in range(0, len(head), per):
+            seg = _Segment(bi, hi, head[r0:r0 + per], see_all[r0:r0 + per, :kmax], kmax)
+            grown = [*batch, seg]
+            if batch and len(grown) * max(len(s.rows) for s in grown) * max(s.kmax for s in grown) > TIER2_ELEMENTS:
+                yield batch
+                grown = [seg]
+            batch = grown
+    if batch:
+        yield batch
+
+
+def _precise_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
+                  ec: np.ndarray, case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_double_double` with the double-double exp for the elements (flat row ``er``, column
+    ``ec``) of a batch laid out as q [H, R, D], k/v [H, n, D], see [H, R, n]: each of their rows
+    becomes a head of its own (its keys gathered), in groups that keep the gathered keys bounded."""
+    heads, r_max, d = q.shape
+    n = k.shape[1]
+    rows = np.unique(er)
+    vals = np.zeros(len(er), dtype=np.float32)
+    decided = np.zeros(len(er), dtype=bool)
+    per = max(1, TIER2_ELEMENTS * 4 // (n * d))
+    for r0 in range(0, len(rows), per):
+        group = rows[r0:r0 + per]
+        idx = torch.as_tensor(group, device=q.device)
+        slot = np.full(heads * r_max, -1)
+        slot[group] = np.arange(len(group))
+        mine = slot[er] >= 0
+        head_of = idx // r_max
+        vals[mine], decided[mine] = _double_double(q.reshape(-1, d)[idx][:, None], k[head_of], v[head_of],
+                                                   see.reshape(-1, n)[idx][:, None], slot[er[mine]], ec[mine], case,
+                                                   precise=True)
+    return vals, decided
 
 
 TIER2_ELEMENTS = 1 << 21  # (row, key) pairs per tier-2 chunk: bounds its working memory
@@ -395,7 +453,7 @@ def _slices(x: torch.Tensor, beta: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def _dd_dots(q: torch.Tensor, kt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dot products of the rows of ``q`` [R, D] with the columns of ``kt`` [D, n] as double-doubles,
+    """Dot products of the rows of ``q`` [..., R, D] with the columns of ``kt`` [..., D, n] as double-doubles,
     from matmuls: both sides are sliced (:func:`_slices`) so that the four products of leading
     slices are exact integer matmuls (D·2^(2β) ≤ 2^53); the remainders enter through two ordinary
     matmuls whose error is ~2^(-2β) smaller than the plain dot product's; the parts are added with
@@ -403,9 +461,8 @@ def _dd_dots(q: torch.Tensor, kt: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     d = q.shape[-1]
     beta = (53 - math.ceil(math.log2(max(d, 2)))) // 2
     qa, qb, qr, eq = _slices(q, beta)
-    ka, kb, kr, ek = _slices(kt.t(), beta)
-    ka, kb, kr, ek = ka.t(), kb.t(), kr.t(), ek.t()
-    base = eq + ek  # [R, n] exponent of each (row, key) pair
+    ka, kb, kr, ek = (x.transpose(-1, -2) for x in _slices(kt.transpose(-1, -2), beta))
+    base = eq + ek  # [..., R, n] exponent of each (row, key) pair
     parts = [(qa @ ka) * _pow2(base - 2 * beta), (qa @ kb) * _pow2(base - 3 * beta),
              (qb @ ka) * _pow2(base - 3 * beta), (qb @ kb) * _pow2(base - 4 * beta),
              q @ kr + qr @ (kt - kr)]
@@ -419,7 +476,7 @@ def _dd_dots(q: torch.Tensor, kt: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     # The two rounded matmuls: ≤ γ_2D·Σ(|q||kr| + |qr||k − kr|) ≤ 1.01·2D·u·D·(max|q|·max|kr| + max|qr|·max|k|);
     # the TwoSum chain: ≤ 8u²·Σ|parts|.
     q_max, qr_max = q.abs().amax(-1, keepdim=True), qr.abs().amax(-1, keepdim=True)
-    k_max, kr_max = kt.abs().amax(0, keepdim=True), kr.abs().amax(0, keepdim=True)
+    k_max, kr_max = kt.abs().amax(-2, keepdim=True), kr.abs().amax(-2, keepdim=True)
     err = 1.01 * 2 * d * d * U * (q_max * kr_max + qr_max * k_max) + 8 * U * U * total
     return hi, lo, err
 
@@ -484,8 +541,9 @@ def _exp_dd(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
                    ec: np.ndarray, case: Case, precise: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Tier 2 for the elements (row ``er[e]``, column ``ec[e]``) of the query rows ``q`` [R, D]
-    (float64, exact) against keys/values ``k``/``v`` [n, D], ``see`` [R, n] the visible keys.
+    """Tier 2 for the elements (row ``er[e]`` of the flattened [H·R] rows, column ``ec[e]``) of the
+    query rows ``q`` [H, R, D] (float64, exact; H KV heads) against keys/values ``k``/``v``
+    [H, n, D], ``see`` [H, R, n] the visible keys (padding rows see none).
 
     Logits are double-double (exact products, TwoSum over D), each weight exp(x_hi)·(1 + x_lo)
     has relative error ≤ eps_j (3u + second order), sums are double-double (:func:`_dd_sum`) and
@@ -495,7 +553,7 @@ def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch
     than 3u), which decides all but the elements within ~2^-80 of a rounding boundary.
     Returns (float32 values, decided mask) per element.
     """
-    kt = k.t().contiguous()
+    kt = k.transpose(-1, -2).contiguous()
     dh, dl, dot_err = _dd_dots(q, kt)
     sh, sl = _scale_dd(case)
     s_hi, s_lo = _two_prod(dh, sh)
@@ -516,9 +574,12 @@ def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch
     # Relative error of each weight: the exp, then the double-double logit (second order).
     eps = torch.where(see, exp_err + abs(case.effective_scale) * dot_err
                       + (5 * s_hi.abs() + 3 * x_hi.abs() + 3 * x_hi * x_hi) * U * U, zero)
+    n = k.shape[-2]  # the rows of all heads, flattened: er indexes them
+    p, p_lo, eps = p.reshape(-1, n), p_lo.reshape(-1, n), eps.reshape(-1, n)
+    den_h, den_l = den_h.reshape(-1), den_l.reshape(-1)
     er_t = torch.as_tensor(er, device=q.device)
     pe = p[er_t]
-    vc = v[:, torch.as_tensor(ec, device=q.device)].t()
+    vc = v[er_t // q.shape[-2], :, torch.as_tensor(ec, device=q.device)]  # [E, n]: each element's value column
     ph, pl = _two_prod(pe, vc)
     if precise:
         pl = pl + p_lo[er_t] * vc  # two roundings, ≤ 2u²·|p·v|: inside the second-order term below
@@ -528,7 +589,6 @@ def _double_double(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch
     r_h, r_l = _two_prod(o_h, dh_e)  # double-double division: one Newton correction
     o_l = ((num_h - r_h) - r_l + num_l - o_h * dl_e) / dh_e
     pn = pe / dh_e[:, None]
-    n = k.shape[0]
     first = (pn * eps[er_t] * (vc - o_h[:, None]).abs()).sum(-1)
     second = (3 * levels + 14) * U * U * (o_h.abs() + (pn * vc.abs()).sum(-1))
     # ×(1 + 2^-20): the float64 evaluation of the bound itself rounds (relative n·u at most).
