@@ -143,6 +143,14 @@ def exit_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def init_worker(threads: int) -> None:
+    """A generation worker: dies with its parent, and its CPU-side torch work (inputs, the host side
+    of a CUDA generation) uses its share of the cores, not all of them in every worker. (The CPU
+    reference itself always runs on one thread: see compute_reference.)"""
+    exit_with_parent()
+    torch.set_num_threads(threads)
+
+
 def run_jobs(jobs: Sequence[Job], n_workers: int, device: str,
              on_done: Callable[[Job, CaseResult], None]) -> list[CaseResult]:
     """Run ``jobs`` (largest first) on ``n_workers`` processes; ``on_done`` is called as each finishes."""
@@ -155,7 +163,9 @@ def run_jobs(jobs: Sequence[Job], n_workers: int, device: str,
             on_done(job, res)
         return results
     ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=exit_with_parent) as pool:
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=init_worker,
+                             initargs=(threads,)) as pool:
         pending: dict[Future[CaseResult], Job] = {pool.submit(generate_case, j, device): j for j in order}
         try:
             while pending:
