@@ -497,6 +497,21 @@ def _kv_table(rows: Sequence[tuple[str, Any]], cls: str = "kv") -> str:
     return f'<table class="{cls}">{body}</table>'
 
 
+def profile_rows(profile: dict[str, Any]) -> list[tuple[str, str]]:
+    """The ``profile`` object of a report (run --profile) as label/value rows: wall time, seconds
+    and share of each phase, peak RSS and the largest case."""
+    wall = float(profile.get("wall_s") or 0.0)
+    process = float(profile.get("process_s") or wall)
+    phases = profile.get("phases_s") or {}
+    rows = [("wall", f"{wall:.2f} s over {profile.get('cases')} cases")]
+    rows += [(name, f"{float(sec):.2f} s ({float(sec) / process:.0%})" if process > 0 else f"{float(sec):.2f} s")
+             for name, sec in phases.items()]
+    rows += [("peak RSS", f"{profile.get('peak_rss_mib')} MiB"),
+             ("largest case", f"{(profile.get('largest_case_bytes') or 0) / 2**20:.1f} MiB "
+                              f"({profile.get('largest_case_id')})")]
+    return rows
+
+
 def target_section(run: BackendRun) -> str:
     t, g, s, b = run.target, run.goldens, run.report.get("settings") or {}, run.report["backend"]
     target = [("device", t.get("device")), ("device name", t.get("device_name")),
@@ -519,6 +534,8 @@ def target_section(run: BackendRun) -> str:
                 ("filter", s.get("filter")), ("shard", s.get("shard")),
                 ("tolerances", f"{s.get('tolerances_file')} ({s.get('tolerances_sha256')})")]
     blocks = [("Execution target", target), ("Backend", backend), ("Goldens", goldens), ("Settings", settings)]
+    if run.report.get("profile"):
+        blocks.append(("Profile (run --profile)", profile_rows(run.report["profile"])))
     return '<div class="target">' + "".join(
         f'<div class="tblock"><h4>{esc(name)}</h4>{_kv_table(rows)}</div>' for name, rows in blocks) + "</div>"
 
@@ -848,7 +865,10 @@ def render_markdown(runs: Sequence[BackendRun], top: int = 5) -> str:
                   (f"- judged against: {run.source}" if run.search is not None else
                    f"- goldens: `{g.get('dir')}` (tier {g.get('tier')}), dataset SHA-256 `{g.get('dataset_sha256')}`"),
                   f"- verdict: **{s.get('verdict', '?')}** over {s.get('cases')} cases"
-                  + ("" if run.report.get("complete", True) else " (incomplete run)"), ""]
+                  + ("" if run.report.get("complete", True) else " (incomplete run)")]
+        if run.report.get("profile"):
+            lines.append("- profile: " + "; ".join(f"{k} {v}" for k, v in profile_rows(run.report["profile"])))
+        lines.append("")
         dtypes, checks = ordered_dtypes(run.records), ordered_checks(run.records)
         cells = count_by(run.records, lambda r: (r["check"], r.get("dtype", "")))
         lines.append("| check (pass/fail/error/skip) | " + " | ".join(_dtype_label(d) for d in dtypes) + " |")

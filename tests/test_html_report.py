@@ -329,3 +329,16 @@ def test_property_search_reports_are_labelled_as_checks_and_name_their_search(tm
     section = text.split("## naive (check)\n", 1)[1]
     assert "judged against: property search, profile nightly, 42 examples, 10 s per property" in section
     assert "None" not in text.split("## naive\n", 1)[0]  # the overview table names no missing goldens
+
+
+def test_a_profiled_run_shows_its_phases_in_the_page_and_the_summary(tmp_path: Path) -> None:
+    out = tmp_path / "profiled.json"
+    report = _run_report(out, "naive", "--filter", "attention/gqa/*", "--profile")
+    html, md = tmp_path / "r.html", tmp_path / "r.md"
+    assert invoke("report", out, "--html", html, "--summary-md", md).exit_code == 0
+    page, summary = html.read_text(), md.read_text()
+    assert "Profile (run --profile)" in page
+    for phase, seconds in report["profile"]["phases_s"].items():
+        assert f"{phase} {seconds:.2f} s" in summary
+        assert f"<th>{phase}</th><td>{seconds:.2f} s" in page
+    assert f"peak RSS {report['profile']['peak_rss_mib']} MiB" in summary
