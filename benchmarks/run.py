@@ -66,24 +66,21 @@ def machine() -> list[tuple[str, str]]:
             ("torch", f"{torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}")]
 
 
+def copy_cases(goldens: Path, manifest: dict[str, Any], entries: list[dict[str, Any]], target: Path) -> None:
+    """A golden directory at ``target`` holding only the manifest ``entries`` of ``goldens``."""
+    for entry in entries:
+        (target / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(goldens / entry["path"], target / entry["path"])
+    (target / "manifest.json").write_text(json.dumps({**manifest, "files": entries}, indent=2))
+
+
 def smallest_per_family(goldens: Path, manifest: dict[str, Any], target: Path) -> list[dict[str, Any]]:
     """A golden directory at ``target`` with only the smallest case of each family; their entries."""
     chosen: dict[str, dict[str, Any]] = {}
     for entry in sorted(manifest["files"], key=lambda e: (e.get("bytes", 0), e["case_id"])):
         chosen.setdefault(entry["case_id"].rsplit("/", 1)[0], entry)
-    for entry in chosen.values():
-        (target / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(goldens / entry["path"], target / entry["path"])
-    (target / "manifest.json").write_text(json.dumps({**manifest, "files": list(chosen.values())}, indent=2))
+    copy_cases(goldens, manifest, list(chosen.values()), target)
     return list(chosen.values())
-
-
-def only_case(goldens: Path, manifest: dict[str, Any], case_id: str, target: Path) -> None:
-    """A golden directory at ``target`` holding the one case ``case_id``."""
-    entry = next(e for e in manifest["files"] if e["case_id"] == case_id)
-    (target / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(goldens / entry["path"], target / entry["path"])
-    (target / "manifest.json").write_text(json.dumps({**manifest, "files": [entry]}, indent=2))
 
 
 def warm_page_cache(goldens: Path, manifest: dict[str, Any]) -> int:
@@ -154,7 +151,8 @@ def main() -> None:
                                       *on_device)
         one, one_wall = conform_run("one device", goldens, backend, out / "one-device.json", *on_device)
         largest_id = one["profile"]["largest_case_id"]
-        only_case(goldens, manifest, largest_id, Path(tmp) / "largest")
+        largest_entries = [e for e in manifest["files"] if e["case_id"] == largest_id]
+        copy_cases(goldens, manifest, largest_entries, Path(tmp) / "largest")
         alone, _ = conform_run("largest case alone", Path(tmp) / "largest", backend, out / "largest.json", *on_device)
         several = None
         if len(devices) >= 2:

@@ -196,14 +196,20 @@ def verify(
         failed = {p.path for p in result.problems}
         table.add_row("regenerated", f"{result.regenerated} ({result.regenerated - len(failed)} bit-identical)")
     table.add_row("dataset SHA-256", str(result.manifest.get("dataset_sha256")))
-    table.add_row("problems", str(len(result.problems)))
-    out.print(table)
-    for p in result.problems:
-        out.print(f"FAIL {p}", markup=False, highlight=False, soft_wrap=True)
-    if not result.ok:
-        raise typer.Exit(EXIT_FAILURE)
+    print_verification(table, result.problems)
     out.print(f"OK: {result.checked} golden files verified" + (", every one regenerated bit-identical"
                                                                 if regenerate else ""))
+
+
+def print_verification(table: Table, problems: list[Any]) -> None:
+    """The summary table of a verification, then each problem on its own ``FAIL`` line; exit 1 if
+    there were any (the caller prints its ``OK`` line otherwise)."""
+    table.add_row("problems", str(len(problems)))
+    out.print(table)
+    for p in problems:
+        out.print(f"FAIL {p}", markup=False, highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command("specs")

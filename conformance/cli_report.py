@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .cli import Tier, app, out, user_errors, verify_progress
+from .cli import Tier, app, out, print_verification, user_errors, verify_progress
 from .errors import EXIT_FAILURE
 
 
@@ -130,11 +130,6 @@ def verify_bundle_command(directory: Path, regenerate: bool, device: str) -> Non
     table.add_row("golden files checked", str(result.goldens.checked if result.goldens else 0))
     if regenerate and result.goldens:
         table.add_row("regenerated", str(result.goldens.regenerated))
-    table.add_row("problems", str(len(result.problems)))
-    out.print(table)
-    for p in result.problems:
-        out.print(f"FAIL {p}", markup=False, highlight=False, soft_wrap=True)
-    if not result.ok:
-        raise typer.Exit(EXIT_FAILURE)
+    print_verification(table, result.problems)
     out.print(f"OK: bundle verified: {result.files_checked} files, bundle SHA-256 {result.bundle['bundle_sha256']}, "
               f"{result.goldens.checked if result.goldens else 0} golden files", markup=False, highlight=False)

@@ -85,13 +85,16 @@ def make_key_padding_mask(rng: np.random.Generator, case: Case) -> np.ndarray | 
     raise ValueError(f"unknown mask {case.mask!r}")  # pragma: no cover
 
 
-def visible(case: Case, key_padding_mask: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
-    """Bool [batch or 1, sq, skv] of which key each query row sees (padding and causal rule)."""
-    rows = rows or slice(0, case.sq)
-    i = torch.arange(rows.start, rows.stop)[:, None]
+def visible(case: Case, key_padding_mask: torch.Tensor | None,
+            rows: slice | np.ndarray | None = None) -> torch.Tensor:
+    """Bool [batch or 1, rows, skv] of which key each query row sees (padding and causal rule);
+    ``rows`` is a slice of the query rows (all by default) or an array of row indices."""
+    rows = rows if rows is not None else slice(0, case.sq)
+    i = (torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long))
+    i = i[:, None]
     j = torch.arange(case.skv)[None, :]
     see = (j <= i + (case.skv - case.sq)) if case.causal else torch.ones(i.shape[0], case.skv, dtype=torch.bool)
     see = see[None]
     if key_padding_mask is not None:
-        see = see & key_padding_mask[:, None, :]
+        see = see & key_padding_mask.cpu()[:, None, :]
     return see

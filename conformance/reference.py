@@ -120,7 +120,7 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
         kmax = min(skv, i1 - 1 + skv - sq + 1) if case.causal else skv
         if kmax <= 0:
             continue  # every row of the block is fully masked: zeros, lse = -inf
-        vis = visible(case, None if kpm is None else kpm.cpu(), slice(i0, i1))[..., :kmax].to(dev)
+        vis = visible(case, kpm, slice(i0, i1))[..., :kmax].to(dev)
         vis = vis[:, None, None].expand(b, 1, g, n, kmax).reshape(b, 1, g * n, kmax)
         flops += int(vis.expand(b, hkv, g * n, kmax).sum()) * 4 * d
         q = q64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
@@ -240,19 +240,18 @@ def _blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     n = p.shape[-1]
     kb = max(256, -(-n // 16))
     parts = [p[..., j:j + kb] @ x[..., j:j + kb, :] for j in range(0, n, kb)]
-    return kb, _cascade(parts)
+    hi, lo = _cascade(parts)
+    return kb, hi + lo
 
 
-def _cascade(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum with TwoSum error compensation (cascaded summation): error ≤ u·|sum| + O(n·u²)."""
-    hi = parts[0]
-    lo = torch.zeros_like(hi)
+def _cascade(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cascaded summation: the running sum ``hi`` and the TwoSum errors accumulated in ``lo``;
+    ``hi + lo`` is the sum with error ≤ u·|sum| + O(n·u²)·Σ|parts|."""
+    hi, lo = parts[0], torch.zeros_like(parts[0])
     for part in parts[1:]:
-        s = hi + part
-        bb = s - hi
-        lo += (hi - (s - bb)) + (part - bb)
-        hi = s
-    return hi + lo
+        hi, e = _two_sum(hi, part)
+        lo += e
+    return hi, lo
 
 
 def _naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor | None, scale: float, v: torch.Tensor,
@@ -318,7 +317,8 @@ def _refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out
         kn = inputs.k.to(torch.float64).numpy()
         vn = inputs.v.to(torch.float64).numpy()
         for (bi, hi, gi, i), cols in left.items():
-            keys = _visible_rows(case, None if kpm is None else kpm[bi], np.array([i]))[0].nonzero().flatten().numpy()
+            see = visible(case, None if kpm is None else kpm[bi:bi + 1], np.array([i]))[0, 0]
+            keys = see.nonzero().flatten().numpy()
             exact = _exact_row(qn[bi, hi, gi, i], kn[bi, hi, keys], vn[bi, hi][keys][:, cols], case)
             for c, val in zip(cols, exact):
                 out32[bi, hi, gi, i, c] = val
@@ -343,7 +343,7 @@ def _tier2_batches(case: Case, kpm: torch.Tensor | None, rows: np.ndarray) -> It
     for bh in np.unique(rows[:, :2], axis=0):
         bi, hi = int(bh[0]), int(bh[1])
         head = rows[(rows[:, 0] == bi) & (rows[:, 1] == hi)]
-        see_all = _visible_rows(case, None if kpm is None else kpm[bi], head[:, 3])
+        see_all = visible(case, None if kpm is None else kpm[bi:bi + 1], head[:, 3])[0]
         kmax = int(see_all.any(0).nonzero().max()) + 1
         per = max(1, TIER2_ELEMENTS // kmax)
         for r0 in range(0, len(head), per):
@@ -382,14 +382,6 @@ def _precise_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.
 
 
 TIER2_ELEMENTS = 1 << 21  # (row, key) pairs per tier-2 chunk: bounds its working memory
-
-
-def _visible_rows(case: Case, kpm_row: torch.Tensor | None, rows: np.ndarray) -> torch.Tensor:
-    """Bool [len(rows), skv]: which keys each of the query ``rows`` of one batch entry sees."""
-    i = torch.as_tensor(rows, dtype=torch.long)[:, None]
-    j = torch.arange(case.skv)[None, :]
-    see = (j <= i + (case.skv - case.sq)) if case.causal else torch.ones(len(rows), case.skv, dtype=torch.bool)
-    return see if kpm_row is None else see & kpm_row.cpu()[None, :]
 
 
 def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,13 +458,8 @@ def _dd_dots(q: torch.Tensor, kt: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     parts = [(qa @ ka) * _pow2(base - 2 * beta), (qa @ kb) * _pow2(base - 3 * beta),
              (qb @ ka) * _pow2(base - 3 * beta), (qb @ kb) * _pow2(base - 4 * beta),
              q @ kr + qr @ (kt - kr)]
-    hi, lo = parts[0], torch.zeros_like(parts[0])
-    total = parts[0].abs()
-    for part in parts[1:]:
-        hi, e = _two_sum(hi, part)
-        lo += e
-        total += part.abs()
-    hi, lo = _two_sum(hi, lo)
+    hi, lo = _two_sum(*_cascade(parts))
+    total = sum(part.abs() for part in parts)
     # The two rounded matmuls: ≤ γ_2D·Σ(|q||kr| + |qr||k − kr|) ≤ 1.01·2D·u·D·(max|q|·max|kr| + max|qr|·max|k|);
     # the TwoSum chain: ≤ 8u²·Σ|parts|.
     q_max, qr_max = q.abs().amax(-1, keepdim=True), qr.abs().amax(-1, keepdim=True)
