@@ -196,8 +196,9 @@ def reusable_result(job: Job) -> CaseResult | None:
             and a["algorithm"] == ALGORITHM and a["input_generator"] == INPUT_GENERATOR)
     if not same:
         return None
+    # Nothing was computed for a kept golden: no time, no refinement (the file does not record it).
     return CaseResult(job.case.id, job.path, sha256_file(job.path), job.path.stat().st_size, gc.golden.flops, 0.0,
-                      gc.golden.stats.double_double, gc.golden.stats.exact)
+                      refined_double_double=0, refined_exact=0)
 
 
 @contextlib.contextmanager
