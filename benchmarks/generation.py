@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from conformance.generate import generate
-from conformance.inputs import make_inputs
-from conformance.reference import compute_reference, single_thread
-from conformance.spec import Case, OpSpec, default_spec_paths, load_specs
+from conformance.golden.generate import generate
+from conformance.reference.compute import compute_reference, single_thread
+from conformance.spec.case import Case
+from conformance.spec.inputs import make_inputs
+from conformance.spec.load import OpSpec, default_spec_paths, load_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 

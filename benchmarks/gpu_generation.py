@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from conformance.generate import generate
-from conformance.spec import default_spec_paths, load_specs
+from conformance.golden.generate import generate
+from conformance.spec.load import default_spec_paths, load_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,9 +37,9 @@ def child(case_id: str, device: str, out: Path) -> None:
 
     import torch
 
-    from conformance.generate import Job, generate_case
-    from conformance.golden import Provenance, case_path
-    from conformance.spec import default_spec_paths, load_specs
+    from conformance.golden.format import Provenance, case_path
+    from conformance.golden.generate import Job, generate_case
+    from conformance.spec.load import default_spec_paths, load_specs
 
     specs = load_specs(default_spec_paths(ROOT / "specs"))
     found = [(s, c) for s in specs for c in s.cases if c.id == case_id]

@@ -1,15 +1,20 @@
-"""The execution target and numerical settings a report must name (CONTRACT.md: provenance)."""
+"""The execution target, numerical settings and software provenance that goldens and reports name
+(CONTRACT.md: provenance). One builder for each; every report and manifest uses these.
+"""
 
 from __future__ import annotations
 
 import platform
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
+import h5py
+import numpy as np
 import torch
 
-from . import __version__
+from conformance import __version__
 
 
 def _driver_version() -> str | None:
@@ -56,4 +61,32 @@ def numerical_settings() -> dict[str, Any]:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "threads": torch.get_num_threads(),
+    }
+
+GENERATOR = f"rlk-conform {__version__}"
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                             check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = res.stdout.strip()
+    if res.returncode != 0 or not commit:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                           capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment_provenance() -> dict[str, Any]:
+    return {
+        "generator": GENERATOR,
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
     }

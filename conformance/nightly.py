@@ -149,7 +149,7 @@ NOT_NIGHTLY = ("reference", "naive", "naive-fp32", "flex")
 def cuda_backends() -> list[str]:
     import torch
 
-    from .backends import list_backends
+    from conformance.backends.registry import list_backends
 
     if not torch.cuda.is_available():
         return []

@@ -109,8 +109,8 @@ class RlkState:
 
     def golden_cases(self) -> list[tuple[Path, str]]:
         """(file, case id) of every selected golden case, in case-id order per directory."""
-        from .golden import read_manifest
-        from .reproducer import DEFAULT_REGRESSION_DIR
+        from conformance.golden.manifest import read_manifest
+        from conformance.golden.reproducer import DEFAULT_REGRESSION_DIR
 
         roots: list[Path] = []
         if str(self.opt("rlk_goldens")).lower() != "none":
@@ -133,7 +133,7 @@ class RlkState:
         text = str(self.opt("rlk_properties"))
         if text.lower() == "none":
             return ()
-        from .properties import parse_properties
+        from conformance.search.properties import parse_properties
 
         try:
             return parse_properties(text)
@@ -146,8 +146,8 @@ class RlkState:
         which works the same in an xdist worker as in a single process."""
         import torch
 
-        from .backends import load_backend
-        from .errors import ConformanceError
+        from conformance.backends.registry import load_backend
+        from conformance.errors import ConformanceError
 
         name, device = self.opt("rlk_backend"), self.opt("rlk_device")
         try:
@@ -169,46 +169,47 @@ class RlkState:
 
     @cached_property
     def tolerances(self) -> Any:
-        from .tolerances import load_tolerances
+        from conformance.errors import ConformanceError
+        from conformance.run.settings import load_rules
 
-        tol = load_tolerances(self.path("rlk_tolerances"))
-        if self.opt("rlk_rules") not in tol.accuracy:
-            raise pytest.UsageError(f"--rlk-rules {self.opt('rlk_rules')!r}: the tolerances define "
-                                    f"{', '.join(sorted(tol.accuracy))}")
-        return tol
+        try:
+            return load_rules(self.path("rlk_tolerances"), self.opt("rlk_rules"), option="--rlk-rules")
+        except ConformanceError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
     @cached_property
     def invoker(self) -> Any:
-        from .runner import Invoker
+        from conformance.run.invoker import Invoker
 
         return Invoker(self.backend)
 
     @cached_property
     def run_settings(self) -> Any:
-        from .judge import CHECKS
-        from .runner import DEFAULT_CHECKS, RunSettings
+        from conformance.errors import ConformanceError
+        from conformance.run.settings import RunSettings
+        from conformance.spec.checks import parse_checks
 
-        text = self.opt("rlk_checks")
-        checks = DEFAULT_CHECKS if text is None else tuple(c.strip() for c in text.split(",") if c.strip())
-        unknown = [c for c in checks if c not in CHECKS or c == "parity"]
-        if unknown or not checks:
-            raise pytest.UsageError(f"--rlk-checks: unknown check(s) {', '.join(unknown) or '(none)'}")
+        try:
+            checks = parse_checks(self.opt("rlk_checks"), option="--rlk-checks", allow_parity=False)
+        except ConformanceError as exc:
+            raise pytest.UsageError(str(exc)) from None
         return RunSettings(tolerances=self.tolerances, checks=checks, rule_set=self.opt("rlk_rules"))
 
     @cached_property
     def search(self) -> tuple[Any, Any, Any]:
         """(PropertyContext, SpecSpace, SearchSettings) of this process's searches."""
-        from . import properties
-        from .spec import default_spec_paths, load_specs
+        from conformance.search import engine, properties
+        from conformance.search.strategies import space_from_specs
+        from conformance.spec.load import default_spec_paths, load_specs
 
-        profile = properties.PROFILES[self.opt("rlk_profile")]
+        profile = engine.PROFILES[self.opt("rlk_profile")]
         specs = load_specs(default_spec_paths(self.path("rlk_specs")))
-        space = properties.space_from_specs(specs, profile.tier, profile.limits)
+        space = space_from_specs(specs, profile.tier, profile.limits)
         database = self.opt("rlk_database")
-        settings = properties.SearchSettings(
+        settings = engine.SearchSettings(
             profile=profile, max_examples=self.opt("rlk_max_examples"), seed=self.opt("rlk_seed"),
             time_budget=self.opt("rlk_time_budget"),
-            database_dir=self.base / database if database else self.base / properties.DEFAULT_DATABASE_DIR,
+            database_dir=self.base / database if database else self.base / engine.DEFAULT_DATABASE_DIR,
             reproducer_dir=self.path("rlk_reproducers"))
         device = str(self.backend.device)
         reference_device = device if device.startswith("cuda") else "cpu"
@@ -281,9 +282,9 @@ class GoldenItem(_RlkItem):
         self.golden_path = golden_path
 
     def runtest(self) -> None:
-        from .errors import GoldenError
-        from .golden import read_golden
-        from .runner import run_case
+        from conformance.errors import GoldenError
+        from conformance.golden.format import read_golden
+        from conformance.run.case import run_case
 
         state = self.state
         self.user_properties.append(("backend", state.backend.name))
@@ -302,7 +303,8 @@ class PropertyItem(_RlkItem):
         self.prop = prop
 
     def runtest(self) -> None:
-        from .properties import PROPERTIES, search_property
+        from conformance.search.engine import search_property
+        from conformance.search.properties import PROPERTIES
 
         ctx, space, settings = self.state.search
         self.user_properties.append(("backend", ctx.backend.name))

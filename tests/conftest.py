@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import conformance
-from conformance.generate import generate
-from conformance.inputs import TORCH_DTYPES, CaseInputs
-from conformance.spec import Case, OpSpec, default_spec_paths, load_spec, load_specs
+from conformance.golden.generate import generate
+from conformance.spec.case import Case
+from conformance.spec.inputs import TORCH_DTYPES, CaseInputs
+from conformance.spec.load import OpSpec, default_spec_paths, load_spec, load_specs
 
 REPO = Path(conformance.__file__).resolve().parents[1]
 SPEC_DIR = REPO / "specs"
@@ -225,3 +226,25 @@ def tiny_goldens(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def golden_dir(tiny_goldens: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny smoke goldens that a test may change."""
     return Path(shutil.copytree(tiny_goldens, tmp_path / "goldens"))
+
+
+def run_backend(backend: object, paths: Sequence[Path], settings: object, compare_to: object | None = None, *,
+                checksums: dict[Path, str] | None = None, max_case_bytes: int | None = None, timer: object = None,
+                on_case: object = None, on_outcome: object = None) -> object:
+    """The run loop over ``paths`` with ``backend`` judged in this process, or in its worker when it is a
+    started IsolatedBackend (then ``compare_to`` must be None: the worker loads it)."""
+    from conformance.golden.format import DEFAULT_MAX_CASE_BYTES
+    from conformance.run.case import in_process_judge
+    from conformance.run.isolation import IsolatedBackend
+    from conformance.run.loop import run
+    from conformance.run.profiling import NO_TIMER
+
+    cap = DEFAULT_MAX_CASE_BYTES if max_case_bytes is None else max_case_bytes
+    timer = NO_TIMER if timer is None else timer
+    if isinstance(backend, IsolatedBackend):
+        assert compare_to is None
+        judge = backend.case_judge(settings, timer, cap, checksums)  # type: ignore[arg-type]
+    else:
+        judge = in_process_judge(backend, settings, compare_to, timer=timer, max_case_bytes=cap,  # type: ignore[arg-type]
+                                 checksums=checksums)
+    return run(paths, judge, on_case=on_case, on_outcome=on_outcome)  # type: ignore[arg-type]

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from conformance.inputs import visible
-from conformance.spec import Case
+from conformance.spec.case import Case
+from conformance.spec.inputs import visible
 
 
 def _case(q: torch.Tensor, k: torch.Tensor, causal: bool) -> Case:

@@ -33,11 +33,11 @@ from conformance.backends.builtin import BUILTIN_BACKENDS
 from conformance.backends.contract import visible_keys
 from conformance.backends.sdpa import SdpaEfficientBackend, kernel_limitation
 from conformance.errors import ConformanceError
-from conformance.golden import read_golden
-from conformance.inputs import TORCH_DTYPES, CaseInputs, make_inputs
-from conformance.reference import Golden, compute_reference
-from conformance.spec import DTYPES, Case
-from conformance.tolerances import load_tolerances
+from conformance.golden.format import read_golden
+from conformance.reference.compute import Golden, compute_reference
+from conformance.spec.case import DTYPES, Case
+from conformance.spec.inputs import TORCH_DTYPES, CaseInputs, make_inputs
+from conformance.spec.tolerances import load_tolerances
 
 TOLERANCES = load_tolerances(REPO / "specs" / "tolerances.yaml")
 BUILTIN_INFOS = {i.name: i for i in list_backends() if i.source == "built-in"}

@@ -12,11 +12,11 @@ import pytest
 from conftest import DEFECTS, REPO, SPEC_DIR, TINY_SPECS, BrokenSpec, Defect, edit_spec, line_of
 from typer.testing import CliRunner, Result
 
-from conformance.cli import app
+from conformance.cli.app import app
 from conformance.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from conformance.golden import MANIFEST_NAME, read_manifest
-from conformance.spec import default_spec_paths, load_spec
-from conformance.verify import verify
+from conformance.golden.manifest import MANIFEST_NAME, read_manifest
+from conformance.golden.verify import verify
+from conformance.spec.load import default_spec_paths, load_spec
 
 RLK_CONFORM = Path(sys.executable).with_name("rlk-conform")
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import build_case, build_inputs
 
-from conformance.crosscheck import Mismatch, crosscheck, exact_element, sample_elements
-from conformance.inputs import CaseInputs, make_inputs
-from conformance.reference import compute_reference
-from conformance.rounding import round_fraction_to_f32
-from conformance.spec import Case
+from conformance.reference.compute import compute_reference
+from conformance.reference.crosscheck import ElementMismatch, crosscheck, exact_element, sample_elements
+from conformance.reference.rounding import round_fraction_to_f32
+from conformance.spec.case import Case
+from conformance.spec.inputs import CaseInputs, make_inputs
 
 SmallGolden = tuple[Case, CaseInputs, np.ndarray]
 VALUES = np.array([[1.0, -2.0], [0.5, 3.0], [0.25, -0.75], [7.0, 1.5]])  # v[key, column] of the hand cases
@@ -130,7 +130,7 @@ def test_crosscheck_reports_a_one_ulp_change(small_golden: SmallGolden) -> None:
     changed = out.copy()
     changed[1, 2, 0, 5] = np.nextafter(out[1, 2, 0, 5], np.float32(np.inf))
     mismatches = crosscheck(case, inputs, changed, [(0, 0, 0, 0), (1, 2, 0, 5), (1, 3, 2, 7)])
-    assert mismatches == [Mismatch((1, 2, 0, 5), float(changed[1, 2, 0, 5]), float(out[1, 2, 0, 5]))]
+    assert mismatches == [ElementMismatch((1, 2, 0, 5), float(changed[1, 2, 0, 5]), float(out[1, 2, 0, 5]))]
 
 
 def test_crosscheck_reports_mismatches_in_index_order(small_golden: SmallGolden) -> None:

@@ -20,10 +20,11 @@ import pytest
 from conftest import SMOKE_GOLDENS, TINY_SPECS, copy_spec_dir
 
 from conformance.errors import GoldenError
-from conformance.generate import generate
-from conformance.golden import MANIFEST_NAME, build_manifest, read_golden, read_manifest, write_manifest
-from conformance.spec import load_spec
-from conformance.verify import regenerate_and_compare, verify
+from conformance.golden.format import read_golden
+from conformance.golden.generate import generate
+from conformance.golden.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
+from conformance.golden.verify import regenerate_and_compare, verify
+from conformance.spec.load import load_spec
 
 RLK_CONFORM = Path(sys.executable).with_name("rlk-conform")
 

@@ -13,10 +13,11 @@ import torch
 from conftest import build_case
 
 from conformance.errors import GoldenError
-from conformance.golden import Provenance, atomic_path, read_golden, write_golden
-from conformance.inputs import make_inputs
-from conformance.reference import compute_reference
-from conformance.spec import Case
+from conformance.files import atomic_path
+from conformance.golden.format import Provenance, read_golden, write_golden
+from conformance.reference.compute import compute_reference
+from conformance.spec.case import Case
+from conformance.spec.inputs import make_inputs
 
 PROVENANCE = Provenance(spec_file="tiny.yaml", spec_sha256="0" * 64, spec_seed=17)
 

@@ -18,11 +18,14 @@ import yaml
 from conftest import SMOKE_GOLDENS, SPEC_DIR
 from typer.testing import CliRunner, Result
 
-from conformance.cli import app
+from conformance.cli.app import app
 from conformance.errors import EXIT_BAD_INPUT, EXIT_OK
-from conformance.html_report import case_dims, load_runs, render_markdown
-from conformance.judge import INVARIANCE_CHECKS, Record
-from conformance.report import STATUSES, summarize
+from conformance.judge.records import Record
+from conformance.report.json import STATUSES, summarize
+from conformance.report.markdown import render_markdown
+from conformance.report.markup import case_dims
+from conformance.report.runs import load_runs
+from conformance.spec.checks import INVARIANCE_CHECKS
 
 GPU_NAME = "NVIDIA H200 (synthetic target)"
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)

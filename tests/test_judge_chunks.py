@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conformance import judge
-from conformance.reference import Golden
-from conformance.tolerances import AccuracyRule
+from conformance.judge import invariance, verdicts
+from conformance.reference.compute import Golden
+from conformance.spec.tolerances import AccuracyRule
 
 
 def _golden(rng: np.random.Generator, shape: tuple[int, ...]) -> Golden:
@@ -30,9 +30,9 @@ def test_accuracy_metrics_do_not_depend_on_the_chunk_size(defect: str, monkeypat
     elif defect == "many":
         out[0, 1] += 0.5
     rule = AccuracyRule(atol=1e-3, rtol=1e-3, naive_factor=2.0, max_naive_ratio=2.0, mean_naive_ratio=2.0)
-    whole = judge.judge_accuracy(out, golden, rule, 1e-3, "strict")
-    monkeypatch.setattr(judge, "JUDGE_CHUNK", 48)  # three rows of 16 per chunk: 80 chunks
-    chunked = judge.judge_accuracy(out, golden, rule, 1e-3, "strict")
+    whole = verdicts.judge_accuracy(out, golden, rule, 1e-3, "strict")
+    monkeypatch.setattr(verdicts, "JUDGE_CHUNK", 48)  # three rows of 16 per chunk: 80 chunks
+    chunked = verdicts.judge_accuracy(out, golden, rule, 1e-3, "strict")
     assert chunked.status == whole.status
     assert chunked.message == whole.message
     for key, value in whole.metrics.items():
@@ -53,12 +53,12 @@ def test_bitwise_mismatch_counts_and_locates_across_chunks(dtype: torch.dtype,
     b[1, 0, 3, 2] = -b[1, 0, 3, 2]
     a[0, 0, 0, 0], b[0, 0, 0, 0] = 0.0, -0.0  # +0 matches −0
     a[0, 0, 0, 1], b[0, 0, 0, 1] = float("nan"), float("nan")  # NaN matches NaN
-    monkeypatch.setattr(judge, "JUDGE_CHUNK", 64)
-    found = judge.bitwise_mismatch(a, b)
+    monkeypatch.setattr(invariance, "JUDGE_CHUNK", 64)
+    found = invariance.bitwise_mismatch(a, b)
     assert found is not None
     assert found.count == 2
     assert found.first_index == (1, 0, 3, 2)
     assert found.first_values == (float(a[1, 0, 3, 2]), float(b[1, 0, 3, 2]))
     flipped, bumped = abs(2 * float(a[1, 0, 3, 2])), abs(float(b[2, 3, 49, 7]) - float(a[2, 3, 49, 7]))
     assert found.max_abs == pytest.approx(max(flipped, bumped))
-    assert judge.bitwise_mismatch(a, a.clone()) is None
+    assert invariance.bitwise_mismatch(a, a.clone()) is None

@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import run_backend
 from planted_backends import Correct, WrongGqaMapping
 from typer.testing import CliRunner
 
-from conformance.cli import app
+from conformance.cli.app import app
 from conformance.errors import SpecError
-from conformance.known_failures import apply, check_patterns, load_known_failures
-from conformance.report import summarize
-from conformance.runner import RunSettings, run, select_cases
-from conformance.tolerances import load_tolerances
+from conformance.golden.manifest import select_cases
+from conformance.judge.known_failures import apply, check_patterns, load_known_failures
+from conformance.report.json import summarize
+from conformance.run.settings import RunSettings
+from conformance.spec.tolerances import load_tolerances
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "goldens" / "smoke"
@@ -28,7 +30,7 @@ def write_list(tmp_path: Path, backend: str, entries: str) -> Path:
 
 
 def gqa_records(backend):
-    return run(backend, select_cases(SMOKE, "attention/gqa/*"), RunSettings(tolerances=TOLERANCES,
+    return run_backend(backend, select_cases(SMOKE, "attention/gqa/*"), RunSettings(tolerances=TOLERANCES,
                                                                               checks=("accuracy",))).records
 
 

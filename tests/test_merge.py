@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from conformance.cli import app
+from conformance.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--goldens", str(ROOT / "goldens" / "smoke"), "--tolerances", str(ROOT / "specs" / "tolerances.yaml"),

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from conformance.cli import app
-from conformance.devices import balance, golden_sizes, parse_devices
+from conformance.cli.app import app
 from conformance.errors import ConformanceError
-from conformance.golden import declared_bytes, read_golden
-from conformance.profiling import PHASES, PhaseTimer, Profile, merge_profiles
-from conformance.runner import select_cases
+from conformance.golden.format import declared_bytes, read_golden
+from conformance.golden.manifest import select_cases
+from conformance.jobs.devices import balance, golden_sizes, parse_devices
+from conformance.run.profiling import PHASES, PhaseTimer, RunProfile, merge_profiles
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "goldens" / "smoke"
@@ -146,7 +146,7 @@ def test_merged_profiles_sum_seconds_and_take_the_largest_memory_and_case() -> N
     assert (merged["cases"], merged["peak_rss_mib"], merged["largest_case_bytes"], merged["largest_case_id"]) == (
         5, 400.0, 100, "a")
     assert merge_profiles([a, None]) is None  # a partial sum would mislead
-    assert Profile.from_json(a).to_json() == a
+    assert RunProfile.from_json(a).to_json() == a
 
 
 def test_merge_combines_the_profiles_of_profiled_shards(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOKE_GOLDENS
+from conftest import SMOKE_GOLDENS, run_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from property_planted import (
@@ -21,31 +21,32 @@ from property_planted import (
     TileTailOffByOne,
 )
 
-from conformance.golden import read_golden
-from conformance.inputs import make_inputs
-from conformance.judge import CHECKS, Record
-from conformance.properties import (
-    PROFILES,
+from conformance.golden.format import read_golden
+from conformance.golden.manifest import select_cases
+from conformance.golden.reproducer import read_reproducer
+from conformance.judge.records import Record
+from conformance.run.invoker import Invoker
+from conformance.run.settings import RunSettings
+from conformance.search.engine import PROFILES, PropertyResult, SearchSettings, check_backend
+from conformance.search.properties import (
     PROPERTIES,
     PROPERTY_NAMES,
     Example,
     PropertyContext,
-    PropertyResult,
-    SearchSettings,
     Subject,
-    check_backend,
     insert_masked_keys,
     own_call,
     padding_limit,
     parse_properties,
-    replay,
     rows_call,
 )
-from conformance.reproducer import read_reproducer
-from conformance.runner import Invoker, RunSettings, run, select_cases
-from conformance.spec import DTYPES, MASKS, Case, OpSpec
-from conformance.strategies import Needs, SpecSpace, draw_case, make_case, space_from_specs
-from conformance.tolerances import load_tolerances
+from conformance.search.replay import replay
+from conformance.search.strategies import Needs, SpecSpace, draw_case, make_case, space_from_specs
+from conformance.spec.case import DTYPES, MASKS, Case
+from conformance.spec.checks import CHECKS
+from conformance.spec.inputs import make_inputs
+from conformance.spec.load import OpSpec
+from conformance.spec.tolerances import load_tolerances
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCES = load_tolerances(REPO / "specs" / "tolerances.yaml")
@@ -112,8 +113,8 @@ def test_drawn_cases_keep_the_contract_the_profile_and_the_property_needs(data: 
 
 
 def test_a_drawn_case_is_a_golden_case_readable_back(tmp_path: Path) -> None:
-    from conformance.golden import Provenance, write_golden
-    from conformance.reference import compute_reference
+    from conformance.golden.format import Provenance, write_golden
+    from conformance.reference.compute import compute_reference
 
     case = make_case("batch", op="kv_cache_attention", batch=2, hq=4, hkv=2, d=64, sq=3, skv=20, dtype="bfloat16",
                      causal=True, scale=0.5, mask="holes", dist="near_ties", seed=2**63 - 5, s_past=17)
@@ -206,7 +207,7 @@ def test_a_property_needing_the_kv_op_is_skipped_with_the_reason(repo_specs: lis
 
 @pytest.mark.parametrize("planted", PLANTED, ids=lambda cls: cls.name)
 def test_planted_defects_pass_every_check_of_the_smoke_golden_run(planted: type) -> None:
-    records = run(planted(), select_cases(SMOKE_GOLDENS), RunSettings(tolerances=TOLERANCES, reruns=2)).records
+    records = run_backend(planted(), select_cases(SMOKE_GOLDENS), RunSettings(tolerances=TOLERANCES, reruns=2)).records
     assert [(r.case_id, r.check) for r in records if r.status != "pass"] == []
 
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from conftest import build_case, build_inputs, float64_attention, visible_keys
 
-from conformance import reference
-from conformance.crosscheck import crosscheck, exact_element, sample_elements
-from conformance.inputs import CaseInputs, make_inputs
-from conformance.reference import Golden, compute_reference
-from conformance.rounding import round_fraction_to_f32, rounding_interval
-from conformance.spec import Case
+from conformance.reference import compute, double_double
+from conformance.reference.compute import Golden, compute_reference
+from conformance.reference.crosscheck import crosscheck, exact_element, sample_elements
+from conformance.reference.rounding import round_fraction_to_f32, rounding_interval
+from conformance.spec.case import Case
+from conformance.spec.inputs import CaseInputs, make_inputs
 
 F32_TINY = np.float32(np.finfo(np.float32).smallest_subnormal)
 
@@ -352,14 +352,21 @@ TIER_CASES = {name: FORMULA_CASES[name] for name in ("gqa-group4", "causal-sq-gt
 
 def _undecided_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the float64 tier decide nothing: its bound becomes larger than any float32 spacing."""
-    original = reference._float64_block
+    original = compute.float64_block
 
     def block(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
         res = original(*args, **kwargs)
         res["bound"] = res["bound"] + 1e-3 * (res["out"].abs() + 1)
         return res
 
-    monkeypatch.setattr(reference, "_float64_block", block)
+    monkeypatch.setattr(compute, "float64_block", block)
+
+
+def _replace_tier2(monkeypatch: pytest.MonkeyPatch, fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
+    """Tier 2's element decision replaced where the tiers call it: the first pass (compute) and the
+    double-double exp pass (double_double.precise_rows)."""
+    monkeypatch.setattr(compute, "double_double_elements", fn)
+    monkeypatch.setattr(double_double, "double_double_elements", fn)
 
 
 @pytest.mark.parametrize("case", TIER_CASES.values(), ids=TIER_CASES.keys())
@@ -379,13 +386,13 @@ def test_exact_tier_gives_the_same_bits_when_it_decides_every_element(
     case = FORMULA_CASES[name]
     inputs, golden = seeded_golden(case)
     _undecided_everywhere(monkeypatch)
-    original = reference._double_double
+    original = double_double.double_double_elements
 
     def undecided(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
         values, decided = original(*args, **kwargs)
         return values, np.zeros_like(decided)
 
-    monkeypatch.setattr(reference, "_double_double", undecided)
+    _replace_tier2(monkeypatch, undecided)
     forced = compute_reference(case, inputs)
     assert forced.stats.exact > 0 and forced.stats.double_double == 0
     assert np.array_equal(bits(forced.out), bits(golden.out))
@@ -396,7 +403,7 @@ def test_double_double_exp_pass_gives_the_same_bits_when_it_decides_every_elemen
         case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     inputs, golden = seeded_golden(case)
     _undecided_everywhere(monkeypatch)
-    original = reference._double_double
+    original = double_double.double_double_elements
     calls = {"precise": 0}
 
     def only_precise(*args: object, precise: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -406,7 +413,7 @@ def test_double_double_exp_pass_gives_the_same_bits_when_it_decides_every_elemen
         calls["precise"] += 1
         return values, decided
 
-    monkeypatch.setattr(reference, "_double_double", only_precise)
+    _replace_tier2(monkeypatch, only_precise)
     forced = compute_reference(case, inputs)
     assert calls["precise"] > 0 and forced.stats.double_double > 0
     assert np.array_equal(bits(forced.out), bits(golden.out))
@@ -418,8 +425,8 @@ def test_double_double_exp_is_accurate_to_2_to_the_minus_88() -> None:
     rng = np.random.Generator(np.random.PCG64(3))
     x = np.concatenate([-rng.exponential(4.0, 400), -rng.uniform(0, 650, 200), [0.0, -0.5 * np.log(2), -np.log(2)]])
     x_lo = rng.uniform(-1, 1, x.size) * np.abs(x) * 2.0**-53
-    hi, lo = reference._exp_dd(torch.from_numpy(x), torch.from_numpy(x_lo))
+    hi, lo = double_double.exp_dd(torch.from_numpy(x), torch.from_numpy(x_lo))
     with mpmath.workprec(240):
         worst = max(abs((mpmath.mpf(float(h)) + mpmath.mpf(float(lw))) / mpmath.exp(mpmath.mpf(a) + mpmath.mpf(b)) - 1)
                     for h, lw, a, b in zip(hi.tolist(), lo.tolist(), x, x_lo))
-    assert worst <= reference.EXP_DD_ERROR
+    assert worst <= double_double.EXP_DD_ERROR

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import build_case
 
-from conformance.inputs import make_inputs, visible
-from conformance.reference import _raw_mpf_to_fraction, compute_reference, round_up_significant
-from conformance.rounding import round_fraction_to_f32
+from conformance.reference.compute import compute_reference, round_up_significant
+from conformance.reference.exact import raw_mpf_to_fraction
+from conformance.reference.rounding import round_fraction_to_f32
+from conformance.spec.inputs import make_inputs, visible
 
 
 def exact_lse(case, inputs, b, h, i) -> np.float32:
@@ -30,7 +31,7 @@ def exact_lse(case, inputs, b, h, i) -> np.float32:
               for j in keys]
     top = max(logits)
     value = top + mpmath.log(mpmath.fsum(mpmath.exp(x - top) for x in logits))
-    return round_fraction_to_f32(_raw_mpf_to_fraction(value._mpf_)) if value != 0 else np.float32(0)
+    return round_fraction_to_f32(raw_mpf_to_fraction(value._mpf_)) if value != 0 else np.float32(0)
 
 
 @pytest.mark.parametrize("dist", ["normal", "large_logits", "near_ties"])

@@ -16,10 +16,10 @@ import pytest
 from conftest import SMOKE_GOLDENS, SPEC_DIR
 from typer.testing import CliRunner, Result
 
-from conformance.cli import app
+from conformance.cli.app import app
 from conformance.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from conformance.golden import read_manifest
-from conformance.release import (
+from conformance.golden.manifest import read_manifest
+from conformance.golden.release import (
     BUNDLE_JSON,
     BUNDLE_SHA256,
     CHECKSUM_COMMAND,

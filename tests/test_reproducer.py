@@ -14,11 +14,12 @@ import torch
 from conftest import SMOKE_GOLDENS, SPEC_DIR
 from typer.testing import CliRunner, Result
 
-from conformance.cli import app
+from conformance.cli.app import app
 from conformance.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, GoldenError
-from conformance.golden import read_golden, read_manifest
-from conformance.reproducer import promote, read_reproducer
-from conformance.verify import verify
+from conformance.golden.format import read_golden
+from conformance.golden.manifest import read_manifest
+from conformance.golden.reproducer import promote, read_reproducer
+from conformance.golden.verify import verify
 
 SPEC_ARGS = ("--spec", SPEC_DIR / "attention.yaml", "--spec", SPEC_DIR / "kv_cache_attention.yaml",
              "--tolerances", SPEC_DIR / "tolerances.yaml")
@@ -123,8 +124,8 @@ def test_run_includes_goldens_regression_unless_told_not_to(repo_specs, tmp_path
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from property_planted import TileTailOffByOne
 
-    from conformance.properties import PROFILES, SearchSettings, check_backend
-    from conformance.tolerances import load_tolerances
+    from conformance.search.engine import PROFILES, SearchSettings, check_backend
+    from conformance.spec.tolerances import load_tolerances
 
     tol = load_tolerances(SPEC_DIR / "tolerances.yaml")
     (found,) = check_backend(TileTailOffByOne(), repo_specs, tol, ("accuracy",), SearchSettings(

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import run_backend
 from planted_backends import (
     BatchDependent,
     Correct,
@@ -23,9 +24,10 @@ from planted_backends import (
     WrongGqaMapping,
 )
 
-from conformance.judge import Record
-from conformance.runner import RunSettings, run, select_cases
-from conformance.tolerances import load_tolerances
+from conformance.golden.manifest import select_cases
+from conformance.judge.records import Record
+from conformance.run.settings import RunSettings
+from conformance.spec.tolerances import load_tolerances
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "goldens" / "smoke"
@@ -34,7 +36,7 @@ TOLERANCES = load_tolerances(ROOT / "specs" / "tolerances.yaml")
 
 def run_on(backend, pattern: str, checks: tuple[str, ...] | None = None, **kw) -> list[Record]:
     settings = RunSettings(tolerances=TOLERANCES, reruns=3, **({"checks": checks} if checks else {}), **kw)
-    return run(backend, select_cases(SMOKE, pattern), settings).records
+    return run_backend(backend, select_cases(SMOKE, pattern), settings).records
 
 
 def failing(records: list[Record]) -> Counter[str]:
@@ -139,9 +141,9 @@ def test_bf16_precision_inside_an_fp32_kernel_fails_fp32_accuracy():
 
 
 def test_parity_between_equal_backends_passes_and_against_a_defect_fails():
-    assert all(r.status == "pass" for r in run(Correct(), select_cases(SMOKE, "attention/gqa/*"), RunSettings(
+    assert all(r.status == "pass" for r in run_backend(Correct(), select_cases(SMOKE, "attention/gqa/*"), RunSettings(
         tolerances=TOLERANCES, checks=("parity",)), compare_to=Correct()).records)
-    bad = run(Correct(), select_cases(SMOKE, "attention/gqa/*"), RunSettings(tolerances=TOLERANCES,
+    bad = run_backend(Correct(), select_cases(SMOKE, "attention/gqa/*"), RunSettings(tolerances=TOLERANCES,
               checks=("parity",)), compare_to=WrongGqaMapping()).records
     assert any(r.status == "fail" for r in bad)
 
@@ -159,7 +161,7 @@ def test_an_interrupt_raised_where_python_cannot_propagate_it_is_delivered_again
     import time
     import weakref
 
-    from conformance.runner import stop_on_signals
+    from conformance.processes import stop_on_signals
 
     class Thing:
         pass

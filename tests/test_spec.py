@@ -10,7 +10,8 @@ import pytest
 from conftest import BrokenSpec, edit_spec
 
 from conformance.errors import SpecError
-from conformance.spec import TIERS, Case, OpSpec, load_spec, load_specs
+from conformance.spec.case import TIERS, Case
+from conformance.spec.load import OpSpec, load_spec, load_specs
 
 
 def ids_and_seeds(spec: OpSpec) -> dict[str, int]:

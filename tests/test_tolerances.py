@@ -11,8 +11,8 @@ import pytest
 from conftest import SPEC_DIR, edit_spec, line_of
 
 from conformance.errors import SpecError
-from conformance.spec import DTYPES, OPS
-from conformance.tolerances import InvarianceCheck, Tolerances, load_tolerances
+from conformance.spec.case import DTYPES, OPS
+from conformance.spec.tolerances import InvarianceCheck, Tolerances, load_tolerances
 
 TOLERANCES = SPEC_DIR / "tolerances.yaml"
 

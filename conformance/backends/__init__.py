@@ -10,8 +10,10 @@ from .registry import (
     ENTRY_POINT_GROUP,
     BackendInfo,
     backend_ops,
+    describe_backend,
     list_backends,
     load_backend,
+    report_backend,
     skip_reason,
     validate_backend,
 )
@@ -24,8 +26,10 @@ __all__ = [
     "BackendUnavailable",
     "KernelUnavailable",
     "backend_ops",
+    "describe_backend",
     "list_backends",
     "load_backend",
+    "report_backend",
     "skip_reason",
     "validate_backend",
 ]

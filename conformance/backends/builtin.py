@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from ..inputs import CaseInputs
-from ..reference import compute_reference
+from conformance.reference.compute import compute_reference
+from conformance.spec.inputs import CaseInputs
+
 from .contract import AttentionResult, BuiltinBackend, call_case, visible_keys, zero_unseen_rows
 from .flex import FlexBackend
 from .sdpa import (

@@ -20,8 +20,8 @@ from typing import Protocol, TypeAlias, runtime_checkable
 
 import torch
 
-from ..inputs import TORCH_DTYPES, visible
-from ..spec import Case
+from conformance.spec.case import Case
+from conformance.spec.inputs import TORCH_DTYPES, visible
 
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 AD_HOC_FAMILY = "backend-call"  # family of the Case built for one backend call (not from a spec)

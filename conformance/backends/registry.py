@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ConformanceError
-from ..spec import OPS, Case
+from conformance.errors import ConformanceError
+from conformance.spec.case import OPS, Case
+
 from .builtin import BUILTIN_BACKENDS
 from .contract import Backend, BackendUnavailable, one_line
 
@@ -287,3 +288,26 @@ def _takes_device(factory: Callable[..., Any]) -> bool:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {one_line(str(exc))}"
+
+
+def describe_backend(backend: Any) -> dict[str, Any]:
+    """What a report and a worker message say of a loaded backend: name, device, output dtype
+    (None: the input dtype), whether it returns the log-sum-exp, its description."""
+    output_dtype = getattr(backend, "output_dtype", None)
+    return {"name": backend.name, "device": str(backend.device),
+            "output_dtype": None if output_dtype is None else str(output_dtype),
+            "returns_lse": bool(getattr(backend, "returns_lse", False)),
+            "description": str(getattr(backend, "description", "") or "")}
+
+
+def report_backend(requested: str, described: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``backend`` object (docs/report-format.md): what was asked for (``--backend``) and
+    what was used, from :func:`describe_backend`."""
+    return {"requested": requested, "used": described["name"], "device": described["device"],
+            "output_dtype": described["output_dtype"] or "input dtype", "returns_lse": described["returns_lse"],
+            "description": described["description"]}
+
+
+def default_backend() -> str:
+    """The backend a run without ``--backend`` judges: ``cuda`` where CUDA is available, else ``sdpa``."""
+    return "cuda" if torch.cuda.is_available() else "sdpa"

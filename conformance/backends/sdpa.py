@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..spec import Case
+from conformance.spec.case import Case
+
 from .contract import (
     AttentionResult,
     BackendUnavailable,

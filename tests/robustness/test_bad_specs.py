@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conformance.cli import app
+from conformance.cli.app import app
 from conformance.errors import EXIT_BAD_INPUT, SpecError
-from conformance.spec import default_spec_paths, load_specs
-from conformance.tolerances import load_tolerances
+from conformance.spec.load import default_spec_paths, load_specs
+from conformance.spec.tolerances import load_tolerances
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_FILES = ("attention.yaml", "kv_cache_attention.yaml", "presets.yaml", "tolerances.yaml")

@@ -21,15 +21,18 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from conftest import run_backend
 from faulty_backends import Tracking
 from typer.testing import CliRunner
 
-from conformance.cli import app
+from conformance.cli.app import app
 from conformance.errors import EXIT_BAD_INPUT, EXIT_FAILURE, GoldenError
-from conformance.golden import DEFAULT_MAX_CASE_BYTES, read_golden, sha256_file
-from conformance.runner import RunSettings, manifest_checksums, run, select_cases
-from conformance.tolerances import load_tolerances
-from conformance.verify import verify
+from conformance.files import sha256_file
+from conformance.golden.format import DEFAULT_MAX_CASE_BYTES, read_golden
+from conformance.golden.manifest import manifest_checksums, select_cases
+from conformance.golden.verify import verify
+from conformance.run.settings import RunSettings
+from conformance.spec.tolerances import load_tolerances
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "goldens" / "smoke"
@@ -391,10 +394,10 @@ def settings(checks: tuple[str, ...] = ("accuracy", "contract")) -> RunSettings:
 
 def test_run_refuses_the_damaged_case_and_judges_the_others_as_before(golden_dir: Path) -> None:
     paths = select_cases(golden_dir, DECODE_FILTER)
-    before = run(Tracking(), paths, settings(), checksums=manifest_checksums(golden_dir)).records
+    before = run_backend(Tracking(), paths, settings(), checksums=manifest_checksums(golden_dir)).records
     damaged = paths[3]
     flip_bit(damaged, data_offset(damaged, "expected/out") + 2)
-    result = run(Tracking(), paths, settings(), checksums=manifest_checksums(golden_dir))
+    result = run_backend(Tracking(), paths, settings(), checksums=manifest_checksums(golden_dir))
     (refused,) = [r for r in result.records if r.case_id == damaged.relative_to(golden_dir).with_suffix("").as_posix()]
     assert (refused.status, refused.check) == ("error", "accuracy")
     assert refused.message == (f"golden file refused, nothing judged: {damaged}::expected/out: SHA-256 of the data "
@@ -408,7 +411,7 @@ def test_run_never_judges_a_golden_whose_attributes_were_changed(golden_dir: Pat
     """Datasets intact, 'causal' flipped: only the manifest's file checksum can tell, and it is used."""
     path = select_cases(golden_dir, DECODE_FILTER)[0]
     edit(path, lambda f: f.attrs.__setitem__("causal", np.uint8(0)))
-    result = run(Tracking(), [path], settings(), checksums=manifest_checksums(golden_dir))
+    result = run_backend(Tracking(), [path], settings(), checksums=manifest_checksums(golden_dir))
     (record,) = result.records
     assert record.status == "error" and "SHA-256 of the file does not match the manifest" in record.message
 
@@ -435,7 +438,7 @@ def test_run_refuses_cases_over_the_cap_and_judges_the_rest(golden_dir: Path) ->
     paths = select_cases(golden_dir, "attention/presets/*")
     cap = 100_000
     big = {p for p in paths if read_golden(p).golden.out.nbytes * 2 > cap}
-    result = run(Tracking(), paths, settings(("accuracy",)), max_case_bytes=cap)
+    result = run_backend(Tracking(), paths, settings(("accuracy",)), max_case_bytes=cap)
     refused = [r for r in result.records if r.message.startswith("golden file refused")]
     assert big and len(refused) == result.refused == len(big)
     assert all("of tensors, over the cap of 100000 bytes per case (raise it with --max-case-mib)" in r.message

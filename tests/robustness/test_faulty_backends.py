@@ -21,12 +21,16 @@ from pathlib import Path
 
 import faulty_backends as fb
 import pytest
+from conftest import run_backend
 
 from conformance.errors import ConformanceError
-from conformance.isolation import IsolatedBackend
-from conformance.judge import Record
-from conformance.runner import RunResult, RunSettings, Terminated, run, select_cases
-from conformance.tolerances import load_tolerances
+from conformance.golden.manifest import select_cases
+from conformance.judge.records import Record
+from conformance.processes import Terminated
+from conformance.run.isolation import IsolatedBackend
+from conformance.run.loop import RunResult
+from conformance.run.settings import RunSettings
+from conformance.spec.tolerances import load_tolerances
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -76,7 +80,7 @@ IN_PROCESS = [
                          ids=[b.name for b, *_ in IN_PROCESS])
 def test_faulty_result_gets_a_contract_verdict_on_every_case(backend: type, accuracy: str, contract: str,
                                                              message: str) -> None:
-    result = run(backend(), select_cases(SMOKE, DECODE), settings())
+    result = run_backend(backend(), select_cases(SMOKE, DECODE), settings())
     cases = by_case(result.records)
     assert list(cases) == case_ids(DECODE) and result.complete  # every case judged, none lost
     for records in cases.values():
@@ -86,7 +90,7 @@ def test_faulty_result_gets_a_contract_verdict_on_every_case(backend: type, accu
 
 
 def test_backend_whose_supports_raises_gets_one_error_per_case_and_the_run_completes() -> None:
-    result = run(fb.SupportsRaises(), select_cases(SMOKE, DECODE), settings())
+    result = run_backend(fb.SupportsRaises(), select_cases(SMOKE, DECODE), settings())
     assert [r.case_id for r in result.records] == case_ids(DECODE)
     assert {(r.check, r.status, r.message) for r in result.records} == {
         ("contract", "error", "the case could not be judged: KeyError: 'no tuning entry for this shape'")}
@@ -95,7 +99,7 @@ def test_backend_whose_supports_raises_gets_one_error_per_case_and_the_run_compl
 @pytest.mark.parametrize(("exc", "signal_name"), [(KeyboardInterrupt(), "SIGINT"), (Terminated(15), "SIGTERM")])
 def test_interrupt_mid_case_returns_every_finished_case_flagged_incomplete(exc: BaseException,
                                                                           signal_name: str) -> None:
-    result = run(fb.Interrupts(exc, at=4), select_cases(SMOKE, DECODE), settings())
+    result = run_backend(fb.Interrupts(exc, at=4), select_cases(SMOKE, DECODE), settings())
     assert (result.complete, result.interrupted_by, result.cases) == (False, signal_name, 3)
     assert list(by_case(result.records)) == case_ids(DECODE)[:3]
     assert all(len(recs) == len(CHECKS) for recs in by_case(result.records).values())
@@ -108,7 +112,7 @@ def test_interrupt_mid_case_returns_every_finished_case_flagged_incomplete(exc: 
 def isolated_faults() -> tuple[RunResult, int]:
     """PerCaseFault over the ten decode cases in a worker, 2 s per case: five cases fault."""
     with IsolatedBackend("faulty_backends:PerCaseFault", timeout=2.0) as backend:
-        result = run(backend, select_cases(SMOKE, DECODE), settings())
+        result = run_backend(backend, select_cases(SMOKE, DECODE), settings())
         return result, backend.restarts
 
 
@@ -156,8 +160,8 @@ def test_isolated_run_judges_every_other_case_and_counts_the_restarts(isolated_f
 def test_isolated_results_equal_in_process_results_on_healthy_cases() -> None:
     paths = select_cases(SMOKE, "kv_cache_attention/decode/*")
     with IsolatedBackend("faulty_backends:Tracking") as backend:
-        isolated = run(backend, paths, settings())
-    direct = run(fb.Tracking(), paths, settings())
+        isolated = run_backend(backend, paths, settings())
+    direct = run_backend(fb.Tracking(), paths, settings())
     assert [r.to_json() for r in isolated.records] == [r.to_json() for r in direct.records]
 
 
@@ -199,7 +203,7 @@ def test_isolated_smoke_run_with_one_crash_in_ten_reports_those_cases_as_errors_
         assert record.status == "error" and record.check == "contract"
         assert record.message.startswith("the worker process ") and ("SIGSEGV" in record.message or
                                                                      "exited with code 3" in record.message)
-    direct = run(fb.Tracking(), select_cases(SMOKE, "*"), settings()).records
+    direct = run_backend(fb.Tracking(), select_cases(SMOKE, "*"), settings()).records
     expected = [r.to_json() for r in direct if r.case_id not in crashed]
     assert [r.to_json() for r in records if r.case_id not in crashed] == expected
 

@@ -24,12 +24,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-import conformance.golden
-from conformance.cli import app
+import conformance.golden.format
+from conformance.cli.app import app
 from conformance.errors import EXIT_BAD_INPUT, EXIT_OK, ConformanceError
-from conformance.generate import LOCK_NAME, directory_lock, generate
-from conformance.golden import MANIFEST_NAME, read_golden
-from conformance.spec import load_spec
+from conformance.golden.format import read_golden
+from conformance.golden.generate import LOCK_NAME, directory_lock, generate
+from conformance.golden.manifest import MANIFEST_NAME
+from conformance.spec.load import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 # Eight cases of about 1.6 MiB and 0.1–0.2 s each: long enough to be killed between and inside writes.
@@ -283,7 +284,7 @@ def test_real_disk_full_when_regenerating_keeps_every_file_as_it_was(small_disk:
 def test_injected_enospc_mid_golden_leaves_no_partial_file(spec: Path, reference: dict[str, bytes], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC raised by the HDF5 write of the third golden, after half of it reached the disk."""
-    real_write, calls = conformance.golden._write, [0]
+    real_write, calls = conformance.golden.format._write, [0]
 
     def write_then_fail(tmp: Path, *args: object) -> None:
         calls[0] += 1
@@ -291,7 +292,7 @@ def test_injected_enospc_mid_golden_leaves_no_partial_file(spec: Path, reference
         if calls[0] == 3:
             tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
             raise OSError(errno.ENOSPC, "Can't synchronously write data (file write failed: ...\n errno = 28)")
-    monkeypatch.setattr(conformance.golden, "_write", write_then_fail)
+    monkeypatch.setattr(conformance.golden.format, "_write", write_then_fail)
     out = tmp_path / "out"
     result = generate_cli(spec, out)
     assert_one_line_error(result, startswith=f"error: {out}/attention/resume/", endswith=DISK_FULL)

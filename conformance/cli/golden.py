@@ -1,0 +1,173 @@
+"""The ``generate``, ``verify``, ``specs`` and ``release`` commands."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from conformance.cli.app import (
+    CapOpt,
+    SpecOpt,
+    Tier,
+    app,
+    fmt_bytes,
+    load_spec_option,
+    out,
+    user_errors,
+)
+from conformance.cli.progress import progress_bar
+from conformance.errors import EXIT_FAILURE
+from conformance.spec.case import TIERS
+from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES
+
+
+@app.command()
+@user_errors
+def generate(
+    spec: SpecOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory. Default: goldens/<tier>.")] = None,
+    tier: Annotated[Tier, typer.Option(help="Tier to generate (tiers are cumulative).")] = Tier.smoke,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: one per core).")
+                    ] = os.cpu_count() or 1,
+    device: Annotated[str, typer.Option(help="Where the float64 stage runs: cpu or cuda[:N].")] = "cpu",
+    memory_cap_mib: CapOpt = DEFAULT_MEMORY_CAP_BYTES // 2**20,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the complete goldens an interrupted run left "
+                                         "(checked, same spec and generator) and compute only the rest.")] = False,
+) -> None:
+    """Generate correctly rounded fp32 golden files for every case of a tier, then the manifest."""
+    from conformance.golden.generate import generate as run_generate
+
+    specs = load_spec_option(spec, memory_cap_mib)
+    target = out_dir or Path("goldens") / tier.value
+    written = [0]
+    with progress_bar("generate", tier.value, eta=True, extra="cases · {task.fields[written]}", written="0 B") as bar:
+
+        def on_done(job: Any, res: Any) -> None:
+            written[0] += res.bytes
+            bar.advance(written=fmt_bytes(written[0]))
+
+        summary = run_generate(specs, tier.value, target, n_workers=jobs, device=device,
+                               on_start=lambda job_list: bar.start(len(job_list)), on_done=on_done, resume=resume)
+    gflops = summary.flops / summary.seconds / 1e9 if summary.seconds else 0.0
+    refined_dd = sum(r.refined_double_double for r in summary.results)
+    refined_exact = sum(r.refined_exact for r in summary.results)
+    table = Table(title=f"generated tier '{tier.value}' → {target}", show_header=False)
+    table.add_row("cases", str(len(summary.results)) + (f" ({summary.reused} kept from the interrupted run)"
+                                                        if resume else ""))
+    table.add_row("bytes", fmt_bytes(summary.bytes))
+    table.add_row("wall time", f"{summary.seconds:.1f} s ({jobs} job{'s' if jobs > 1 else ''}, {device})")
+    table.add_row("float64 work", f"{summary.flops / 1e9:.2f} GFLOP (mask-remaining) at {gflops:.2f} GFLOP/s")
+    table.add_row("refined elements", f"{refined_dd} double-double, {refined_exact} exact (cases computed in this run)")
+    table.add_row("manifest", str(summary.manifest))
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def verify(
+    directory: Annotated[Path, typer.Argument(help="Golden directory holding manifest.json.")] = Path("goldens/smoke"),
+    regenerate: Annotated[bool, typer.Option(help="Recompute every case and require identical bytes.")] = False,
+    device: Annotated[str, typer.Option(help="Where regeneration's float64 stage runs.")] = "cpu",
+) -> None:
+    """Check a golden directory: manifest checksums, schema, per-dataset SHA-256 (and regeneration).
+    A release bundle (a directory with bundle.json) is verified end to end: every file, then its goldens."""
+    from conformance.golden.release import is_bundle
+
+    if is_bundle(directory):
+        return verify_bundle_command(directory, regenerate=regenerate, device=device)
+    from conformance.golden.verify import verify as run_verify
+
+    with progress_bar("verify") as bar:
+        result = run_verify(directory, regenerate=regenerate, device=device, on_start=bar.start,
+                            on_done=lambda case_id, ok: bar.advance(case_id))
+    table = Table(title=f"verify {directory}", show_header=False)
+    table.add_row("files checked", str(result.checked))
+    if regenerate:
+        failed = {p.path for p in result.problems}
+        table.add_row("regenerated", f"{result.regenerated} ({result.regenerated - len(failed)} bit-identical)")
+    table.add_row("dataset SHA-256", str(result.manifest.get("dataset_sha256")))
+    print_verification(table, result.problems)
+    out.print(f"OK: {result.checked} golden files verified" + (", every one regenerated bit-identical"
+                                                                if regenerate else ""))
+
+
+def print_verification(table: Table, problems: list[Any]) -> None:
+    """The summary table of a verification, then each problem on its own ``FAIL`` line; exit 1 if
+    there were any (the caller prints its ``OK`` line otherwise)."""
+    table.add_row("problems", str(len(problems)))
+    out.print(table)
+    for p in problems:
+        out.print(f"FAIL {p}", markup=False, highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@app.command("specs")
+@user_errors
+def list_specs(
+    spec: SpecOpt = None,
+    tier: Annotated[Tier, typer.Option(help="List the cases of this tier.")] = Tier.smoke,
+    ids_only: Annotated[bool, typer.Option("--ids", help="Print case ids only, one per line.")] = False,
+    memory_cap_mib: CapOpt = DEFAULT_MEMORY_CAP_BYTES // 2**20,
+) -> None:
+    """Validate the specs and list the cases of a tier."""
+    specs = load_spec_option(spec, memory_cap_mib)
+    cases = [c for s in specs for c in s.cases_for_tier(tier.value)]
+    if ids_only:
+        for c in cases:
+            out.print(c.id, markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"{len(cases)} cases in tier '{tier.value}'")
+    for col in ("case id", "B", "Hq/Hkv", "D", "Sq", "Skv", "dtype", "tier"):
+        table.add_column(col, overflow="fold")
+    for c in cases:
+        table.add_row(c.id, str(c.batch), f"{c.hq}/{c.hkv}", str(c.d), str(c.sq), str(c.skv), c.dtype, c.tier)
+    out.print(table)
+    total = sum(c.tensor_bytes for c in cases)
+    out.print(f"{len(cases)} cases, {fmt_bytes(total)} of tensors; tiers are cumulative ({' ⊂ '.join(TIERS)})")
+
+@app.command("release")
+@user_errors
+def release_cmd(
+    tier: Annotated[Tier, typer.Option(help="Tier to release.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (new or empty).")],
+    goldens: Annotated[Path | None, typer.Option(help="Golden directory of that tier. Default: goldens/<tier>.")
+                       ] = None,
+    specs: Annotated[Path, typer.Option(help="Spec directory the goldens were generated from (its *.yaml "
+                                        "ship in the bundle).")] = Path("specs"),
+) -> None:
+    """Write a vendor bundle: goldens, manifest, specs and tolerances, format docs, must-pass lists,
+    a vendor README and one checksum of the whole bundle. Check it with: rlk-conform verify OUT."""
+    from conformance.golden.release import build_release
+
+    summary = build_release(tier.value, out_dir, goldens, spec_dir=specs)
+    table = Table(title=f"release '{tier.value}' → {out_dir}", show_header=False)
+    table.add_row("cases", str(summary.cases))
+    table.add_row("files", f"{summary.files} ({summary.bytes / 2**20:.1f} MiB)")
+    table.add_row("must-pass lists", ", ".join(f"{k} ({n})" for k, n in summary.mustpass.items()))
+    table.add_row("dataset SHA-256", summary.dataset_sha256)
+    table.add_row("bundle SHA-256", summary.bundle_sha256)
+    out.print(table)
+    out.print(f"verify with: rlk-conform verify {out_dir}", markup=False, highlight=False)
+
+
+def verify_bundle_command(directory: Path, regenerate: bool, device: str) -> None:
+    """``rlk-conform verify DIR`` when DIR is a bundle: print the outcome; exit 1 on any problem."""
+    from conformance.golden.release import verify_bundle
+
+    with progress_bar("verify goldens") as bar:
+        result = verify_bundle(directory, regenerate=regenerate, device=device, on_start=bar.start,
+                               on_done=lambda case_id, ok: bar.advance(case_id))
+    table = Table(title=f"verify bundle {directory}", show_header=False)
+    table.add_row("bundle files checked", str(result.files_checked))
+    table.add_row("bundle SHA-256", str(result.bundle.get("bundle_sha256")))
+    table.add_row("golden files checked", str(result.goldens.checked if result.goldens else 0))
+    if regenerate and result.goldens:
+        table.add_row("regenerated", str(result.goldens.regenerated))
+    print_verification(table, result.problems)
+    out.print(f"OK: bundle verified: {result.files_checked} files, bundle SHA-256 {result.bundle['bundle_sha256']}, "
+              f"{result.goldens.checked if result.goldens else 0} golden files", markup=False, highlight=False)

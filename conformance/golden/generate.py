@@ -1,0 +1,306 @@
+"""Generation: specs → correctly rounded golden files and their manifest (``rlk-conform generate``).
+
+Robustness contract: one ``generate`` at a time per output directory (an flock on
+``<out>/.rlk-conform.lock``; a second one gets a one-line error); every golden and the manifest are
+written atomically, so a generation killed at any point leaves only complete goldens and the
+previous manifest (or none); ``resume=True`` keeps the goldens such a run completed and computes the
+rest, ending byte-identical to an uninterrupted run; a failed write (a full disk) raises one
+ConformanceError naming the file, leaves no partial file and the manifest unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conformance.environment import GENERATOR
+from conformance.errors import ConformanceError, GoldenError
+from conformance.files import sha256_file
+from conformance.golden.format import INPUT_GENERATOR, Provenance, case_path, read_golden, write_golden
+from conformance.golden.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from conformance.processes import exit_with_parent
+from conformance.reference.compute import ALGORITHM, compute_reference
+from conformance.spec.case import Case
+from conformance.spec.inputs import make_inputs
+from conformance.spec.load import OpSpec
+
+
+@dataclass(frozen=True)
+class Job:
+    case: Case
+    provenance: Provenance
+    path: Path
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    path: Path
+    sha256: str
+    bytes: int
+    flops: int
+    seconds: float
+    refined_double_double: int
+    refined_exact: int
+
+
+LOCK_NAME = ".rlk-conform.lock"
+
+
+class GoldenWriteError(ConformanceError):
+    """Writing one golden file failed (a full disk, a quota, an I/O error); nothing partial is left."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)  # both in args, so that it crosses the worker-process boundary
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: writing the golden failed ({self.reason})"
+
+
+@dataclass
+class GenerateSummary:
+    tier: str
+    out_dir: Path
+    results: list[CaseResult] = field(default_factory=list)
+    seconds: float = 0.0
+    manifest: Path | None = None
+    reused: int = 0  # goldens kept from an interrupted run (resume)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.results)
+
+    @property
+    def flops(self) -> int:
+        return sum(r.flops for r in self.results)
+
+    @property
+    def compute_seconds(self) -> float:
+        return sum(r.seconds for r in self.results)
+
+
+def plan(specs: Sequence[OpSpec], tier: str, out_dir: Path) -> list[Job]:
+    jobs = []
+    for spec in specs:
+        prov = Provenance(spec_file=spec.path.name, spec_sha256=spec.sha256, spec_seed=spec.seed)
+        for case in spec.cases_for_tier(tier):
+            jobs.append(Job(case, prov, case_path(out_dir, case.id)))
+    return jobs
+
+
+def estimated_work(case: Case) -> float:
+    """Relative cost of a case (score-matrix work plus a fixed overhead) for progress and scheduling."""
+    return case.batch * case.hq * case.sq * case.skv * case.d + 2e5
+
+
+def os_reason(exc: OSError) -> str:
+    """The one-line reason of an OSError: h5py puts a multi-line HDF5 report in ``strerror``."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def generate_case(job: Job, device: str = "cpu") -> CaseResult:
+    """Compute and write one golden. A failed write raises :class:`GoldenWriteError` (no partial file)."""
+    start = time.perf_counter()
+    inputs = make_inputs(job.case)
+    golden = compute_reference(job.case, inputs, device=device)
+    try:
+        write_golden(job.path, job.case, inputs, golden, job.provenance)
+    except OSError as exc:
+        raise GoldenWriteError(str(job.path), os_reason(exc)) from None
+    seconds = time.perf_counter() - start
+    return CaseResult(job.case.id, job.path, sha256_file(job.path), job.path.stat().st_size, golden.flops, seconds,
+                      golden.stats.double_double, golden.stats.exact)
+
+
+def init_worker(threads: int) -> None:
+    """A generation worker: dies with its parent, and its CPU-side torch work (inputs, the host side
+    of a CUDA generation) uses its share of the cores, not all of them in every worker. (The CPU
+    reference itself always runs on one thread: see compute_reference.)"""
+    exit_with_parent()
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs: Sequence[Job], n_workers: int, device: str,
+             on_done: Callable[[Job, CaseResult], None]) -> list[CaseResult]:
+    """Run ``jobs`` (largest first) on ``n_workers`` processes; ``on_done`` is called as each finishes."""
+    order = sorted(jobs, key=lambda j: -estimated_work(j.case))
+    results: list[CaseResult] = []
+    if n_workers <= 1 or len(order) <= 1:
+        for job in order:
+            res = generate_case(job, device)
+            results.append(res)
+            on_done(job, res)
+        return results
+    ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=init_worker,
+                             initargs=(threads,)) as pool:
+        pending: dict[Future[CaseResult], Job] = {pool.submit(generate_case, j, device): j for j in order}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = pending.pop(fut)
+                    res = fut.result()
+                    results.append(res)
+                    on_done(job, res)
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+    return results
+
+
+def reusable_result(job: Job) -> CaseResult | None:
+    """The golden an earlier, interrupted generation completed for ``job``, or None if it must be
+    computed: absent, damaged (any :func:`read_golden` refusal), or of another case, spec, seed or
+    generator version. Goldens are deterministic, so a kept file has the bytes a fresh one would."""
+    try:
+        gc = read_golden(job.path)
+    except GoldenError:
+        return None
+    a, prov = gc.attrs, job.provenance
+    same = (gc.case == job.case and (a["spec_file"], a["spec_sha256"], a["spec_seed"]) ==
+            (prov.spec_file, prov.spec_sha256, prov.spec_seed) and a["generator"] == GENERATOR
+            and a["algorithm"] == ALGORITHM and a["input_generator"] == INPUT_GENERATOR)
+    if not same:
+        return None
+    # Nothing was computed for a kept golden: no time, no refinement (the file does not record it).
+    return CaseResult(job.case.id, job.path, sha256_file(job.path), job.path.stat().st_size, gc.golden.flops, 0.0,
+                      refined_double_double=0, refined_exact=0)
+
+
+@contextlib.contextmanager
+def directory_lock(out_dir: Path) -> Iterator[Path]:
+    """Hold an exclusive flock on ``<out_dir>/.rlk-conform.lock`` for the block; removed on exit.
+
+    A second holder gets a ConformanceError at once (no waiting). The lock dies with its process,
+    so a generation killed with SIGKILL leaves at most a stale file that the next one takes over.
+    """
+    path = out_dir / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConformanceError(f"{path}: cannot create the lock file ({os_reason(exc)})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConformanceError(f"{path}: cannot lock the output directory ({os_reason(exc)})") from None
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConformanceError(f"{out_dir}: another rlk-conform generate{who} is writing to this directory "
+                                   f"(lock {path}); wait for it to finish or choose another --out") from None
+        # The previous holder removes the file as it leaves; the lock must be on the file that is there.
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):  # the pid is a courtesy; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def remove_stale_temp_files(out_dir: Path) -> int:
+    """Delete the temporary files (``.<name>.<random>.tmp``) a killed generation left; only call
+    while holding :func:`directory_lock`, when no other writer can own them. Returns how many."""
+    removed = 0
+    for tmp in out_dir.rglob(".*.tmp"):
+        if tmp.is_file() and (tmp.name.startswith(f".{MANIFEST_NAME}.") or ".h5." in tmp.name):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int = 1, device: str = "cpu",
+             on_start: Callable[[list[Job]], None] | None = None,
+             on_done: Callable[[Job, CaseResult], None] | None = None, resume: bool = False) -> GenerateSummary:
+    """Generate every case of ``tier`` into ``out_dir`` and write the manifest last.
+
+    Holds :func:`directory_lock` throughout. With ``resume``, goldens that :func:`reusable_result`
+    accepts are kept (``summary.reused``) and stale temporary files removed; the result is then
+    byte-identical to an uninterrupted run. Raises ConformanceError (one line) for a bad device, an
+    unwritable or locked directory, or a failed write, after which the manifest is unchanged.
+    """
+    if device != "cpu" and not torch.device(device).type == "cuda":
+        raise ConformanceError(f"--device {device}: generation runs on 'cpu' or a CUDA device")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConformanceError(f"--device {device}: CUDA is not available on this machine")
+    jobs = plan(specs, tier, out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConformanceError(f"{out_dir}: cannot create the output directory ({os_reason(exc)})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ConformanceError(f"{out_dir}: output directory is not writable")
+    with directory_lock(out_dir):
+        return _generate_locked(specs, tier, out_dir, jobs, n_workers, device, on_start, on_done or
+                                (lambda j, r: None), resume)
+
+
+def _generate_locked(specs: Sequence[OpSpec], tier: str, out_dir: Path, jobs: list[Job], n_workers: int,
+                     device: str, on_start: Callable[[list[Job]], None] | None,
+                     on_done: Callable[[Job, CaseResult], None], resume: bool) -> GenerateSummary:
+    if on_start:
+        on_start(jobs)
+    summary = GenerateSummary(tier=tier, out_dir=out_dir)
+    start = time.perf_counter()
+    kept: list[CaseResult] = []
+    if resume:
+        remove_stale_temp_files(out_dir)
+        todo = []
+        for job in jobs:
+            res = reusable_result(job)
+            if res is None:
+                todo.append(job)
+            else:
+                kept.append(res)
+                on_done(job, res)
+        jobs = todo
+    try:
+        summary.results = kept + run_jobs(jobs, n_workers, device, on_done)
+    except GoldenWriteError as exc:
+        raise ConformanceError(f"{exc}; no partial file was left, the goldens already written are complete and "
+                               f"{MANIFEST_NAME} is unchanged; free space and rerun with --resume") from None
+    except OSError as exc:
+        raise ConformanceError(f"{out_dir}: writing goldens failed ({os_reason(exc)}); files already written are "
+                               f"complete, {MANIFEST_NAME} is unchanged") from None
+    summary.reused = len(kept)
+    summary.seconds = time.perf_counter() - start
+    spec_info: dict[str, Any] = {s.path.name: {"op": s.op, "sha256": s.sha256, "seed": s.seed} for s in specs}
+    files = [{"case_id": r.case_id, "path": r.path.relative_to(out_dir).as_posix(), "sha256": r.sha256,
+              "bytes": r.bytes} for r in summary.results]
+    try:
+        summary.manifest = write_manifest(out_dir, build_manifest(tier, spec_info, files))
+    except OSError as exc:
+        raise ConformanceError(f"{out_dir / MANIFEST_NAME}: writing the manifest failed ({os_reason(exc)}); "
+                               "the previous manifest is unchanged and every golden is complete; free space "
+                               "and rerun with --resume") from None
+    return summary

@@ -1,0 +1,118 @@
+"""Relation I (CONTRACT.md §2): a backend against itself, bit for bit, when only the
+surroundings change. The comparison every invariance check and property uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from conformance.judge.verdicts import JUDGE_CHUNK, Verdict, judge_elementwise
+from conformance.spec.tolerances import Tolerances
+
+INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+             torch.float16: torch.int16}
+
+
+def bit_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers (floats only; other dtypes as they are): equality of bit views
+    is bitwise equality, NaN payloads and signed zeros included."""
+    return t.view(INT_VIEW[t.dtype]) if t.dtype in INT_VIEW else t
+
+
+def _raw_and_ordered(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Raw bit patterns, and integers whose order is the float order (ulp distance = difference)."""
+    if x.dtype not in INT_VIEW:
+        raise TypeError(f"bitwise comparison of {x.dtype} is not supported")
+    raw = bit_view(x.detach().cpu().contiguous()).numpy().astype(np.int64)
+    magnitude_mask = np.int64((1 << (8 * x.element_size() - 1)) - 1)
+    ordered = np.where(raw < 0, -(raw & magnitude_mask), raw)
+    return raw, ordered
+
+
+@dataclass(frozen=True)
+class BitMismatch:
+    count: int
+    max_abs: float
+    max_ulp: float
+    first_index: tuple[int, ...]
+    first_values: tuple[float, float]
+
+    def metrics(self) -> dict[str, Any]:
+        return {"mismatched_elements": self.count, "max_abs_diff": self.max_abs, "max_ulp_diff": self.max_ulp,
+                "first_mismatch": list(self.first_index), "first_values": list(self.first_values)}
+
+    def describe(self) -> str:
+        a, b = self.first_values
+        return (f"{self.count} elements differ (max |Δ| {self.max_abs:.3g}, max {self.max_ulp:.0f} ulp); first at "
+                f"(b,h,row,col)={self.first_index}: {a!r} vs {b!r}")
+
+
+def bitwise_mismatch(a: torch.Tensor, b: torch.Tensor) -> BitMismatch | None:
+    """None if ``a`` and ``b`` are bit-identical, with two explicit exceptions: a NaN matches any
+    NaN (payloads are not values), and +0 matches −0 (a fully masked row is "exactly 0" either way;
+    a sign flip of zero changes no later sum). Everything else is compared bit for bit.
+    Identical bits are confirmed without temporaries; differences are measured a chunk at a time."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"cannot compare {tuple(a.shape)} {a.dtype} with {tuple(b.shape)} {b.dtype}")
+    if a.dtype not in INT_VIEW:
+        raise TypeError(f"bitwise comparison of {a.dtype} is not supported")
+    a = a.detach().cpu().contiguous()
+    b = b.detach().cpu().contiguous()
+    if torch.equal(bit_view(a), bit_view(b)):
+        return None
+    af_all, bf_all = a.reshape(-1), b.reshape(-1)
+    count, max_abs, max_ulp, first, any_finite = 0, -math.inf, 0.0, None, False
+    for i0 in range(0, af_all.numel(), JUDGE_CHUNK):
+        ca, cb = af_all[i0:i0 + JUDGE_CHUNK], bf_all[i0:i0 + JUDGE_CHUNK]
+        ra, oa = _raw_and_ordered(ca)
+        rb, ob = _raw_and_ordered(cb)
+        differ = (ra != rb) & ~(torch.isnan(ca) & torch.isnan(cb)).numpy() & ~((ca == 0) & (cb == 0)).numpy()
+        if not differ.any():
+            continue
+        if first is None:
+            first = i0 + int(np.flatnonzero(differ)[0])
+        count += int(differ.sum())
+        with np.errstate(invalid="ignore"):
+            absdiff = np.abs(ca.to(torch.float64).numpy() - cb.to(torch.float64).numpy())[differ]
+        finite = absdiff[~np.isnan(absdiff)]
+        if finite.size:
+            any_finite = True
+            max_abs = max(max_abs, float(finite.max()))
+        max_ulp = max(max_ulp, float(np.abs(oa[differ].astype(np.float64) - ob[differ].astype(np.float64)).max()))
+    if first is None:
+        return None
+    index = tuple(int(i) for i in np.unravel_index(first, tuple(a.shape)))
+    return BitMismatch(count=count, max_abs=max_abs if any_finite else float("nan"), max_ulp=max_ulp,
+                    first_index=index, first_values=(float(af_all[first]), float(bf_all[first])))
+
+
+DEFAULT_RERUNS = 5  # determinism reruns when neither tolerances.yaml nor the caller sets them
+
+
+def determinism_reruns(tolerances: Tolerances, override: int | None = None) -> int:
+    """How many times a determinism check runs a call: ``override`` (``--reruns``), else the
+    ``determinism`` rule's ``reruns`` in tolerances.yaml, else :data:`DEFAULT_RERUNS`."""
+    rule = tolerances.invariance_rule("determinism")
+    return override or (rule.reruns if rule is not None and rule.reruns else DEFAULT_RERUNS)
+
+
+def compare_outputs(tolerances: Tolerances, check: str, label: str, got: torch.Tensor, want: torch.Tensor,
+                    metrics: dict[str, Any] | None = None) -> Verdict | None:
+    """The one invariance comparison of runs and property searches: None when ``got`` equals ``want``
+    bit for bit (:func:`bitwise_mismatch`), or within the check's tolerance when tolerances.yaml gives
+    it a non-zero one. A failing verdict names the variant (``label``); its metrics start with
+    ``metrics`` (default ``{"variant": label}``)."""
+    head = metrics if metrics is not None else {"variant": label}
+    rule = tolerances.invariance_rule(check)
+    if rule is not None and (rule.atol > 0 or rule.rtol > 0):
+        v = judge_elementwise(got, want.detach().to("cpu", torch.float64).numpy(), rule, label)
+        return None if v.status == "pass" else Verdict("fail", {**head, **v.metrics}, v.message)
+    mismatch = bitwise_mismatch(got, want)
+    if mismatch is None:
+        return None
+    return Verdict("fail", {**head, **mismatch.metrics()}, f"{label}: {mismatch.describe()}")

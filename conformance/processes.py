@@ -1,0 +1,124 @@
+"""Worker processes and signals, shared by generation, ``--isolate`` and ``--devices``.
+
+- :func:`exit_with_parent`: a worker is killed by the kernel when its parent dies;
+- :func:`stop_on_signals`, :class:`Terminated`: SIGTERM raised in the main thread like SIGINT;
+- :func:`deferred_signals`: SIGINT/SIGTERM only noted while reports are written;
+- :func:`signals_held`, :func:`ignore_signals`: around a message, and after a worker is done;
+- :func:`describe_exit`: how a process ended, in words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+def exit_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker process when its parent dies, so that a generation
+    (or run) killed with SIGKILL leaves no orphan computing on. Best effort elsewhere."""
+    with contextlib.suppress(Exception):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+class Terminated(BaseException):
+    """SIGTERM arrived while :func:`stop_on_signals` was active (a BaseException, like KeyboardInterrupt,
+    so that no ``except Exception`` in a backend call swallows it)."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Terminated` in the main thread, as SIGINT raises
+    KeyboardInterrupt, so that :func:`run` can stop and return what it finished. No-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_stops(previous_hook)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _redeliver_stops(fallback: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An ``unraisablehook`` for :func:`stop_on_signals`: a KeyboardInterrupt or Terminated raised
+    where Python cannot propagate it (a weakref callback, a finaliser) would be printed as an
+    ignored traceback and lost; instead the signal is sent again, to be raised at the next point
+    that can propagate it."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt | Terminated):
+            again = signal.SIGINT if isinstance(unraisable.exc_value, KeyboardInterrupt) else signal.SIGTERM
+            # A moment later, from another thread: sent from here, its handler would raise inside this
+            # hook and be lost again.
+            timer = threading.Timer(0.05, os.kill, args=(os.getpid(), again))
+            timer.daemon = True
+            timer.start()
+            return
+        fallback(unraisable)
+
+    return hook
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[list[str]]:
+    """While active, SIGINT and SIGTERM are only noted (their names are appended to the yielded
+    list), so that the reports of a run are written whole; the caller acts on them afterwards."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+def ignore_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends (a message is never cut in half by one)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+def describe_exit(exitcode: int | None) -> tuple[str, dict[str, Any]]:
+    """How a worker ended, for a message and for metrics: a signal by name, or an exit code."""
+    if exitcode is None:
+        return "stopped for an unknown reason", {"exit_code": None, "signal": None}
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        text = signal.strsignal(-exitcode) or name
+        if -exitcode == signal.SIGKILL:
+            text += "; out of memory, or killed from outside"
+        return f"was killed by {name} ({text})", {"exit_code": exitcode, "signal": name}
+    return f"exited with code {exitcode}", {"exit_code": exitcode, "signal": None}

@@ -1,0 +1,222 @@
+"""The exact reference: CONTRACT.md attention, every output element correctly rounded once to float32.
+
+Three tiers decide each element's float32 value; each tier hands on only what it cannot prove:
+
+1. **float64** (all elements, torch matmuls, CPU or CUDA). Besides the output it computes a
+   rigorous first-order bound on its own error (dot products, the scale, exp, the sums and the
+   division). An element whose float64 value lies farther than that bound from both float32
+   rounding boundaries (the midpoints to its neighbours) is already correctly rounded.
+2. **double-double** (numpy, per undecided element): exact products, double-double dot products,
+   logits and sums (``math.fsum``), exp with a double-double argument; its bound is ~1e-16·Σp|v−o|.
+3. **exact** (Python integers, fractions and ``mpmath.iv`` interval arithmetic): logits as exact
+   integers; if every group of equal logits has the same mean value the output is that rational
+   number, rounded exactly (ties to even); otherwise (Lindemann–Weierstrass) it is transcendental,
+   never a rounding boundary, and intervals of growing precision decide it.
+
+Per row it also returns the log-sum-exp, a first-order error scale and the error of the naive
+same-dtype computation (see docs/golden-format.md for the formulas).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from conformance.reference.double_double import double_double_elements, precise_rows, tier2_batches
+from conformance.reference.exact import exact_lse, exact_row
+from conformance.reference.float64 import BLOCK_ELEMENTS, CUDA_BLOCK_ELEMENTS, float64_block
+from conformance.reference.rounding import rounding_interval
+from conformance.spec.case import Case
+from conformance.spec.inputs import CaseInputs, visible
+
+ALGORITHM = "exact-attention/1"
+
+
+@dataclass
+class RefinementStats:
+    """How many output elements each tier decided."""
+
+    float64: int = 0
+    double_double: int = 0
+    exact: int = 0
+
+
+@dataclass
+class Golden:
+    out: np.ndarray  # float32 [B, Hq, Sq, D], correctly rounded
+    lse: np.ndarray  # float32 [B, Hq, Sq], -inf for rows that see no key
+    error_scale: np.ndarray  # float64 [B, Hq, Sq]
+    naive_error: np.ndarray  # float64 [B, Hq, Sq]
+    flops: int  # 4·D per (row, visible key) pair: the arithmetic the mask leaves
+    stats: RefinementStats = field(default_factory=RefinementStats)
+
+
+def compute_reference(case: Case, inputs: CaseInputs, device: str | torch.device = "cpu") -> Golden:
+    """Compute the golden of ``case`` from its ``inputs`` (see the module docstring).
+
+    On CPU the float64 stage runs on one thread: torch's reductions split differently with the
+    thread count, and the stored float64 statistics must not depend on it (parallelism comes from
+    ``generate --jobs``).
+    """
+    if torch.device(device).type == "cpu":
+        with single_thread():
+            return _compute(case, inputs, torch.device(device))
+    return _compute(case, inputs, torch.device(device))
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
+    b, hq, hkv, g, sq, skv, d = case.batch, case.hq, case.hkv, case.group, case.sq, case.skv, case.d
+    scale = case.effective_scale
+    q64 = inputs.q.to(dev, torch.float64).reshape(b, hkv, g, sq, d)
+    k64 = inputs.k.to(dev, torch.float64)
+    v64 = inputs.v.to(dev, torch.float64)
+    kpm = None if inputs.key_padding_mask is None else inputs.key_padding_mask.to(dev)
+    # Per-case operands of every block: [v, |v|, 1] for the blocked sums, |k|, and max|v| per column.
+    vx = torch.cat([v64, v64.abs(), torch.ones_like(v64[..., :1])], dim=-1)
+    kabs = k64.abs()
+    vmax = vx[..., d:2 * d].amax(-2, keepdim=True)
+
+    out64 = torch.zeros(b, hkv, g, sq, d, dtype=torch.float64)
+    bound = torch.zeros_like(out64)
+    lse = torch.full((b, hkv, g, sq), -math.inf, dtype=torch.float64)
+    lse_bound = torch.zeros(b, hkv, g, sq, dtype=torch.float64)
+    err_scale = torch.zeros(b, hkv, g, sq, dtype=torch.float64)
+    naive = torch.zeros_like(out64)
+    flops = 0
+
+    block = CUDA_BLOCK_ELEMENTS if dev.type == "cuda" else BLOCK_ELEMENTS
+    rows_per_block = max(1, block // max(1, b * hq * skv))
+    for i0 in range(0, sq, rows_per_block):
+        i1 = min(sq, i0 + rows_per_block)
+        n = i1 - i0
+        # Keys beyond the last one any row of this block may see are skipped (causal blocks).
+        kmax = min(skv, i1 - 1 + skv - sq + 1) if case.causal else skv
+        if kmax <= 0:
+            continue  # every row of the block is fully masked: zeros, lse = -inf
+        vis = visible(case, kpm, slice(i0, i1))[..., :kmax].to(dev)
+        vis = vis[:, None, None].expand(b, 1, g, n, kmax).reshape(b, 1, g * n, kmax)
+        flops += int(vis.expand(b, hkv, g * n, kmax).sum()) * 4 * d
+        q = q64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
+        res = float64_block(q, k64[:, :, :kmax], kabs[:, :, :kmax], v64[:, :, :kmax], vx[:, :, :kmax], vmax, vis,
+                             scale, case.dtype)
+        shape5 = (b, hkv, g, n)
+        out64[:, :, :, i0:i1] = res["out"].reshape(*shape5, d).cpu()
+        bound[:, :, :, i0:i1] = res["bound"].reshape(*shape5, d).cpu()
+        lse[:, :, :, i0:i1] = res["lse"].reshape(shape5).cpu()
+        lse_bound[:, :, :, i0:i1] = res["lse_bound"].reshape(shape5).cpu()
+        err_scale[:, :, :, i0:i1] = res["error_scale"].reshape(shape5).cpu()
+        naive[:, :, :, i0:i1] = res["naive"].reshape(*shape5, d).cpu()
+
+    out = out64.numpy()
+    out32 = out.astype(np.float32)
+    mid_lo, mid_hi = rounding_interval(out32)
+    bnd = bound.numpy()
+    undecided = ~((out - bnd > mid_lo) & (out + bnd < mid_hi))
+    stats = RefinementStats(float64=int(out.size - undecided.sum()))
+    if undecided.any():
+        refine(case, inputs, (q64, k64, v64), out32, undecided, stats)
+    lse32 = certified_lse(case, inputs, lse.numpy(), lse_bound.numpy())
+    to4 = (b, hq, sq)
+    # Against the correctly rounded output the difference is exact: no float64 noise is stored.
+    naive_error = np.abs(naive.numpy() - out32.astype(np.float64)).max(-1)
+    return Golden(
+        out=out32.reshape(b, hq, sq, d),
+        lse=lse32.reshape(to4),
+        error_scale=round_up_significant(err_scale.numpy(), ERROR_SCALE_BITS).reshape(to4),
+        naive_error=naive_error.reshape(to4),
+        flops=flops,
+        stats=stats,
+    )
+
+
+ERROR_SCALE_BITS = 12
+
+
+def round_up_significant(x: np.ndarray, bits: int) -> np.ndarray:
+    """Round non-negative values up to ``bits`` significant bits. A scale needs no more, and the
+    coarse grid keeps the stored value independent of last-bit float64 noise (threads, devices)."""
+    mant, exp = np.frexp(x)
+    return np.ldexp(np.ceil(np.ldexp(mant, bits)), exp - bits)
+
+
+def certified_lse(case: Case, inputs: CaseInputs, lse64: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """float32 log-sum-exp, correctly rounded: float64 where its bound decides, else exact."""
+    lse32 = lse64.astype(np.float32)
+    finite = np.isfinite(lse64)
+    mid_lo, mid_hi = rounding_interval(np.where(finite, lse32, np.float32(0)))
+    undecided = finite & ~((lse64 - bound > mid_lo) & (lse64 + bound < mid_hi))
+    if undecided.any():
+        b, hkv, g, sq = lse64.shape
+        q = inputs.q.to(torch.float64).reshape(b, hkv, g, sq, case.d).numpy()
+        k = inputs.k.to(torch.float64).numpy()
+        kpm = inputs.key_padding_mask
+        for bi, hi, gi, i in np.argwhere(undecided):
+            see = visible(case, None if kpm is None else kpm[bi:bi + 1], slice(int(i), int(i) + 1))[0, 0].numpy()
+            lse32[bi, hi, gi, i] = exact_lse(q[bi, hi, gi, i], k[bi, hi, np.flatnonzero(see)], case)
+    return lse32
+
+
+def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out32: np.ndarray,
+            undecided: np.ndarray, stats: RefinementStats) -> None:
+    """Decide every undecided element of ``out32`` ([b, hkv, g, sq, d]) in place: tier 2 for all
+    of them (vectorised over rows and over KV heads, on the device of ``qkv64``: q [b, hkv, g, sq, d]
+    and k, v in float64, so that a GPU gets a few large kernels per case, not a few per head), then
+    tier 3 for the few tier 2 leaves open."""
+    b, hkv, g, sq, d = out32.shape
+    q, k, v = qkv64
+    kpm = inputs.key_padding_mask
+    rows = np.argwhere(undecided.any(-1))  # (bi, hi, gi, i), sorted: rows of one KV head are adjacent
+    left: dict[tuple[int, ...], list[int]] = {}
+    for batch in tier2_batches(case, kpm, rows):
+        heads = len(batch)
+        r_max = max(len(seg.rows) for seg in batch)
+        n = max(seg.kmax for seg in batch)
+        bi_t = torch.as_tensor([seg.bi for seg in batch], device=q.device)
+        hi_t = torch.as_tensor([seg.hi for seg in batch], device=q.device)
+        qb = q.new_zeros(heads, r_max, d)
+        see = torch.zeros(heads, r_max, n, dtype=torch.bool)
+        er_parts, ec_parts, where = [], [], []
+        for j, seg in enumerate(batch):
+            qb[j, :len(seg.rows)] = q[seg.bi, seg.hi, seg.rows[:, 2], seg.rows[:, 3]]
+            see[j, :len(seg.rows), :seg.kmax] = seg.see
+            er, ec = np.nonzero(undecided[seg.bi, seg.hi, seg.rows[:, 2], seg.rows[:, 3]])
+            er_parts.append(j * r_max + er)
+            ec_parts.append(ec)
+            where.append(np.stack([np.full(len(er), seg.bi), np.full(len(er), seg.hi), seg.rows[er, 2],
+                                   seg.rows[er, 3], ec], axis=1))
+        er, ec, at = np.concatenate(er_parts), np.concatenate(ec_parts), np.concatenate(where)
+        kb, vb, see = k[bi_t, hi_t, :n], v[bi_t, hi_t, :n], see.to(q.device)
+        vals, decided = double_double_elements(qb, kb, vb, see, er, ec, case)
+        if not decided.all():  # the rows with something left, again with the double-double exp
+            sub = ~decided
+            vals[sub], decided[sub] = precise_rows(qb, kb, vb, see, er[sub], ec[sub], case)
+        out32[tuple(at[decided].T)] = vals[decided]
+        stats.double_double += int(decided.sum())
+        for bi, hi, gi, i, c in at[~decided]:
+            left.setdefault((int(bi), int(hi), int(gi), int(i)), []).append(int(c))
+    if left:
+        qn = inputs.q.to(torch.float64).reshape(b, hkv, g, sq, d).numpy()
+        kn = inputs.k.to(torch.float64).numpy()
+        vn = inputs.v.to(torch.float64).numpy()
+        for (bi, hi, gi, i), cols in left.items():
+            see = visible(case, None if kpm is None else kpm[bi:bi + 1], np.array([i]))[0, 0]
+            keys = see.nonzero().flatten().numpy()
+            exact = exact_row(qn[bi, hi, gi, i], kn[bi, hi, keys], vn[bi, hi][keys][:, cols], case)
+            for c, val in zip(cols, exact):
+                out32[bi, hi, gi, i, c] = val
+                stats.exact += 1

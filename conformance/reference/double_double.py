@@ -1,0 +1,305 @@
+"""Tier 2 of the exact reference: double-double arithmetic in torch (on the generation device).
+
+Error-free transformations (TwoSum, Veltkamp split, TwoProd), double-double sums and products, dot
+products from Ozaki-sliced exact matmuls (:func:`dd_dots`), ``exp`` of a double-double argument
+with relative error ≤ 2^-88 (:func:`exp_dd`), and the tier-2 decision of output elements
+(:func:`double_double_elements`): what it cannot prove correctly rounded goes on to the exact tier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+import torch
+
+from conformance.spec.case import Case
+from conformance.spec.inputs import visible
+
+U = 2.0**-53  # unit roundoff of float64
+
+
+def cascade(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cascaded summation: the running sum ``hi`` and the TwoSum errors accumulated in ``lo``;
+    ``hi + lo`` is the sum with error ≤ u·|sum| + O(n·u²)·Σ|parts|."""
+    hi, lo = parts[0], torch.zeros_like(parts[0])
+    for part in parts[1:]:
+        hi, e = two_sum(hi, part)
+        lo += e
+    return hi, lo
+
+
+@dataclass
+class Segment:
+    """Undecided query rows of one KV head (``rows``: (bi, hi, gi, i) each), their visible keys."""
+
+    bi: int
+    hi: int
+    rows: np.ndarray
+    see: torch.Tensor  # bool [len(rows), kmax]
+    kmax: int
+
+
+def tier2_batches(case: Case, kpm: torch.Tensor | None, rows: np.ndarray) -> Iterator[list[Segment]]:
+    """Group the undecided rows into batches of segments (one KV head each) whose padded working set
+    heads × max rows × max keys stays within TIER2_ELEMENTS; a head with more rows is cut up."""
+    batch: list[Segment] = []
+    for bh in np.unique(rows[:, :2], axis=0):
+        bi, hi = int(bh[0]), int(bh[1])
+        head = rows[(rows[:, 0] == bi) & (rows[:, 1] == hi)]
+        see_all = visible(case, None if kpm is None else kpm[bi:bi + 1], head[:, 3])[0]
+        kmax = int(see_all.any(0).nonzero().max()) + 1
+        per = max(1, TIER2_ELEMENTS // kmax)
+        for r0 in range(0, len(head), per):
+            seg = Segment(bi, hi, head[r0:r0 + per], see_all[r0:r0 + per, :kmax], kmax)
+            grown = [*batch, seg]
+            if batch and len(grown) * max(len(s.rows) for s in grown) * max(s.kmax for s in grown) > TIER2_ELEMENTS:
+                yield batch
+                grown = [seg]
+            batch = grown
+    if batch:
+        yield batch
+
+
+def precise_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
+                  ec: np.ndarray, case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`double_double_elements` with the double-double exp for the elements (flat row ``er``, column
+    ``ec``) of a batch laid out as q [H, R, D], k/v [H, n, D], see [H, R, n]: each of their rows
+    becomes a head of its own (its keys gathered), in groups that keep the gathered keys bounded."""
+    heads, r_max, d = q.shape
+    n = k.shape[1]
+    rows = np.unique(er)
+    vals = np.zeros(len(er), dtype=np.float32)
+    decided = np.zeros(len(er), dtype=bool)
+    per = max(1, TIER2_ELEMENTS * 4 // (n * d))
+    for r0 in range(0, len(rows), per):
+        group = rows[r0:r0 + per]
+        idx = torch.as_tensor(group, device=q.device)
+        slot = np.full(heads * r_max, -1)
+        slot[group] = np.arange(len(group))
+        mine = slot[er] >= 0
+        head_of = idx // r_max
+        vals[mine], decided[mine] = double_double_elements(q.reshape(-1, d)[idx][:, None], k[head_of], v[head_of],
+                                                   see.reshape(-1, n)[idx][:, None], slot[er[mine]], ec[mine], case,
+                                                   precise=True)
+    return vals, decided
+
+
+TIER2_ELEMENTS = 1 << 21  # (row, key) pairs per tier-2 chunk: bounds its working memory
+
+
+def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def veltkamp_split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c = 134217729.0 * a  # 2**27 + 1 (Veltkamp)
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def two_prod(a: torch.Tensor, b: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    p = a * b
+    ah, al = veltkamp_split(a)
+    bh, bl = veltkamp_split(b if isinstance(b, torch.Tensor) else torch.full_like(a, b))
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def dd_sum(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Double-double sum over the last axis by a pairwise tree; returns (hi, lo, levels). Each node
+    adds two double-doubles with TwoSum on the leading parts and a final TwoSum (both exact) and
+    two roundings of the trailing parts, an error ≤ 3u²·Σ|terms below it|; so the whole error is
+    ≤ 3·levels·u²·Σ|terms| (the terms being the exact leaf values)."""
+    levels = 0
+    while hi.shape[-1] > 1:
+        if hi.shape[-1] % 2:
+            hi = torch.nn.functional.pad(hi, (0, 1))
+            lo = torch.nn.functional.pad(lo, (0, 1))
+        h = hi.shape[-1] // 2
+        s, e = two_sum(hi[..., :h], hi[..., h:])
+        hi, lo = two_sum(s, e + (lo[..., :h] + lo[..., h:]))
+        levels += 1
+    return hi[..., 0], lo[..., 0], levels
+
+
+def scale_dd(case: Case) -> tuple[float, float]:
+    if case.scale is not None:
+        return case.scale, 0.0
+    with mpmath.workprec(200):
+        s = 1 / mpmath.sqrt(case.d)
+        hi = float(s)
+        return hi, float(s - hi)
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """2**e exactly, as float64, for integer tensors ``e`` in the normal range (built from the bits)."""
+    return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
+def ozaki_slices(x: torch.Tensor, beta: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the rows of ``x`` exactly (Ozaki): x = a·2^(e−β) + b·2^(e−2β) + rest, with integers
+    |a| ≤ 2^β, |b| ≤ 2^(β−1), |rest| ≤ 2^(e−2β−1) and 2^e > max|row|. Returns (a, b, rest, e)."""
+    e = torch.frexp(x.abs().amax(-1, keepdim=True)).exponent
+    a = torch.round(x * pow2(beta - e))
+    r1 = x - a * pow2(e - beta)  # exact: a·2^(e−β) is x rounded to that grid
+    b = torch.round(r1 * pow2(2 * beta - e))
+    return a, b, r1 - b * pow2(e - 2 * beta), e
+
+
+def dd_dots(q: torch.Tensor, kt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dot products of the rows of ``q`` [..., R, D] with the columns of ``kt`` [..., D, n] as double-doubles,
+    from matmuls: both sides are sliced (:func:`ozaki_slices`) so that the four products of leading
+    slices are exact integer matmuls (D·2^(2β) ≤ 2^53); the remainders enter through two ordinary
+    matmuls whose error is ~2^(-2β) smaller than the plain dot product's; the parts are added with
+    TwoSum. Returns (hi, lo, bound on |hi + lo − exact dot|)."""
+    d = q.shape[-1]
+    beta = (53 - math.ceil(math.log2(max(d, 2)))) // 2
+    qa, qb, qr, eq = ozaki_slices(q, beta)
+    ka, kb, kr, ek = (x.transpose(-1, -2) for x in ozaki_slices(kt.transpose(-1, -2), beta))
+    base = eq + ek  # [..., R, n] exponent of each (row, key) pair
+    parts = [(qa @ ka) * pow2(base - 2 * beta), (qa @ kb) * pow2(base - 3 * beta),
+             (qb @ ka) * pow2(base - 3 * beta), (qb @ kb) * pow2(base - 4 * beta),
+             q @ kr + qr @ (kt - kr)]
+    hi, lo = two_sum(*cascade(parts))
+    total = sum(part.abs() for part in parts)
+    # The two rounded matmuls: ≤ γ_2D·Σ(|q||kr| + |qr||k − kr|) ≤ 1.01·2D·u·D·(max|q|·max|kr| + max|qr|·max|k|);
+    # the TwoSum chain: ≤ 8u²·Σ|parts|.
+    q_max, qr_max = q.abs().amax(-1, keepdim=True), qr.abs().amax(-1, keepdim=True)
+    k_max, kr_max = kt.abs().amax(-2, keepdim=True), kr.abs().amax(-2, keepdim=True)
+    err = 1.01 * 2 * d * d * U * (q_max * kr_max + qr_max * k_max) + 8 * U * U * total
+    return hi, lo, err
+
+
+def dd_add(ah: torch.Tensor, al: torch.Tensor, bh: torch.Tensor | float,
+            bl: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    s, e = two_sum(ah, bh if isinstance(bh, torch.Tensor) else torch.full_like(ah, bh))
+    return two_sum(s, e + (al + bl))
+
+
+def dd_mul(ah: torch.Tensor, al: torch.Tensor, bh: torch.Tensor,
+            bl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p, e = two_prod(ah, bh)
+    return two_sum(p, e + (ah * bl + al * bh))
+
+
+def dd_constant(x: Fraction) -> tuple[float, float]:
+    hi = float(x)
+    return hi, float(x - Fraction(hi))
+
+
+with mpmath.workprec(300):
+    _, _man, _exp, _ = mpmath.log(2)._mpf_
+
+
+_LN2 = Fraction(int(_man)) * Fraction(2) ** int(_exp)
+_LN2_1 = float(Fraction(round(_LN2 * 2**40), 2**40))  # 40 bits: k·_LN2_1 is exact for |k| < 2^13
+_LN2_2, _LN2_3 = dd_constant(_LN2 - Fraction(_LN2_1))
+_EXP_TERMS = 15  # Taylor terms of expm1 on |r| ≤ 0.35/16: the first one left out is < 2^-120
+_INV_FACTORIAL = [dd_constant(Fraction(1, math.factorial(n))) for n in range(_EXP_TERMS + 1)]
+EXP_DD_ERROR = 2.0**-88  # relative error of exp_dd (analysis ~2^-93; margin kept)
+
+
+def exp_dd(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(x_hi + x_lo) as a double-double for x ≤ ~0: relative error ≤ EXP_DD_ERROR down to
+    x = −650; below, where the trailing part is subnormal, and below x = −700, where the result is
+    0, the absolute error is < 2^-1000, which the callers' bounds carry (the n·2^-1000 term).
+
+    x = k·ln2 + r with ln2 in three parts (k·ln2₁ exact, the subtraction exact by Sterbenz);
+    expm1(r/16) by its Taylor series in double-double (Horner), then four doublings
+    expm1(2a) = 2·expm1(a) + expm1(a)², which keep the relative error of expm1; 1 + expm1; ·2^k.
+    """
+    x_hi = x_hi.clamp(min=-700.0)
+    k = torch.round(x_hi / float(_LN2))
+    t = x_hi - k * _LN2_1
+    p, pe = two_prod(k, _LN2_2)
+    r_hi, r_lo = two_sum(t, -p)
+    r_hi, r_lo = two_sum(r_hi, r_lo - pe - k * _LN2_3 + x_lo)
+    r_hi, r_lo = r_hi / 16, r_lo / 16  # exact
+    c_hi, c_lo = _INV_FACTORIAL[_EXP_TERMS]
+    f_hi, f_lo = torch.full_like(r_hi, c_hi), torch.full_like(r_hi, c_lo)
+    for n in range(_EXP_TERMS - 1, 0, -1):
+        f_hi, f_lo = dd_mul(f_hi, f_lo, r_hi, r_lo)
+        f_hi, f_lo = dd_add(f_hi, f_lo, *_INV_FACTORIAL[n])
+    f_hi, f_lo = dd_mul(f_hi, f_lo, r_hi, r_lo)  # expm1(r/16)
+    for _ in range(4):
+        sq_hi, sq_lo = dd_mul(f_hi, f_lo, f_hi, f_lo)
+        f_hi, f_lo = dd_add(2 * f_hi, 2 * f_lo, sq_hi, sq_lo)
+    e_hi, e_lo = dd_add(f_hi, f_lo, 1.0, 0.0)
+    scale = pow2(k.to(torch.int64))
+    under = x_hi <= -700.0
+    return torch.where(under, 0.0, e_hi * scale), torch.where(under, 0.0, e_lo * scale)
+
+
+def double_double_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
+                   ec: np.ndarray, case: Case, precise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Tier 2 for the elements (row ``er[e]`` of the flattened [H·R] rows, column ``ec[e]``) of the
+    query rows ``q`` [H, R, D] (float64, exact; H KV heads) against keys/values ``k``/``v``
+    [H, n, D], ``see`` [H, R, n] the visible keys (padding rows see none).
+
+    Logits are double-double (exact products, TwoSum over D), each weight exp(x_hi)·(1 + x_lo)
+    has relative error ≤ eps_j (3u + second order), sums are double-double (:func:`dd_sum`) and
+    the quotient gets one Newton correction. The first-order bound 2·Σ p_j·eps_j·|v_j − o| plus
+    the second-order sum and division terms decides the float32 rounding of most elements.
+    With ``precise`` the weights come from :func:`exp_dd` instead (relative error ≤ 2^-88 rather
+    than 3u), which decides all but the elements within ~2^-80 of a rounding boundary.
+    Returns (float32 values, decided mask) per element.
+    """
+    kt = k.transpose(-1, -2).contiguous()
+    dh, dl, dot_err = dd_dots(q, kt)
+    sh, sl = scale_dd(case)
+    s_hi, s_lo = two_prod(dh, sh)
+    s_hi, s_lo = two_sum(s_hi, s_lo + dh * sl + dl * sh)
+    m = s_hi.masked_fill(~see, -math.inf).amax(-1, keepdim=True)
+    x_hi, x_lo = two_sum(s_hi, -m.expand_as(s_hi))
+    x_lo = x_lo + s_lo
+    zero = torch.zeros_like(x_hi)
+    x_hi, x_lo = torch.where(see, x_hi, zero), torch.where(see, x_lo, zero)
+    if precise:
+        p, p_lo = exp_dd(x_hi, x_lo)
+        p, p_lo = torch.where(see, p, zero), torch.where(see, p_lo, zero)
+        exp_err = EXP_DD_ERROR
+    else:
+        p, p_lo = torch.where(see, torch.exp(x_hi) * (1.0 + x_lo), zero), zero  # exp(x)·(1 + ε)
+        exp_err = 3 * U  # exp (≤ 1 ulp) and the product
+    den_h, den_l, _ = dd_sum(p, p_lo)
+    # Relative error of each weight: the exp, then the double-double logit (second order).
+    eps = torch.where(see, exp_err + abs(case.effective_scale) * dot_err
+                      + (5 * s_hi.abs() + 3 * x_hi.abs() + 3 * x_hi * x_hi) * U * U, zero)
+    n = k.shape[-2]  # the rows of all heads, flattened: er indexes them
+    p, p_lo, eps = p.reshape(-1, n), p_lo.reshape(-1, n), eps.reshape(-1, n)
+    den_h, den_l = den_h.reshape(-1), den_l.reshape(-1)
+    er_t = torch.as_tensor(er, device=q.device)
+    pe = p[er_t]
+    vc = v[er_t // q.shape[-2], :, torch.as_tensor(ec, device=q.device)]  # [E, n]: each element's value column
+    ph, pl = two_prod(pe, vc)
+    if precise:
+        pl = pl + p_lo[er_t] * vc  # two roundings, ≤ 2u²·|p·v|: inside the second-order term below
+    num_h, num_l, levels = dd_sum(ph, pl)
+    dh_e, dl_e = den_h[er_t], den_l[er_t]
+    o_h = num_h / dh_e
+    r_h, r_l = two_prod(o_h, dh_e)  # double-double division: one Newton correction
+    o_l = ((num_h - r_h) - r_l + num_l - o_h * dl_e) / dh_e
+    pn = pe / dh_e[:, None]
+    first = (pn * eps[er_t] * (vc - o_h[:, None]).abs()).sum(-1)
+    second = (3 * levels + 14) * U * U * (o_h.abs() + (pn * vc.abs()).sum(-1))
+    # ×(1 + 2^-20): the float64 evaluation of the bound itself rounds (relative n·u at most).
+    bound = 2 * (first + second) * (1 + 2.0**-20) + n * 2.0**-1000 * vc.abs().amax(-1)
+    o32 = o_h.to(torch.float32)
+    below = torch.nextafter(o32, torch.full_like(o32, -math.inf))
+    above = torch.nextafter(o32, torch.full_like(o32, math.inf))
+    mid_lo = (o32.double() + below.double()) / 2  # float32 midpoints are exact in float64
+    mid_hi = (o32.double() + above.double()) / 2
+    # o_h − mid is exact when the two are close (Sterbenz); then o_l is added.
+    inside = ((o_h - mid_lo) + o_l > bound) & ((mid_hi - o_h) - o_l > bound)
+    low = (o_h - mid_lo) + o_l < -bound
+    high = (mid_hi - o_h) - o_l < -bound
+    value = torch.where(inside, o32, torch.where(low, below, above))
+    unseen = dh_e == 0  # a row that sees no key: its output is 0 by the contract
+    value = torch.where(unseen, torch.zeros_like(value), value)
+    return value.cpu().numpy(), (inside | low | high | unseen).cpu().numpy()

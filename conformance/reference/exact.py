@@ -1,0 +1,110 @@
+"""Tier 3 of the exact reference: exact integer logits, the rational case, and interval
+arithmetic of doubling precision (Ziv's strategy) for what double-double cannot decide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import mpmath
+import numpy as np
+
+from conformance.reference.rounding import round_fraction_to_f32
+from conformance.spec.case import Case
+
+EXACT_SHIFT = 149  # every float32 / bfloat16 / float16 value is an integer multiple of 2**-149
+
+
+def exact_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case) -> list[np.float32]:
+    """Tier 3 for one row: exact logits, rational degenerate results, else Ziv intervals."""
+    dots = exact_dots(q, k)
+    scale = case.effective_scale
+    groups: dict[int, list[int]] = {}
+    for j, dot in enumerate(dots):
+        groups.setdefault(0 if scale == 0 else dot, []).append(j)
+    results = []
+    for c in range(v.shape[1]):
+        vc = [float(x) for x in v[:, c]]
+        means = {sum((Fraction(vc[j]) for j in js), Fraction(0)) / len(js) for js in groups.values()}
+        if len(means) == 1:  # all groups share their mean: the output is exactly that rational
+            results.append(round_fraction_to_f32(means.pop()))
+            continue
+        results.append(ziv_intervals(dots, vc, case))
+    return results
+
+
+def exact_dots(q: np.ndarray, k: np.ndarray) -> list[int]:
+    """Exact dot products as integers: value = dot · 2**(-2·EXACT_SHIFT)."""
+    qi = np.array([int(x) for x in np.ldexp(q, EXACT_SHIFT)], dtype=object)
+    ki = np.vectorize(int, otypes=[object])(np.ldexp(k, EXACT_SHIFT))
+    return list(ki @ qi)
+
+
+def rational_scale(case: Case) -> Fraction | None:
+    if case.scale is not None:
+        return Fraction(case.scale)
+    root = math.isqrt(case.d)
+    return Fraction(1, root) if root * root == case.d else None
+
+
+def exact_lse(q: np.ndarray, k: np.ndarray, case: Case) -> np.float32:
+    """Correctly rounded float32 of log Σ_j exp(scale·q·k_j). With one visible key it is the
+    logit itself (rational when the scale is); otherwise transcendental, decided by intervals."""
+    dots = exact_dots(q, k)
+    rational = rational_scale(case)
+    if len(dots) == 1 and rational is not None:
+        return round_fraction_to_f32(Fraction(dots[0], 2 ** (2 * EXACT_SHIFT)) * rational)
+    def lse(iv: Any, logits: list[Any]) -> Any:
+        ref = iv.mpf(max(float(x.mid) for x in logits))
+        total = iv.mpf(0)
+        for x in logits:
+            total += iv.exp(x - ref)
+        return ref + iv.log(total)
+
+    return decide_by_intervals(dots, case, lse, "a log-sum-exp")
+
+
+def ziv_intervals(dots: list[int], vc: list[float], case: Case) -> np.float32:
+    def output(iv: Any, logits: list[Any]) -> Any:
+        ref = max(float(x.mid) for x in logits)
+        num = iv.mpf(0)
+        den = iv.mpf(0)
+        for x, val in zip(logits, vc):
+            w = iv.exp(x - ref)
+            num += w * iv.mpf(val)
+            den += w
+        return num / den
+
+    return decide_by_intervals(dots, case, output, "an output element")
+
+
+def decide_by_intervals(dots: list[int], case: Case, value: Callable[[Any, list[Any]], Any],
+                         what: str) -> np.float32:
+    """Ziv's strategy: evaluate ``value(iv, logits)`` in interval arithmetic at doubling precision
+    until both endpoints round to the same float32 (the exact value is then known to round there).
+    The logits are ``scale · dot · 2**(-2·EXACT_SHIFT)`` from exact integer dots."""
+    iv = mpmath.iv
+    saved = iv.prec
+    try:
+        prec = 128
+        while prec <= 8192:
+            iv.prec = prec
+            scale = (1 / iv.sqrt(case.d)) if case.scale is None else iv.mpf(case.scale)
+            logits = [iv.mpf(dot) * iv.mpf(2) ** (-2 * EXACT_SHIFT) * scale for dot in dots]
+            lo, hi = value(iv, logits)._mpi_  # raw (sign, mantissa, exponent, bitcount) endpoints
+            a = round_fraction_to_f32(raw_mpf_to_fraction(lo))
+            if a == round_fraction_to_f32(raw_mpf_to_fraction(hi)):
+                return a
+            prec *= 2
+    finally:
+        iv.prec = saved
+    raise ArithmeticError(f"{case.id}: could not decide the float32 rounding of {what}")
+
+
+def raw_mpf_to_fraction(raw: tuple[int, int, int, int]) -> Fraction:
+    sign, man, exp, _ = raw
+    value = Fraction(int(man)) * (Fraction(2) ** int(exp))
+    return -value if sign else value

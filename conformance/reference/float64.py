@@ -1,0 +1,102 @@
+"""Tier 1 of the exact reference: float64 attention of a block of rows with a rigorous
+first-order bound of its own error, and the naive same-dtype model the goldens store the error of.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conformance.reference.double_double import U, cascade
+from conformance.spec.inputs import TORCH_DTYPES
+
+# Score-matrix elements per block: bounds the working memory for long contexts (about 10 float64
+# temporaries of this size: ~320 MiB on CPU; ~2.5 GiB of GPU memory, where larger blocks keep it busy).
+BLOCK_ELEMENTS = 1 << 22
+CUDA_BLOCK_ELEMENTS = 1 << 25
+
+
+def round_like_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Round float64 values to ``dtype`` (nearest-even, via float32 as torch casts) and back to float64."""
+    if dtype == "float32":
+        return x.to(torch.float32).to(torch.float64)
+    return x.to(torch.float32).to(TORCH_DTYPES[dtype]).to(torch.float64)
+
+
+def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch.Tensor, vx: torch.Tensor,
+                   vmax: torch.Tensor, vis: torch.Tensor, scale: float, dtype: str) -> dict[str, torch.Tensor]:
+    """Float64 attention of one block with its error bound. q [b,h,r,d], k/v [b,h,n,d], ``kabs`` |k|,
+    ``vx`` [v, |v|, 1] [b,h,n,2d+1], ``vmax`` [b,h,1,d] ≥ max|v| over the keys, vis [b,1,r,n]."""
+    d, n = q.shape[-1], k.shape[-2]
+    all_visible = bool(vis.all())  # no mask to apply (non-causal or decode blocks without padding)
+    dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
+    s = dots * scale
+    s_masked = s if all_visible else s.masked_fill_(~vis, -math.inf)
+    m = s_masked.amax(-1, keepdim=True)
+    seen = torch.isfinite(m)
+    m = torch.where(seen, m, torch.zeros_like(m))
+    p = torch.exp(s_masked - m)
+    kb, sums = blocked_sums(p, vx)
+    pv, l_sum = sums[..., :2 * d], sums[..., 2 * d:]
+    l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
+    out = pv[..., :d] / l_safe
+    mean_abs_v = pv[..., d:] / l_safe  # Σ_j p_j |v_j|
+    w = abs(scale) * (q.abs() @ kabs.transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
+    pw = w.mul_(p)
+    pw_sums = (pw @ vx[..., d:]) / l_safe
+    pw_v, pw_sum = pw_sums[..., :d], pw_sums[..., d:]  # Σ_j p_j w_j |v_j| and Σ_j p_j w_j
+    ao = out.abs()
+    sensitivity = pw_v + ao * pw_sum  # ≥ Σ_j p_j w_j |v_j − o|
+    error_scale = sensitivity + mean_abs_v
+    # Rigorous first-order bound of this block's float64 error: logit error (d+3)·u·w_j from the
+    # dot product and the scale, u·|s_j−m| from the shift, ≤4u from exp; kb+2 roundings in the
+    # blocked sums (see blocked_sums) and the division.
+    total = (d + 4) * sensitivity + (m.abs() + 4) * (mean_abs_v + ao) + (kb + 3) * (mean_abs_v + ao)
+    bound = 2 * U * total + n * 2.0**-1000 * vmax
+    # The log-sum-exp m + log(l): relative error of l from the logits, exp and the sums, then log and +.
+    lse = m + torch.log(l_safe)
+    lse_bound = 2 * U * ((d + 4) * pw_sum + m.abs() + kb + 8 + lse.abs() + torch.log(l_safe).abs())
+
+    naive = naive_same_dtype(dots, None if all_visible else vis, scale, v, dtype)
+    seen_rows = seen.squeeze(-1)
+    zero = torch.zeros_like(out)
+    return {
+        "out": torch.where(seen, out, zero),
+        "bound": torch.where(seen, bound, zero),
+        "lse": torch.where(seen_rows, lse.squeeze(-1), torch.full_like(lse.squeeze(-1), -math.inf)),
+        "lse_bound": torch.where(seen_rows, lse_bound.squeeze(-1), torch.zeros_like(lse_bound.squeeze(-1))),
+        "error_scale": torch.where(seen_rows, error_scale.amax(-1), torch.zeros_like(error_scale[..., 0])),
+        "naive": torch.where(seen, naive, zero),
+    }
+
+
+def blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``p @ x`` with a small, known rounding error (``x`` carries a ones column for ``Σp``).
+
+    Keys are cut into blocks of ``kb`` (≥ 256, at most 16 blocks); each block is one matmul (error
+    ≤ kb·u·Σ|terms|) and the block partials are added with TwoSum, whose own error is second order.
+    The total error is ≤ (kb + 1)·u·Σ|terms| instead of n·u for one long sum. Returns kb, p@x.
+    """
+    n = p.shape[-1]
+    kb = max(256, -(-n // 16))
+    parts = [p[..., j:j + kb] @ x[..., j:j + kb, :] for j in range(0, n, kb)]
+    hi, lo = cascade(parts)
+    return kb, hi + lo
+
+
+def naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor | None, scale: float, v: torch.Tensor,
+                      dtype: str) -> torch.Tensor:
+    """The seed's naive attention in the case dtype, modelled deterministically: scores, scaled
+    scores, softmax probabilities and the output are each rounded to the dtype (accumulation inside
+    a stage in float32 or better, as PyTorch does on CPU and CUDA). Fully masked rows give 0.
+    ``vis`` None means every key is visible."""
+    scores = round_like_dtype(round_like_dtype(dots, dtype).mul_(scale), dtype)
+    if vis is not None:
+        scores.masked_fill_(~vis, -math.inf)
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp_(scores.sub_(m))
+    denom = e.sum(-1, keepdim=True)
+    probs = round_like_dtype(e.div_(torch.where(denom > 0, denom, torch.ones_like(denom))), dtype)
+    return round_like_dtype(probs @ v, dtype)

@@ -1,0 +1,260 @@
+"""One golden case: every requested check (accuracy, each invariance transform, determinism, parity,
+contract) through one :class:`~conformance.run.invoker.Invoker`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conformance.backends.contract import one_line
+from conformance.backends.registry import skip_reason
+from conformance.errors import ConformanceError, GoldenError
+from conformance.golden.format import DEFAULT_MAX_CASE_BYTES, GoldenCase, declared_bytes, read_golden
+from conformance.golden.manifest import case_id_of
+from conformance.judge.invariance import compare_outputs, determinism_reruns
+from conformance.judge.records import Record
+from conformance.judge.transforms import (
+    OpCall,
+    Variant,
+    batch_variants,
+    chunk_variants,
+    padding_variants,
+    prefill_decode_variants,
+    split_variants,
+)
+from conformance.judge.verdicts import Verdict, judge_accuracy, judge_elementwise
+from conformance.run.invoker import BackendCallError, ContractViolation, Invoker, KernelSkipped
+from conformance.run.profiling import NO_TIMER, PhaseTimer
+from conformance.run.settings import RunSettings
+from conformance.spec.tolerances import Tolerances
+
+
+def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
+             compare_to: Invoker | None = None) -> list[Record]:
+    """Every requested check on one golden case."""
+    case = gc.case
+
+    def rec(check: str, verdict: Verdict) -> Record:
+        return Record(case.id, case.op, check, verdict.status, case.dtype, case.family, verdict.metrics,
+                      verdict.message)
+    requested = [c for c in settings.checks if c != "parity" or compare_to is not None]
+    reason = skip_reason(invoker.backend, case.op, case)
+    if reason:
+        return [rec(c, Verdict("skip", {}, reason)) for c in requested]
+
+    invoker.violations = []
+    call = invoker.to_device(OpCall(case.op, gc.inputs.q, gc.inputs.k, gc.inputs.v, gc.inputs.key_padding_mask,
+                                    case.causal, case.scale, case.s_past or 0))
+    records: list[Record] = []
+    try:
+        out, lse = invoker(call)
+    except KernelSkipped as exc:
+        return [rec(c, Verdict("skip", {}, str(exc))) for c in requested]
+    except (BackendCallError, ContractViolation) as exc:
+        status = "error" if isinstance(exc, BackendCallError) else "fail"
+        msg = f"primary call failed: {exc}"
+        records = [rec(c, Verdict("error", {}, msg)) for c in requested if c != "contract"]
+        if "contract" in requested:
+            records.append(rec("contract", Verdict(status, {}, str(exc))))
+        return records
+
+    out_host = invoker.to_host(out) if {"accuracy", "determinism", "parity"} & set(requested) else out
+    if "accuracy" in requested:
+        records.append(rec("accuracy", _accuracy(out_host, None if lse is None else invoker.to_host(lse), gc,
+                                                 settings)))
+    transforms: dict[str, Callable[[], Iterator[Variant]]] = {
+        "batch": lambda: batch_variants(call),
+        "split": lambda: split_variants(call, case),
+        "prefill_decode": lambda: prefill_decode_variants(call),
+        "chunk": lambda: chunk_variants(call),
+        "padding": lambda: padding_variants(call),
+    }
+    for check, make in transforms.items():
+        if check in requested:
+            verdict = _invariance(invoker, check, list(make()), out, settings)
+            if verdict is not None:
+                records.append(rec(check, verdict))
+    if "determinism" in requested:
+        records.append(rec("determinism", _determinism(invoker, call, out, settings)))
+    if "parity" in requested and compare_to is not None:
+        records.append(rec("parity", _parity(compare_to, call, out_host, gc, settings)))
+    if "contract" in requested:
+        if invoker.violations:
+            first = invoker.violations[0]
+            more = f" (+{len(invoker.violations) - 1} more)" if len(invoker.violations) > 1 else ""
+            records.append(rec("contract", Verdict("fail", {"violations": invoker.violations[:20]}, first + more)))
+        else:
+            records.append(rec("contract", Verdict("pass", {}, "shape, dtype, device, finite output, inputs "
+                                                   "unchanged, no exception")))
+    return records
+
+
+def _accuracy(out: torch.Tensor, lse: torch.Tensor | None, gc: GoldenCase, settings: RunSettings) -> Verdict:
+    case = gc.case
+    rule = settings.tolerances.accuracy_rule(settings.rule_set, case.op, case.dtype)
+    verdict = judge_accuracy(out, gc.golden, rule, settings.tolerances.peak_relative.get(case.dtype),  # type: ignore[call-overload]
+                             settings.rule_set)
+    if lse is None:
+        return verdict
+    lse_rule = settings.tolerances.lse.get(case.dtype)  # type: ignore[call-overload]
+    lv = judge_elementwise(lse, gc.golden.lse, lse_rule, "lse")
+    metrics = {**verdict.metrics, "lse_max_abs_err": lv.metrics.get("max_abs_err")}
+    if lv.status != "pass":
+        return Verdict("fail", metrics, "; ".join(m for m in (verdict.message if verdict.status == "fail" else "",
+                                                              lv.message) if m))
+    return Verdict(verdict.status, metrics, verdict.message)
+
+
+def _invariance(invoker: Invoker, check: str, variants: Sequence[Variant], out: torch.Tensor,
+                settings: RunSettings) -> Verdict | None:
+    if not variants:
+        return None  # the check does not apply to this case
+    needed = {v.call.op for v in variants}
+    missing = [op for op in needed if not invoker.has(op)]
+    if missing:
+        return Verdict("skip", {}, f"needs {', '.join(missing)}, which backend {invoker.backend.name} lacks")
+    return compare_variants(invoker, check, variants, out, settings.tolerances).verdict
+
+
+def _determinism(invoker: Invoker, call: OpCall, out: torch.Tensor, settings: RunSettings) -> Verdict:
+    reruns = determinism_reruns(settings.tolerances, settings.reruns)
+    variants = [Variant(f"rerun {i} of {reruns}", call, _same, _same, {"rerun": i}) for i in range(1, reruns)]
+    return compare_variants(invoker, "determinism", variants, out, settings.tolerances,
+                            passed=Verdict("pass", {"reruns": reruns}, f"{reruns} runs bit-identical")).verdict
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass
+class VariantsOutcome:
+    """How a set of variants compared with the case's own output: the verdict and, for the variant
+    that differed or could not be called, its label, its output and the exception."""
+
+    verdict: Verdict
+    label: str = ""
+    output: torch.Tensor | None = None
+    exception: Exception | None = None
+
+
+def compare_variants(invoker: Invoker, check: str, variants: Iterable[Variant], base: torch.Tensor,
+                     tolerances: Tolerances, passed: Verdict | None = None) -> VariantsOutcome:
+    """Call each variant through ``invoker`` and compare the rows it must reproduce with ``base`` (the
+    case's own output) by :func:`~conformance.judge.invariance.compare_outputs`; the first that
+    differs fails the check. A variant the backend declines (KernelUnavailable) gives a ``skip``
+    verdict, one it cannot answer (an exception, a contract violation) an ``error`` verdict; both keep
+    the exception. All equal: ``passed``, by default ``{n} variants bit-identical``."""
+    n = 0
+    for variant in variants:
+        n += 1
+        label = variant.label
+        try:
+            got, _ = invoker(invoker.to_device(variant.call))
+        except KernelSkipped as exc:
+            return VariantsOutcome(Verdict("skip", {"variant": label}, f"{label}: {exc}"), label, exception=exc)
+        except (BackendCallError, ContractViolation) as exc:
+            return VariantsOutcome(Verdict("error", {"variant": label}, f"{label}: {exc}"), label, exception=exc)
+        verdict = compare_outputs(tolerances, check, label, invoker.to_host(variant.taken(got)),
+                                  invoker.to_host(variant.expected(base)), variant.metrics)
+        if verdict is not None:
+            return VariantsOutcome(verdict, label, got)
+    return VariantsOutcome(passed or Verdict("pass", {"variants": n}, f"{n} variants bit-identical"))
+
+
+def _parity(other: Invoker, call: OpCall, out_host: torch.Tensor, gc: GoldenCase, settings: RunSettings) -> Verdict:
+    case = gc.case
+    reason = skip_reason(other.backend, case.op, case)
+    if reason:
+        return Verdict("skip", {}, f"{other.backend.name}: {reason}")
+    try:
+        theirs, _ = other(other.to_device(call))
+    except KernelSkipped as exc:
+        return Verdict("skip", {}, f"{other.backend.name}: {exc}")
+    except (BackendCallError, ContractViolation) as exc:
+        return Verdict("error", {}, f"{other.backend.name}: {exc}")
+    rule_set = settings.tolerances.parity.rules
+    rule = settings.tolerances.accuracy_rule(rule_set, case.op, case.dtype)
+    v = judge_elementwise(out_host, other.to_host(theirs).to(torch.float64).numpy(), rule,
+                          f"parity with {other.backend.name}", gc.golden.naive_error)
+    return Verdict(v.status, {**v.metrics, "compared_to": other.backend.name}, v.message)
+
+
+@dataclass
+class CaseOutcome:
+    """The records of one golden file; ``refused`` when the file was refused and nothing was judged."""
+
+    records: list[Record]
+    refused: bool = False
+    profile: dict[str, Any] | None = None  # an --isolate worker's PhaseTimer.snapshot() of this case
+
+
+def refused_outcome(path: Path, reason: str) -> CaseOutcome:
+    """One error record for a golden file that was refused (``reason`` names file and dataset)."""
+    return CaseOutcome([Record(case_id_of(path), "?", "accuracy", "error",
+                               message=f"golden file refused, nothing judged: {reason}")], refused=True)
+
+
+def case_error_record(case: dict[str, Any] | None, path: Path, settings: RunSettings, message: str,
+                      metrics: dict[str, Any]) -> Record:
+    """The one ``error`` record of a case that ended abnormally (a crash, a timeout, an exception the
+    checks did not expect). ``case`` holds case_id, op, dtype and family once the golden was read.
+    The record's check is ``contract`` (the call must return normally) when that check was asked for."""
+    check = "contract" if "contract" in settings.checks else settings.checks[0]
+    if case is None:
+        return Record(case_id_of(path), "?", check, "error", metrics=metrics, message=message)
+    return Record(case["case_id"], case["op"], check, "error", case["dtype"], case["family"], metrics, message)
+
+
+def judge_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings, compare_to: Invoker | None = None
+               ) -> list[Record]:
+    """:func:`run_case`, except that an unexpected exception (a backend's ``supports`` raising, say)
+    becomes one error record of this case instead of ending the run. ConformanceError propagates."""
+    try:
+        return run_case(invoker, gc, settings, compare_to)
+    except ConformanceError:
+        raise
+    except Exception as exc:
+        case = {"case_id": gc.case.id, "op": gc.case.op, "dtype": gc.case.dtype, "family": gc.case.family}
+        return [case_error_record(case, gc.path, settings, f"the case could not be judged: {type(exc).__name__}: "
+                                  f"{one_line(str(exc))}", {})]
+
+
+def read_and_judge(path: Path, invoker: Invoker, settings: RunSettings, compare_to: Invoker | None = None,
+                   timer: PhaseTimer = NO_TIMER, max_case_bytes: int = DEFAULT_MAX_CASE_BYTES,
+                   sha256: str | None = None) -> CaseOutcome:
+    """One golden file: read it (refused when :func:`read_golden` refuses it), then :func:`judge_case`."""
+    with timer.phase("read"):
+        try:
+            gc = read_golden(path, max_bytes=max_case_bytes, expected_sha256=sha256)
+        except GoldenError as exc:
+            return refused_outcome(path, str(exc))
+    timer.note_case(gc.case.id, declared_bytes(gc.case))
+    with timer.phase("judge"):
+        return CaseOutcome(judge_case(invoker, gc, settings, compare_to))
+
+
+CaseJudge = Callable[[Path], CaseOutcome]  # one golden file → its records (the run loop's only view of judging)
+
+
+def in_process_judge(backend: Any, settings: RunSettings, compare_to: Any | None = None, *,
+                     timer: PhaseTimer = NO_TIMER, max_case_bytes: int = DEFAULT_MAX_CASE_BYTES,
+                     checksums: Mapping[Path, str] | None = None) -> CaseJudge:
+    """The per-case judge of a backend object in this process: :func:`read_and_judge` with one
+    :class:`~conformance.run.invoker.Invoker` per backend (``compare_to``: parity). A golden that
+    :func:`read_golden` refuses — damaged, over ``max_case_bytes``, or not matching its entry in
+    ``checksums`` (the manifest's file SHA-256) — is one error record. An enabled ``timer``
+    (``--profile``) is charged ``read``, ``judge`` and, within it, ``backend`` and ``transfer``."""
+    invoker = Invoker(backend, timer)
+    other = Invoker(compare_to, timer) if compare_to is not None else None
+    sums = checksums or {}
+
+    def judge(path: Path) -> CaseOutcome:
+        return read_and_judge(path, invoker, settings, other, timer, max_case_bytes, sums.get(path))
+
+    return judge

@@ -1,0 +1,89 @@
+"""A case: one immutable value that travels the whole way (spec → golden → run → report), its
+parameters' vocabulary and its id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+OPS = ("attention", "kv_cache_attention")
+TIERS = ("smoke", "standard", "full")
+DTYPES = ("float32", "bfloat16", "float16")
+MASKS = ("none", "right_pad", "left_pad", "holes", "all_masked")
+DISTS = ("normal", "uniform", "large_logits", "near_ties")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+MASK_SHORT = {"none": "", "right_pad": "rightpad", "left_pad": "leftpad", "holes": "holes",
+              "all_masked": "allmasked"}
+DIST_SHORT = {"normal": "", "uniform": "uniform", "large_logits": "largelogits", "near_ties": "neartie"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One golden case. Immutable; ``id`` is its key in files, reports and reproducers.
+
+    Shapes follow CONTRACT.md: ``q [batch, hq, sq, d]``, ``k, v [batch, hkv, skv, d]``. For the
+    KV-cache op ``skv = s_past + s_new`` and ``sq = s_new``; ``split_points`` lists the cache
+    lengths (S_past values) the case is also meant to be run at, ``s_past`` first.
+    """
+
+    id: str
+    op: str
+    family: str
+    tier: str
+    batch: int
+    hq: int
+    hkv: int
+    d: int
+    sq: int
+    skv: int
+    dtype: str
+    causal: bool
+    scale: float | None
+    mask: str
+    dist: str
+    seed: int
+    preset: str | None = None
+    s_past: int | None = None
+    split_points: tuple[int, ...] = ()
+
+    @property
+    def group(self) -> int:
+        return self.hq // self.hkv
+
+    @property
+    def s_new(self) -> int | None:
+        return None if self.s_past is None else self.skv - self.s_past
+
+    @property
+    def effective_scale(self) -> float:
+        return 1.0 / math.sqrt(self.d) if self.scale is None else self.scale
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of the stored inputs and expected outputs of this case."""
+        el = DTYPE_BYTES[self.dtype]
+        q = self.batch * self.hq * self.sq * self.d
+        kv = 2 * self.batch * self.hkv * self.skv * self.d
+        rows = self.batch * self.hq * self.sq
+        return (q + kv) * el + q * 4 + self.batch * self.skv + rows * (4 + 8 + 8)
+
+    @property
+    def working_bytes(self) -> int:
+        """Stored tensors plus the float64 copies of the inputs the reference holds while computing."""
+        elements = self.batch * (self.hq * self.sq + 2 * self.hkv * self.skv) * self.d
+        return self.tensor_bytes + 8 * elements
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hq: int
+    hkv: int
+    d: int
+    display: str = ""
+
+
+def scale_tag(scale: float) -> str:
+    return repr(scale).replace("-", "m").replace(".", "p").replace("+", "")
