@@ -20,10 +20,13 @@ time it was built: the same goldens, specs and docs give the same checksum.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.resources
 import json
 import os
 import shutil
+import string
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -262,122 +265,18 @@ def vendor_readme(tier: str, manifest: dict[str, Any], mustpass: dict[str, int],
     checks = ", ".join(f"`{c}`" for c in must_pass_checks())
     fields = "\n".join(f"- `{f}`" for f in REQUIRED_RESULT_FIELDS)
     specs = ", ".join(f"`{s}`" for s in spec_files)
-    return f"""# rlk-conform golden bundle — tier `{tier}`
+    return vendor_readme_template().substitute(
+        tier=tier, version=__version__, cases=len(manifest["files"]), dataset_sha256=manifest["dataset_sha256"],
+        specs=specs, checksum_command=CHECKSUM_COMMAND, run_command=RUN_COMMAND, checks=checks, lists=lists,
+        fields=fields)
 
-Exact reference data for two attention ops (`attention`, `kv_cache_attention`) and the rules a
-kernel is judged by. Built by rlk-conform {__version__} from a golden set of {len(manifest['files'])} cases
-(dataset SHA-256 `{manifest['dataset_sha256']}`).
 
-## What is in this directory
-
-| path | what |
-|---|---|
-| `goldens/` | one HDF5 file per case, `goldens/<case id>.h5`, and `goldens/manifest.json` (SHA-256 of each file) |
-| `specs/` | the spec files the cases were generated from, the model presets and the tolerance table: {specs} |
-| `docs/golden-format.md` | the golden file format: every attribute, dataset, dtype encoding and the reading code |
-| `docs/report-format.md` | the result file format (what `--report-json` writes) |
-| `docs/backends.md` | the backend API: the Python object `rlk-conform run` calls |
-| `mustpass/<op>-<dtype>.txt` | the case ids that must pass, one per line, per op and dtype |
-| `bundle.json`, `BUNDLE.sha256` | the SHA-256 of every file and one checksum of the whole bundle |
-
-Check the bundle before use (every file's SHA-256, the bundle checksum, then each golden file's
-schema and per-dataset checksums):
-
-```
-rlk-conform verify BUNDLE
-```
-
-Without rlk-conform, the bundle checksum in `BUNDLE.sha256` is reproduced by
-
-```
-cd BUNDLE && {CHECKSUM_COMMAND}
-```
-
-## Reading a case
-
-Each `.h5` file is self-describing (full details: `docs/golden-format.md`). Root attributes give the
-case: `op`, `dtype` (`float32`, `bfloat16`, `float16`), shapes `batch, hq, hkv, head_dim, sq, skv`,
-the KV-cache split `s_past, s_new`, `causal` (1 = bottom-right aligned), `scale` (the value to use),
-`mask` and `seed`. Datasets:
-
-- `inputs/q [B, Hq, Sq, D]`, `inputs/k`, `inputs/v [B, Hkv, Skv, D]` in the case dtype. bfloat16 is
-  stored as its raw bits in `uint16`; the value of a word `w` is the float32 with bits `w << 16`.
-  For `kv_cache_attention`, `k_cache = k[:, :, :s_past]` and `k_new = k[:, :, s_past:]` (same for v).
-- `inputs/key_padding_mask [B, Skv]` uint8 (1 = keep), present only when the case is padded.
-- `expected/out [B, Hq, Sq, D]` float32: the exact result, correctly rounded once to float32.
-- `expected/lse [B, Hq, Sq]` float32, `expected/error_scale` and `expected/naive_error` float64 per row.
-
-Python (h5py, numpy):
-
-```python
-import h5py, numpy as np
-
-with h5py.File("BUNDLE/goldens/attention/gqa/hq8-hkv2-d64-b1-sq17-skv17-bf16-causal.h5", "r") as f:
-    a = f.attrs
-    def load(name):
-        x = f[name][()]
-        if a["dtype"].decode() == "bfloat16" and x.dtype == np.uint16:
-            x = (x.astype(np.uint32) << 16).view(np.float32)  # exact widening
-        return x
-    q, k, v = load("inputs/q"), load("inputs/k"), load("inputs/v")
-    mask = f["inputs/key_padding_mask"][()].astype(bool) if "inputs/key_padding_mask" in f else None
-    expected = f["expected/out"][()]                        # float32 [B, Hq, Sq, D]
-    causal, scale = bool(a["causal"]), float(a["scale"])
-```
-
-C / C++ (HDF5 C API; `docs/golden-format.md` has the complete program): read integer attributes
-with `H5LTget_attribute_long_long(file, "/", "head_dim", &d)`, strings with
-`H5LTget_attribute_string`; read `inputs/q` of a bfloat16 case with `H5Dread(…, H5T_NATIVE_UINT16, …)`
-and widen each word `w` to float32 by `uint32_t u = (uint32_t)w << 16; memcpy(&f, &u, 4)`; read
-float16 with `H5T_NATIVE_UINT16` if your HDF5 has no half type; read `expected/out` with
-`H5T_NATIVE_FLOAT`. Compile with `h5cc read_case.c -lhdf5_hl`.
-
-The semantics your kernel must implement (GQA head mapping `h // (Hq/Hkv)`, bottom-right causal
-alignment, padding, fully masked rows exactly 0, `kv_cache_attention = attention(cat(cache, new))`)
-are in `docs/backends.md`.
-
-## Running your kernel
-
-Wrap your kernel in a Python object with `name`, `device` and the methods `attention(q, k, v, *,
-causal, scale, key_padding_mask)` and/or `kv_cache_attention(q, k_cache, v_cache, k_new, v_new, *,
-causal, scale, key_padding_mask)` (`docs/backends.md` has a complete example), save it as a module,
-and run from the directory that holds the module (or with it on `PYTHONPATH`):
-
-```
-{RUN_COMMAND}
-```
-
-Replace `MODULE:CLASS` with your module and class (e.g. `my_attention:MyAttention`) and `BUNDLE`
-with the path of this directory. Add `--device cuda:0` to place inputs on a GPU (it is passed to your
-class as `device=`). The run prints a summary per check and dtype and exits 0 when every executed
-check passed, 1 otherwise. `--filter 'attention/*'` or `--checks accuracy` narrow a run while you
-debug; the result you send back must come from the full command above.
-
-## Must pass
-
-A backend conforms for an op and dtype when every case id listed in `mustpass/<op>-<dtype>.txt`
-has status `pass` in every one of these checks: {checks}. Accuracy is judged against
-`expected/out` with the per op × dtype thresholds of `specs/tolerances.yaml`; the invariance checks
-(`batch`, `split`, `prefill_decode`, `chunk`, `padding`, `determinism`) require bit-identical output
-when only the surroundings of a row change; `contract` covers shape, dtype, device, finite output
-and unmodified inputs. A skipped case (your `supports()` declined it) is not a pass: it means you do
-not claim that op and dtype. `parity` (against another backend) is informative only.
-
-| list | cases |
-|---|---|
-{lists}
-
-## What to send back
-
-The file `result.json` written by `--report-json` (format: `docs/report-format.md`). It must hold
-these fields, which `rlk-conform run` fills in; `goldens.dataset_sha256` must equal this bundle's
-`{manifest['dataset_sha256']}`:
-
-{fields}
-
-and one record per (case, check) with `case_id`, `op`, `check`, `status`, `dtype`, `metrics` and
-`message`. `rlk-conform report result.json --html result.html` renders it as a page.
-"""
+@functools.cache
+def vendor_readme_template() -> string.Template:
+    """``templates/vendor_README.md``: the bundle README's text with ``$name`` placeholders."""
+    text = importlib.resources.files("conformance.golden").joinpath("templates", "vendor_README.md").read_text(
+        encoding="utf-8")
+    return string.Template(text)
 
 
 @dataclass

@@ -12,10 +12,11 @@ from conformance import __version__
 from conformance.errors import ConformanceError
 from conformance.files import atomic_path
 from conformance.judge.records import STATUSES, Record
+from conformance.spec.case import DTYPES
 
 REPORT_FORMAT = "rlk-conform-report"
 REPORT_SCHEMA_VERSION = 1
-DTYPE_ORDER = ("float32", "bfloat16", "float16")
+DTYPE_ORDER = DTYPES  # report order: float32, bfloat16, float16
 
 
 def summarize(records: Sequence[Record]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from conformance.golden.format import Provenance
-from conformance.spec.case import DIST_SHORT, DISTS, DTYPE_SHORT, DTYPES, MASK_SHORT, MASKS, OPS, Case, scale_tag
+from conformance.spec.case import DISTS, DTYPES, MASKS, OPS, Case, case_id
 from conformance.spec.load import OpSpec
 
 PROPERTY_FAMILY = "property"  # a drawn case's family is "property/<property name>"
@@ -212,14 +212,12 @@ def make_case(name: str, *, op: str, batch: int, hq: int, hkv: int, d: int, sq: 
     The id follows the spec's pattern (docs/golden-format.md) with ``-seed<seed>`` appended: the
     seed is drawn, not derived from the id, so it must be part of the key.
     """
-    model = f"hq{hq}-hkv{hkv}-d{d}"
-    shape = f"sq{sq}-skv{skv}" if op == "attention" else f"past{s_past}-new{sq}"
-    parts = [model, f"b{batch}", shape, DTYPE_SHORT[dtype], "causal" if causal else "noncausal", MASK_SHORT[mask],
-             DIST_SHORT[dist], "" if scale is None else f"scale{scale_tag(scale)}", f"seed{seed}"]
     if op == "kv_cache_attention" and not split_points:
         split_points = (s_past or 0,)
     family = f"{PROPERTY_FAMILY}/{name}"
-    return Case(id=f"{op}/{family}/" + "-".join(p for p in parts if p), op=op, family=family, tier=tier,
+    cid = case_id(op, family, model=f"hq{hq}-hkv{hkv}-d{d}", batch=batch, sq=sq, skv=skv, s_past=s_past, dtype=dtype,
+                  causal=causal, mask=mask, dist=dist, scale=scale, seed=seed)
+    return Case(id=cid, op=op, family=family, tier=tier,
                 batch=batch, hq=hq, hkv=hkv, d=d, sq=sq, skv=skv, dtype=dtype, causal=causal, scale=scale,
                 mask=mask, dist=dist, seed=seed, s_past=s_past, split_points=split_points)
 

@@ -87,3 +87,17 @@ class Preset:
 
 def scale_tag(scale: float) -> str:
     return repr(scale).replace("-", "m").replace(".", "p").replace("+", "")
+
+
+def case_id(op: str, family: str, *, model: str, batch: int, sq: int, skv: int, s_past: int | None, dtype: str,
+            causal: bool, mask: str, dist: str, scale: float | None, seed: int | None = None) -> str:
+    """The id of a case (docs/golden-format.md): ``<op>/<family>/<model>-b<B>-<shape>-<dtype>-<causal|noncausal>``
+    then the mask, distribution and scale when they are not the defaults, and ``-seed<seed>`` for a drawn
+    case (its seed is not derived from the id, so it must be part of the key). ``model`` is a preset
+    name or ``hq<Hq>-hkv<Hkv>-d<D>``; the shape ``sq<Sq>-skv<Skv>``, or ``past<S_past>-new<Sq>`` for the
+    KV-cache op. Ids depend on the parameters only, so adding cases never renames existing ones."""
+    shape = f"sq{sq}-skv{skv}" if op == "attention" else f"past{s_past}-new{sq}"
+    parts = [model, f"b{batch}", shape, DTYPE_SHORT[dtype], "causal" if causal else "noncausal", MASK_SHORT[mask],
+             DIST_SHORT[dist], "" if scale is None else f"scale{scale_tag(scale)}",
+             "" if seed is None else f"seed{seed}"]
+    return f"{op}/{family}/" + "-".join(x for x in parts if x)

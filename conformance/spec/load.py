@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conformance.errors import SpecError
-from conformance.spec.case import DIST_SHORT, DTYPE_SHORT, MASK_SHORT, OPS, TIERS, Case, Preset, scale_tag
+from conformance.spec.case import OPS, TIERS, Case, Preset, case_id
 from conformance.spec.yamlsource import Loc, YamlDocument, dotted, load_yaml
 
 DEFAULT_MEMORY_CAP_BYTES = 8 * 1024**3
@@ -269,18 +269,15 @@ def _make_case(doc: YamlDocument, model: OpSpecFile, presets: dict[str, Preset],
     if scale is not None and not math.isfinite(scale):
         raise fail("scale", f"scale must be finite, got {scale}")
 
-    model_part = p.preset if p.preset else f"hq{hq}-hkv{hkv}-d{d}"
-    shape_part = f"sq{sq}-skv{skv}" if model.op == "attention" else f"past{s_past}-new{sq}"
-    parts = [model_part, f"b{p.batch}", shape_part, DTYPE_SHORT[p.dtype], "causal" if p.causal else "noncausal",
-             MASK_SHORT[p.mask], DIST_SHORT[p.dist], "" if scale is None else f"scale{scale_tag(scale)}"]
-    case_id = f"{model.op}/{family}/" + "-".join(x for x in parts if x)
-    seed = int.from_bytes(hashlib.sha256(f"{model.seed}:{case_id}".encode()).digest()[:8], "little") >> 1
-    case = Case(id=case_id, op=model.op, family=family, tier=tier, batch=p.batch, hq=hq, hkv=hkv, d=d, sq=sq,
+    cid = case_id(model.op, family, model=p.preset or f"hq{hq}-hkv{hkv}-d{d}", batch=p.batch, sq=sq, skv=skv,
+                  s_past=s_past, dtype=p.dtype, causal=p.causal, mask=p.mask, dist=p.dist, scale=scale)
+    seed = int.from_bytes(hashlib.sha256(f"{model.seed}:{cid}".encode()).digest()[:8], "little") >> 1
+    case = Case(id=cid, op=model.op, family=family, tier=tier, batch=p.batch, hq=hq, hkv=hkv, d=d, sq=sq,
                 skv=skv, dtype=p.dtype, causal=p.causal, scale=scale, mask=p.mask, dist=p.dist, seed=seed,
                 preset=p.preset, s_past=s_past, split_points=split_points)
     need = case.working_bytes
     if need > memory_cap_bytes:
-        raise fail(None, f"case {case_id} needs {need / 2**20:.0f} MiB, over the memory cap of "
+        raise fail(None, f"case {cid} needs {need / 2**20:.0f} MiB, over the memory cap of "
                    f"{memory_cap_bytes / 2**20:.0f} MiB (raise it with --memory-cap-mib)")
     return case
 
