@@ -1,4 +1,5 @@
-"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s goldens`, `nox -s conformance`, `nox -s nightly`.
+"""nox sessions: `nox -s tests`, `nox -s slow`, `nox -s lint`, `nox -s goldens`, `nox -s conformance`,
+`nox -s nightly`.
 
 On CPU machines torch is pinned to the local CPU wheel (a bare `torch` can pull a multi-GB CUDA
 build); GPU runners set RLK_TORCH="" to keep the torch already installed in the image. Without a
@@ -55,9 +56,17 @@ def python(session: nox.Session) -> str:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The CI lane: the whole pytest suite."""
+    """The CI lane (the README's test command, .ci/run): the pytest suite without the slow tests, on
+    every core."""
     install(session, "[test]")
-    session.run(python(session), "-m", "pytest", "-q", *session.posargs)
+    session.run(python(session), "-m", "pytest", "-q", "-n", "auto", *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """The tests marked slow (larger shapes, cold compiles), kept out of the CI lane."""
+    install(session, "[test]")
+    session.run(python(session), "-m", "pytest", "-q", "-n", "auto", "-m", "slow", *session.posargs)
 
 
 @nox.session

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import shutil
 import subprocess
@@ -29,6 +31,19 @@ def _driver_version() -> str | None:
     return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s "model name" on Linux) and its core count, e.g.
+    ``AMD EPYC 9654 96-Core Processor (2 cores)``; the architecture where the model is unknown."""
+    name = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+        for line in info:
+            if line.startswith(("model name", "Model", "Hardware")):
+                name = line.partition(":")[2].strip()
+                break
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{name} ({os.cpu_count() or 1} cores)"
+
+
 def execution_target(device: str) -> dict[str, Any]:
     dev = torch.device(device)
     target: dict[str, Any] = {
@@ -50,7 +65,7 @@ def execution_target(device: str) -> dict[str, Any]:
         target["cudnn"] = torch.backends.cudnn.version()
         target["driver"] = _driver_version()
     else:
-        target["device_name"] = platform.processor() or platform.machine()
+        target["device_name"] = cpu_name()
     return target
 
 

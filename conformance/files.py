@@ -45,3 +45,4 @@ def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (the parent directory is created)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+

@@ -1,6 +1,6 @@
 """The nightly GPU lane: generate the goldens, run every available CUDA backend, report.
 
-    python -m conformance.nightly --out nightly/ [--tier standard] [--profile nightly]
+    python -m conformance.nightly --out nightly/ [--tier standard] [--search-profile nightly]
     nox -s nightly                      # the same, from a GPU runner
 
 Steps, each a plain ``rlk-conform`` command (so a failure in one backend cannot take the others
@@ -10,7 +10,7 @@ down, and the log shows exactly what to rerun):
    earlier night already made; the manifest is rewritten at the end);
 2. for every backend that ``rlk-conform backends`` lists as available on CUDA: ``run`` over those
    goldens with the known-failure list ``known-failures/<backend>.yaml`` when it exists, then
-   ``check --profile P --time-budget B`` (property search, at most B seconds per property before
+   ``check --search-profile P --time-budget B`` (property search, at most B seconds per property before
    shrinking), each writing JSON and JUnit into OUT. Up to ``--parallel`` backends at a time, each
    backend's ``run`` and ``check`` in its own subprocesses, one after the other;
 3. ``report`` over every JSON file: ``OUT/report.html`` and ``OUT/summary.md``.
@@ -175,7 +175,7 @@ def _backend(lane: Lane, name: str, args: argparse.Namespace, goldens: Path) -> 
     if known.is_file():
         run_cmd += ["--known-failures", str(known)]
     run_code = lane.run(run_cmd, f"run-{name}")
-    check_cmd = [*CLI, "check", "--backend", name, "--device", "cuda", "--profile", args.profile,
+    check_cmd = [*CLI, "check", "--backend", name, "--device", "cuda", "--search-profile", args.search_profile,
                  "--reproducers", str(out / "reproducers"),
                  "--report-json", str(check_json), "--junit", str(out / f"check-{name}.xml")]
     if args.max_examples:
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("nightly"))
     parser.add_argument("--tier", default="standard", choices=("smoke", "standard", "full"))
-    parser.add_argument("--profile", default="nightly", choices=("ci", "nightly"))
+    parser.add_argument("--search-profile", default="nightly", choices=("ci", "nightly"),
+                        help="property search profile of each backend's check (default: nightly)")
     parser.add_argument("--max-examples", type=_positive_int, default=None,
                         help="examples per property (default: the profile's)")
     parser.add_argument("--check-budget", type=_budget, default=DEFAULT_CHECK_BUDGET, metavar="SECONDS",
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     goldens = args.out / "goldens"
     budget = f"{args.check_budget:g} s per property" if args.check_budget else "none"
     lane.say(f"nightly: {len(backends)} backends ({', '.join(backends)}), {parallel} at a time; tier {args.tier}, "
-             f"profile {args.profile}, check budget {budget}; logs in {lane.logs}")
+             f"search profile {args.search_profile}, check budget {budget}; logs in {lane.logs}")
     if lane.run([*CLI, "generate", "--tier", args.tier, "--device", "cuda", "--jobs", str(args.jobs), "--out",
                  str(goldens), "--resume"], "generate") != 0:
         lane.say(f"error: generating the {args.tier} goldens failed; see {lane.logs / 'generate.log'}", err=True)

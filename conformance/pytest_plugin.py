@@ -3,10 +3,13 @@ property searches as tests.
 
 ``pytest --rlk-backend NAME`` adds, after the ordinary collection:
 
-- ``rlk-conform::golden[<case id>]`` — one test per case of ``--rlk-goldens`` (and of
-  ``goldens/regression`` when it exists): every check ``rlk-conform run`` makes on that case;
-- ``rlk-conform::property[<name>]`` — one Hypothesis search per property (``--rlk-profile``, ci by
-  default); a failure names its smallest case and the reproducer written for it.
+- ``rlk-conform::golden[<case id>]`` — one test per case of ``--rlk-goldens`` (the default smoke
+  goldens, with their regression set when it exists): every check ``rlk-conform run`` makes on that case;
+- ``rlk-conform::property[<name>]`` — one Hypothesis search per property (``--rlk-search-profile``,
+  ci by default); a failure names its smallest case and the reproducer written for it.
+
+``--rlk-only`` deselects every other collected test, so that running from a repository with its
+own test suite judges the backend and nothing else.
 
 A test fails when one of its records is ``fail`` or ``error`` (the message lists them), is skipped
 when the backend declined everything, and passes otherwise — the same verdicts as the CLI. Without
@@ -37,23 +40,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--rlk-backend", default=None, metavar="NAME",
                     help="Backend to test (registered name or package.module:attr); enables the plugin.")
     group.addoption("--rlk-device", default=None, help="Torch device for the backend, e.g. cpu, cuda:1.")
-    group.addoption("--rlk-goldens", default="goldens/smoke", metavar="DIR",
-                    help="Golden directory whose cases become tests, or 'none'. Default: goldens/smoke.")
+    group.addoption("--rlk-goldens", default=None, metavar="DIR",
+                    help="Golden directory whose cases become tests, or 'none'. Default: the default smoke goldens "
+                    "($RLK_GOLDENS/smoke, else the source checkout's goldens/smoke, else ./goldens/smoke) and their "
+                    "regression set.")
     group.addoption("--rlk-no-regression", action="store_true",
-                    help="Leave out goldens/regression (promoted reproducers).")
+                    help="Leave out the regression set (promoted reproducers) of the default goldens.")
+    group.addoption("--rlk-only", action="store_true",
+                    help="Run the rlk-conform tests only: every other collected test is deselected.")
     group.addoption("--rlk-checks", default=None, help="Comma-separated checks of each golden test (default: "
                     "those of rlk-conform run).")
     group.addoption("--rlk-properties", default="all", help="Comma-separated properties to search, 'all' or "
                     "'none'.")
-    group.addoption("--rlk-profile", default="ci", choices=("ci", "nightly"), help="Property search profile.")
+    group.addoption("--rlk-search-profile", default="ci", choices=("ci", "nightly"),
+                    help="Property search profile (as rlk-conform check --search-profile).")
     group.addoption("--rlk-max-examples", type=int, default=None, help="Examples per property.")
     group.addoption("--rlk-time-budget", type=float, default=None, metavar="SECONDS",
                     help="Wall-clock budget per property (as rlk-conform check --time-budget).")
     group.addoption("--rlk-seed", type=int, default=None, help="Search seed (default: 0 for ci, random for "
                     "nightly).")
-    group.addoption("--rlk-specs", default="specs", metavar="DIR", help="Directory of attention.yaml and "
-                    "kv_cache_attention.yaml (the search space).")
-    group.addoption("--rlk-tolerances", default="specs/tolerances.yaml", metavar="FILE", help="Threshold file.")
+    group.addoption("--rlk-specs", default=None, metavar="DIR", help="Directory of attention.yaml and "
+                    "kv_cache_attention.yaml (the search space). Default: the shipped specs.")
+    group.addoption("--rlk-tolerances", default=None, metavar="FILE", help="Threshold file. Default: the shipped "
+                    "tolerances.yaml.")
     group.addoption("--rlk-rules", default="default", help="Accuracy rule set of the tolerances file.")
     group.addoption("--rlk-reproducers", default="reproducers", metavar="DIR",
                     help="Where shrunk counterexamples are written.")
@@ -81,6 +90,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.stash.get(_STATE, None) is None:
         return
+    if config.getoption("rlk_only") and items:
+        config.hook.pytest_deselected(items=list(items))
+        items.clear()
     # Collected like any collector's tests, so that counts, --collect-only and xdist see them.
     items.extend(session.genitems(RlkSuite.from_parent(session, name=SUITE, nodeid=SUITE)))
 
@@ -104,25 +116,34 @@ class RlkState:
     def opt(self, name: str) -> Any:
         return self.config.getoption(name)
 
-    def path(self, name: str) -> Path:
-        return self.base / self.opt(name)
+    def path(self, name: str) -> Path | None:
+        """An option's path, relative to where pytest was started; None when the option is unset."""
+        value = self.opt(name)
+        return None if value is None else self.base / value
 
     def golden_cases(self) -> list[tuple[Path, str]]:
         """(file, case id) of every selected golden case, in case-id order per directory."""
+        from conformance.errors import ConformanceError
         from conformance.golden.manifest import read_manifest
-        from conformance.golden.reproducer import DEFAULT_REGRESSION_DIR
+        from conformance.locations import REGRESSION, find_goldens
 
         roots: list[Path] = []
-        if str(self.opt("rlk_goldens")).lower() != "none":
-            root = self.path("rlk_goldens")
+        given = self.opt("rlk_goldens")
+        if given is None:  # the default goldens, and their regression set
+            try:
+                root = find_goldens("smoke")
+            except ConformanceError as exc:
+                raise pytest.UsageError(f"--rlk-goldens: {exc}") from None
+            roots.append(root)
+            regression = root.parent / REGRESSION
+            if not self.opt("rlk_no_regression") and (regression / "manifest.json").is_file():
+                roots.append(regression)
+        elif str(given).lower() != "none":
+            root = self.base / given
             if not (root / "manifest.json").is_file():
                 raise pytest.UsageError(f"--rlk-goldens {root}: no manifest.json there (generate goldens, or pass "
                                         "--rlk-goldens none)")
             roots.append(root)
-        regression = self.base / DEFAULT_REGRESSION_DIR
-        if not self.opt("rlk_no_regression") and (regression / "manifest.json").is_file() and not any(
-                r.resolve() == regression.resolve() for r in roots):
-            roots.append(regression)
         cases = []
         for root in roots:
             entries = sorted(read_manifest(root)["files"], key=lambda e: e["case_id"])
@@ -202,7 +223,7 @@ class RlkState:
         from conformance.search.strategies import space_from_specs
         from conformance.spec.load import default_spec_paths, load_specs
 
-        profile = engine.PROFILES[self.opt("rlk_profile")]
+        profile = engine.PROFILES[self.opt("rlk_search_profile")]
         specs = load_specs(default_spec_paths(self.path("rlk_specs")))
         space = space_from_specs(specs, profile.tier, profile.limits)
         database = self.opt("rlk_database")

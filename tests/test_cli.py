@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from conftest import DEFECTS, REPO, SPEC_DIR, TINY_SPECS, BrokenSpec, Defect, edit_spec, line_of
+from conftest import DEFECTS, REPO, SMOKE_GOLDENS, SPEC_DIR, TINY_SPECS, BrokenSpec, Defect, edit_spec, line_of
 from typer.testing import CliRunner, Result
 
 from conformance.cli.app import app
@@ -179,3 +181,56 @@ def test_verify_regenerate_of_a_fresh_directory_exits_zero(tiny_goldens: Path) -
     result = invoke("verify", tiny_goldens, "--regenerate")
     assert result.exit_code == EXIT_OK
     assert "every one regenerated bit-identical" in result.stdout
+
+
+# --- an installed rlk-conform works from any directory (no cwd-relative defaults) ---------------
+
+
+def test_run_from_another_directory_finds_the_shipped_specs_tolerances_and_goldens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no specs/, no goldens/ here
+    monkeypatch.delenv("RLK_GOLDENS", raising=False)
+    result = CliRunner().invoke(app, ["run", "--backend", "reference", "--filter", "attention/gqa/*",
+                                      "--checks", "accuracy", "--report-json", "r.json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["goldens"]["default"] is True and Path(report["goldens"]["dir"]) == SMOKE_GOLDENS
+    assert report["settings"]["tolerances_default"] is True
+    specs = CliRunner().invoke(app, ["specs", "--ids"])
+    assert specs.exit_code == 0 and "attention/gqa/hq14-hkv2-d64-b1-sq17-skv17-bf16-causal" in specs.stdout
+
+
+def test_a_backend_module_in_the_current_directory_runs_as_the_docs_say(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_attention.py").write_text(
+        "from conformance.backends.builtin import NaiveFp32Backend\n\n\n"
+        "class MyAttention(NaiveFp32Backend):\n    name = 'my-attention'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(app, ["run", "--backend", "my_attention:MyAttention", "--filter", "attention/gqa/*",
+                                      "--checks", "accuracy"])
+    assert result.exit_code == 0, result.output
+    assert "my-attention" in result.stdout
+
+
+def test_missing_default_goldens_say_where_they_were_looked_for(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from conformance import locations
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLK_GOLDENS", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(locations, "source_checkout", lambda: None)  # as an installed wheel
+    result = CliRunner().invoke(app, ["run", "--backend", "naive"])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "no smoke goldens found" in line
+    assert f"{tmp_path / 'nowhere' / 'smoke'} ($RLK_GOLDENS)" in line
+    assert f"{tmp_path / 'goldens' / 'smoke'} (the current directory)" in line
+    assert "rlk-conform generate --tier smoke" in line
+
+
+def test_piped_output_is_not_cut_at_80_columns() -> None:
+    done = subprocess.run([sys.executable, "-m", "conformance", "specs"], capture_output=True, text=True,
+                          check=True, env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+    row = next(line for line in done.stdout.splitlines() if "hq14-hkv2-d64-b1-sq17-skv17-bf16-causal" in line)
+    assert "attention/gqa/hq14-hkv2-d64-b1-sq17-skv17-bf16-causal" in row  # the whole id on one line

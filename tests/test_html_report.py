@@ -243,6 +243,41 @@ def test_html_page_rendered_by_headless_chromium_shows_what_the_reports_say(
     assert_page_matches_reports(facts, report_files)
 
 
+WINDOW = 1400  # px: the comparison of three reports must fit a window this wide
+MEASURE = """<script>
+var wide = [];
+document.querySelectorAll('table, section, figure').forEach(function (e) {
+  var box = e.parentElement.getBoundingClientRect().width;
+  if (e.scrollWidth > box + 1) { wide.push((e.id || e.className || e.tagName) + ':' + e.scrollWidth + '>' + box); }
+});
+document.documentElement.setAttribute('data-wide', wide.join(' '));
+document.documentElement.setAttribute('data-page-width', document.documentElement.scrollWidth);
+</script></body>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (apt-get install -y chromium)")
+def test_three_reports_side_by_side_fit_a_1400_px_window(report_files: list[Path], tmp_path: Path) -> None:
+    """Two golden runs and a property search (whose checks differ): no table or section is wider
+    than the space it is given, and the page needs no horizontal scrolling."""
+    check = tmp_path / "check.json"
+    result = invoke("check", "--backend", "naive", "--max-examples", "2", "--reproducers", tmp_path / "rep",
+                    "--tolerances", SPEC_DIR / "tolerances.yaml", "--report-json", check)
+    assert result.exit_code in (0, 1), result.output
+    page = tmp_path / "three.html"
+    assert invoke("report", report_files[0], report_files[1], check, "--html", page).exit_code == EXIT_OK
+    measured = tmp_path / "measured.html"
+    measured.write_text(page.read_text().replace("</body>", MEASURE))
+    assert CHROMIUM is not None
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--window-size={WINDOW},900", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+         measured.resolve().as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    root = read_page(dom).root_attrs
+    assert root.get("data-wide") == "", root.get("data-wide")
+    assert int(root["data-page-width"]) <= WINDOW
+
+
 def test_html_page_needs_no_network(rendered: tuple[Path, Path]) -> None:
     page = rendered[0].read_text()
     assert not re.search(r"""\b(?:src|href)\s*=\s*(?!["']?#)""", page), "only in-page anchors may be linked"

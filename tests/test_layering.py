@@ -14,7 +14,7 @@ from conftest import REPO
 PACKAGE = REPO / "conformance"
 # The stages, lowest first (README "What it does"); shared utilities below them all.
 STAGES = ("spec", "reference", "golden", "backends", "judge", "run", "search", "report", "jobs", "cli")
-UTILITIES = ("__init__", "errors", "files", "processes", "environment")
+UTILITIES = ("__init__", "errors", "files", "processes", "environment", "locations")
 ENTRY_POINTS = ("__main__", "nightly", "pytest_plugin")  # top-level entry points: the CLI's floor
 
 

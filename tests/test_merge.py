@@ -36,13 +36,44 @@ def test_merged_shards_equal_the_unsharded_run(tmp_path: Path) -> None:
     assert (tmp_path / "merged.xml").is_file()
 
 
-def test_overlapping_shards_are_refused_naming_the_file(tmp_path: Path) -> None:
+def test_a_shard_given_twice_is_refused_naming_both_files(tmp_path: Path) -> None:
     a = run_json(tmp_path, "a", "--backend", "naive", "--shard", "0/2")
     b = run_json(tmp_path, "b", "--backend", "naive", "--shard", "0/2")
     result = CliRunner().invoke(app, ["merge", str(a), str(b), "--out", str(tmp_path / "m.json")])
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {b}: record ")
+    assert result.stderr.strip() == f"error: {b}: shard 0/2 is given twice ({a} and {b})"
     assert not (tmp_path / "m.json").exists()
+
+
+def test_a_missing_shard_is_refused_naming_it(tmp_path: Path) -> None:
+    shards = [run_json(tmp_path, f"s{i}", "--backend", "naive", "--shard", f"{i}/4") for i in (0, 2)]
+    result = CliRunner().invoke(app, ["merge", *map(str, shards), "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 2
+    assert "missing shard(s) 1/4, 3/4 of 4 (have 0/4, 2/4)" in result.stderr and "--allow-partial" in result.stderr
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_one_shard_alone_is_not_a_whole_run(tmp_path: Path) -> None:
+    only = run_json(tmp_path, "s0", "--backend", "naive", "--shard", "0/4")
+    result = CliRunner().invoke(app, ["merge", str(only), "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 2 and "missing shard(s) 1/4, 2/4, 3/4" in result.stderr
+
+
+def test_allow_partial_merges_and_says_what_is_missing(tmp_path: Path) -> None:
+    shards = [run_json(tmp_path, f"s{i}", "--backend", "naive", "--shard", f"{i}/4") for i in (0, 2)]
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(app, ["merge", *map(str, shards), "--out", str(out), "--allow-partial"])
+    assert result.exit_code == 1, result.output  # never green: the run is incomplete
+    merged = json.loads(out.read_text())
+    assert merged["complete"] is False and merged["missing_shards"] == ["1/4", "3/4"]
+    assert "missing shards: 1/4, 3/4" in result.stdout
+
+
+def test_shards_of_runs_with_other_settings_are_refused(tmp_path: Path) -> None:
+    a = run_json(tmp_path, "a", "--backend", "naive", "--shard", "0/2")
+    b = run_json(tmp_path, "b", "--backend", "naive", "--shard", "1/2", "--rules", "strict")
+    result = CliRunner().invoke(app, ["merge", str(a), str(b), "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 2 and "settings.rule_set 'strict' differs from 'default'" in result.stderr
 
 
 def test_reports_of_different_backends_are_refused(tmp_path: Path) -> None:

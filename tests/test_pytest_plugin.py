@@ -76,3 +76,26 @@ def test_without_a_backend_the_plugin_adds_nothing(pytester: pytest.Pytester) ->
 def test_each_xdist_worker_gets_its_own_gpu(device: str | None, worker: str | None, gpus: int,
                                             expected: str | None) -> None:
     assert worker_device(device, worker, gpus) == expected
+
+
+def test_rlk_only_runs_the_golden_cases_and_nothing_else(pytester: pytest.Pytester,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a directory with its own test suite, --rlk-only deselects that suite; the default goldens
+    and specs are found without any path option (the cwd is the test's temporary directory)."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.delenv("RLK_GOLDENS", raising=False)
+    pytester.makepyfile(test_own_suite="def test_of_the_project():\n    assert False\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--rlk-backend=reference", "--rlk-only",
+                                           "--rlk-properties=none", "-k", "hq14-hkv2-d64-b1-sq17")
+    result.assert_outcomes(passed=1, deselected=None)
+    result.stdout.fnmatch_lines(["*1 passed, * deselected*"])
+    assert "test_of_the_project" not in result.stdout.str()
+
+
+def test_the_plugin_finds_the_default_goldens_from_any_directory(pytester: pytest.Pytester,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.delenv("RLK_GOLDENS", raising=False)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--rlk-backend=reference",
+                                           "--rlk-properties=none", "--collect-only", "-q")
+    result.stdout.fnmatch_lines([f"*rlk-conform::golden[[]{GQA_CASE}[]]*"])

@@ -7,6 +7,7 @@ import json
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import h5py
 import pytest
@@ -42,7 +43,7 @@ def nan_reproducer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_check_passes_the_reference_backend_with_the_ci_profile(tmp_path: Path) -> None:
-    result = invoke("check", "--backend", "reference", "--profile", "ci", "--max-examples", "3",
+    result = invoke("check", "--backend", "reference", "--search-profile", "ci", "--max-examples", "3",
                     "--reproducers", tmp_path, "--report-json", tmp_path / "r.json", *SPEC_ARGS)
     assert result.exit_code == EXIT_OK, result.output
     assert "PASS: 9 properties held, 0 failed (none), 0 skipped" in result.stdout
@@ -68,7 +69,7 @@ def test_check_reports_a_failure_with_its_reproducer_json_and_junit(tmp_path: Pa
         n.endswith(".nan_padding") for n in names)
 
 
-@pytest.mark.parametrize("args", [["--properties", "nosuch"], ["--profile", "weekly"], ["--max-examples", "0"]],
+@pytest.mark.parametrize("args", [["--properties", "nosuch"], ["--search-profile", "weekly"], ["--max-examples", "0"]],
                          ids=["unknown-property", "unknown-profile", "no-examples"])
 def test_check_refuses_bad_options_with_exit_two(args: list[str]) -> None:
     result = invoke("check", "--backend", "reference", *args, *SPEC_ARGS)
@@ -120,8 +121,8 @@ def test_promote_adds_the_case_to_a_regression_set_that_verifies(nan_reproducer:
     assert again.replaced and again.cases == 1
 
 
-def test_run_includes_goldens_regression_unless_told_not_to(repo_specs, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module")
+def tile_tail_reproducer(repo_specs, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from property_planted import TileTailOffByOne
 
     from conformance.search.engine import PROFILES, SearchSettings, check_backend
@@ -129,15 +130,43 @@ def test_run_includes_goldens_regression_unless_told_not_to(repo_specs, tmp_path
 
     tol = load_tolerances(SPEC_DIR / "tolerances.yaml")
     (found,) = check_backend(TileTailOffByOne(), repo_specs, tol, ("accuracy",), SearchSettings(
-        profile=PROFILES["ci"], max_examples=200, reproducer_dir=tmp_path / "rep"))
+        profile=PROFILES["ci"], max_examples=200, reproducer_dir=tmp_path_factory.mktemp("rep")))
+    return found
+
+
+def test_the_regression_set_joins_only_the_default_goldens(tile_tail_reproducer: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """goldens/regression of the default golden root joins a run of the default goldens, and the
+    header says how many cases each directory gave; with --goldens it joins only when asked."""
+    from property_planted import TileTailOffByOne
+
+    root = tmp_path / "golden-root"
+    shutil.copytree(SMOKE_GOLDENS, root / "smoke")
+    promote(tile_tail_reproducer.reproducer, root / "regression")
+    monkeypatch.setenv("RLK_GOLDENS", str(root))
     monkeypatch.chdir(tmp_path)
-    promote(found.reproducer, Path("goldens/regression"))
-    args = ("run", "--backend", TileTailOffByOne.__module__ + ":TileTailOffByOne", "--goldens", SMOKE_GOLDENS,
-            "--filter", "*/property/*", "--checks", "accuracy", "--tolerances", SPEC_DIR / "tolerances.yaml")
-    with_regression = invoke(*args)
+    case_id = tile_tail_reproducer.counterexample.example.case.id
+    backend = ("--backend", TileTailOffByOne.__module__ + ":TileTailOffByOne", "--checks", "accuracy")
+    default = invoke("run", *backend, "--filter", "attention/gqa/*")
+    assert default.exit_code == EXIT_OK, default.output  # the regression case does not match the filter
+    assert "cases: " not in default.stdout
+    with_regression = invoke("run", *backend, "--filter", "*/property/*")
     assert with_regression.exit_code == EXIT_FAILURE, with_regression.output
-    assert found.counterexample.example.case.id in with_regression.stdout
-    assert invoke(*args, "--no-regression").exit_code == EXIT_BAD_INPUT  # no smoke case matches the filter
+    assert case_id in with_regression.stdout and "1 cases from golden-root/regression" in with_regression.stdout
+    both = invoke("run", *backend)
+    assert "151 cases: 150 from golden-root/smoke, 1 from golden-root/regression" in both.stdout
+    assert invoke("run", *backend, "--filter", "*/property/*", "--no-regression").exit_code == EXIT_BAD_INPUT
+    explicit = ("--goldens", str(root / "smoke"), "--filter", "*/property/*")
+    assert invoke("run", *backend, *explicit).exit_code == EXIT_BAD_INPUT  # no smoke case matches the filter
+    assert invoke("run", *backend, *explicit, "--regression").exit_code == EXIT_FAILURE
+
+
+def test_regression_without_a_regression_set_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    monkeypatch.setenv("RLK_GOLDENS", str(tmp_path / "empty-root"))
+    monkeypatch.chdir(tmp_path)
+    result = invoke("run", "--backend", "naive", "--goldens", str(SMOKE_GOLDENS), "--regression")
+    assert result.exit_code == EXIT_BAD_INPUT and "no regression set found" in result.stderr
 
 
 def test_run_properties_adds_the_property_records_to_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

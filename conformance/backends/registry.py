@@ -14,7 +14,7 @@ import importlib.metadata
 import inspect
 import os
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,7 +160,49 @@ def validate_backend(obj: object, spec: str | None = None) -> Backend:
         raise fail(f"output_dtype must be torch.float32 or absent, got {obj.output_dtype!r}")  # type: ignore[attr-defined]
     if not isinstance(getattr(obj, "returns_lse", False), bool):
         raise fail("returns_lse must be True or False")
+    for op in ops:
+        problem = signature_problem(getattr(obj, op), OP_POSITIONAL[op])
+        if problem:
+            raise fail(f"{op}() {problem}; the harness calls {op}({', '.join(OP_POSITIONAL[op])}, *, "
+                       "causal, scale, key_padding_mask)")
+    if hasattr(obj, "supports"):
+        problem = signature_problem(obj.supports, ("op", "case"), keywords=())  # type: ignore[attr-defined]
+        if problem:
+            raise fail(f"supports() {problem}; the harness calls supports(op, case)")
     return obj  # type: ignore[return-value]
+
+
+# How the harness calls each op: these positional arguments, then OP_KEYWORDS by keyword.
+OP_POSITIONAL = {"attention": ("q", "k", "v"), "kv_cache_attention": ("q", "k_cache", "v_cache", "k_new", "v_new")}
+OP_KEYWORDS = ("causal", "scale", "key_padding_mask")
+
+
+def signature_problem(fn: Callable[..., Any], positional: Sequence[str], keywords: Sequence[str] = OP_KEYWORDS
+                      ) -> str | None:
+    """Why ``fn`` cannot be called with ``len(positional)`` positional arguments and ``keywords`` by
+    keyword (a missing parameter, too few positional ones, a required parameter the harness does not
+    pass), or None. A signature Python cannot read (a C extension) is accepted."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    var_pos = any(p.kind is p.VAR_POSITIONAL for p in params)
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    takes_pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(takes_pos) < len(positional) and not var_pos:
+        return (f"takes {len(takes_pos)} positional argument(s) ({', '.join(p.name for p in takes_pos) or 'none'}), "
+                f"the harness passes {len(positional)}")
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    missing = [k for k in keywords if k not in named and not var_kw]
+    if missing:
+        return f"has no parameter {', '.join(repr(k) for k in missing)}"
+    passed = set(keywords)
+    extra = [p.name for p in takes_pos[len(positional):] + [p for p in params if p.kind is p.KEYWORD_ONLY]
+             if p.default is p.empty and p.name not in passed]
+    if extra:
+        return f"requires {', '.join(repr(n) for n in extra)}, which the harness does not pass"
+    return None
 
 
 def backend_ops(backend: Backend) -> tuple[str, ...]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -23,8 +25,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console()
-err = Console(stderr=True)
+# Piped or redirected output is not cut to 80 columns (case ids and checksums stay on one line):
+# $COLUMNS when set, else wide enough for the widest table.
+PIPE_WIDTH = 240
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=int(os.environ.get("COLUMNS") or 0) or PIPE_WIDTH)
+
+
+out = _console()
+err = _console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -65,13 +79,14 @@ def _root(
     """Numerical conformance harness and exact golden-data generator for attention kernels."""
 
 
-SpecOpt = Annotated[list[Path] | None, typer.Option("--spec", help="Op spec file (repeatable). Default: "
-                                                    "specs/attention.yaml and specs/kv_cache_attention.yaml.")]
+SpecOpt = Annotated[list[Path] | None, typer.Option("--spec", help="Op spec file (repeatable). Default: the "
+                                                    "shipped attention.yaml and kv_cache_attention.yaml "
+                                                    "(specs/ of the source checkout).")]
 CapOpt = Annotated[int, typer.Option("--memory-cap-mib", min=1, help="Refuse cases whose tensors exceed this.")]
 
 
 def load_spec_option(spec: list[Path] | None, memory_cap_mib: int) -> list[OpSpec]:
-    paths = spec or default_spec_paths(Path("specs"))
+    paths = spec or default_spec_paths()
     return load_specs(paths, memory_cap_mib * 2**20)
 
 
@@ -89,8 +104,9 @@ BackendOpt = Annotated[str | None, typer.Option(help="Registered name or package
                                                 "available, else sdpa on the CPU.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="Torch device for the backend, e.g. cpu, cuda:1.")]
 RulesOpt = Annotated[str, typer.Option(help="Accuracy rule set of tolerances.yaml: default or strict.")]
-TolerancesOpt = Annotated[Path, typer.Option(help="Threshold file.")]
+TolerancesOpt = Annotated[Path | None, typer.Option(help="Threshold file. Default: the shipped tolerances.yaml "
+                                                   "(specs/tolerances.yaml of the source checkout).")]
 RerunsOpt = Annotated[int | None, typer.Option(min=2, help="Determinism reruns (default: tolerances.yaml).")]
 ReportJsonOpt = Annotated[Path | None, typer.Option("--report-json", help="Write the JSON report here.")]
 JunitOpt = Annotated[Path | None, typer.Option(help="Write a JUnit XML report here.")]
-DEFAULT_TOLERANCES = Path("specs/tolerances.yaml")
+DEFAULT_TOLERANCES = None  # the shipped tolerances.yaml (conformance.locations.default_tolerances)

@@ -21,6 +21,7 @@ from conformance.cli.app import (
 )
 from conformance.cli.progress import progress_bar
 from conformance.errors import EXIT_FAILURE
+from conformance.locations import find_goldens, output_root
 from conformance.spec.case import TIERS
 from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES
 
@@ -29,7 +30,9 @@ from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES
 @user_errors
 def generate(
     spec: SpecOpt = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory. Default: goldens/<tier>.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory. Default: <tier>/ of $RLK_GOLDENS, "
+                                                 "else of the source checkout's goldens/, else of ./goldens.")
+                       ] = None,
     tier: Annotated[Tier, typer.Option(help="Tier to generate (tiers are cumulative).")] = Tier.smoke,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: one per core).")
                     ] = os.cpu_count() or 1,
@@ -42,7 +45,7 @@ def generate(
     from conformance.golden.generate import generate as run_generate
 
     specs = load_spec_option(spec, memory_cap_mib)
-    target = out_dir or Path("goldens") / tier.value
+    target = out_dir or output_root() / tier.value
     written = [0]
     with progress_bar("generate", tier.value, eta=True, extra="cases · {task.fields[written]}", written="0 B") as bar:
 
@@ -69,7 +72,8 @@ def generate(
 @app.command()
 @user_errors
 def verify(
-    directory: Annotated[Path, typer.Argument(help="Golden directory holding manifest.json.")] = Path("goldens/smoke"),
+    directory: Annotated[Path | None, typer.Argument(help="Golden directory holding manifest.json (or a release "
+                                                     "bundle). Default: the default smoke goldens.")] = None,
     regenerate: Annotated[bool, typer.Option(help="Recompute every case and require identical bytes.")] = False,
     device: Annotated[str, typer.Option(help="Where regeneration's float64 stage runs.")] = "cpu",
 ) -> None:
@@ -77,6 +81,7 @@ def verify(
     A release bundle (a directory with bundle.json) is verified end to end: every file, then its goldens."""
     from conformance.golden.release import is_bundle
 
+    directory = directory if directory is not None else find_goldens("smoke")
     if is_bundle(directory):
         return verify_bundle_command(directory, regenerate=regenerate, device=device)
     from conformance.golden.verify import verify as run_verify
@@ -135,10 +140,10 @@ def list_specs(
 def release_cmd(
     tier: Annotated[Tier, typer.Option(help="Tier to release.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to create (new or empty).")],
-    goldens: Annotated[Path | None, typer.Option(help="Golden directory of that tier. Default: goldens/<tier>.")
-                       ] = None,
-    specs: Annotated[Path, typer.Option(help="Spec directory the goldens were generated from (its *.yaml "
-                                        "ship in the bundle).")] = Path("specs"),
+    goldens: Annotated[Path | None, typer.Option(help="Golden directory of that tier. Default: the default "
+                                                 "goldens of the tier.")] = None,
+    specs: Annotated[Path | None, typer.Option(help="Spec directory the goldens were generated from (its *.yaml "
+                                               "ship in the bundle). Default: the shipped specs.")] = None,
 ) -> None:
     """Write a vendor bundle: goldens, manifest, specs and tolerances, format docs, must-pass lists,
     a vendor README and one checksum of the whole bundle. Check it with: rlk-conform verify OUT."""

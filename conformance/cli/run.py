@@ -32,7 +32,8 @@ from conformance.spec.checks import CHECKS
 @user_errors
 def run(
     backend: BackendOpt = None,
-    goldens: Annotated[Path | None, typer.Option(help="Golden directory. Default: goldens/<tier>.")] = None,
+    goldens: Annotated[Path | None, typer.Option(help="Golden directory. Default: <tier>/ of $RLK_GOLDENS, else of "
+                                                 "the source checkout's goldens/, else of ./goldens.")] = None,
     tier: Annotated[Tier, typer.Option(help="Tier whose goldens to run (when --goldens is not given).")] = Tier.smoke,
     filter_: Annotated[str | None, typer.Option("--filter", help="Glob over case ids, e.g. 'attention/gqa/*'.")
                        ] = None,
@@ -56,8 +57,10 @@ def run(
     max_case_mib: Annotated[int | None, typer.Option("--max-case-mib", min=1, help="Refuse golden files whose "
                                                      "declared tensors exceed this, before reading them. "
                                                      "Default: 4096.")] = None,
-    regression: Annotated[bool, typer.Option(help="Also run goldens/regression (promoted reproducers, "
-                                             "rlk-conform promote) when it exists.")] = True,
+    regression: Annotated[bool | None, typer.Option("--regression/--no-regression", help="Also run the regression "
+                                                    "set (promoted reproducers, rlk-conform promote). Default: "
+                                                    "only with the default goldens, when the set exists.")
+                          ] = None,
     properties: Annotated[bool, typer.Option("--properties", help="Also run the property search (ci profile) "
                                              "for the selected checks, as rlk-conform check does.")] = False,
     known_failures: Annotated[Path | None, typer.Option("--known-failures", help="YAML list of this backend's "
@@ -108,8 +111,9 @@ def _report(done: GoldenRun, timer: object, report_json: Path | None, junit: Pat
     used, where = backend["used"], backend["device"]
     with deferred_signals() as late:  # a second Ctrl-C must not cut a report in half
         with timer.phase("report"):  # type: ignore[attr-defined]
+            finished = "" if result.cases == done.selected else f" ({result.cases} finished)"
             print_summary(out, result.records, f"rlk-conform run — backend {used} on {where}, "
-                          f"{result.cases} cases from {done.root}")
+                          f"{done.sources_text()}{finished}")
             if junit:
                 write_junit(junit, result.records, f"rlk-conform.{used}")
         # taken just before the JSON file is written, which is the one thing the profile leaves out
@@ -131,6 +135,8 @@ def _report(done: GoldenRun, timer: object, report_json: Path | None, junit: Pat
 
 
 def _closing_lines(done: GoldenRun) -> None:
+    from conformance.report.console import guidance
+
     result, unexpected = done.outcome.result, done.unexpected_passes
     for r in unexpected[:10]:
         out.print(f"[yellow]UNEXPECTED PASS[/] {r.check}: {r.case_id} (listed as a known failure in "
@@ -150,6 +156,8 @@ def _closing_lines(done: GoldenRun) -> None:
         raise typer.Exit(EXIT_FAILURE)
     if not done.passed:
         out.print(f"[bold red]FAIL[/]: {done.summary_line()}")
+        for line in guidance(result.records, done.job.backend):
+            out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_FAILURE)
     out.print(f"[bold green]PASS[/]: {done.summary_line()}")
 
@@ -161,17 +169,22 @@ def merge_cmd(
                                                   "(rlk-conform run --shard i/n --report-json).")],
     out_json: Annotated[Path, typer.Option("--out", help="Write the merged JSON report here.")],
     junit: Annotated[Path | None, typer.Option(help="Also write a merged JUnit XML report here.")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Merge even when shards are missing: the "
+                                                "report says complete: false and lists them in missing_shards."
+                                                )] = False,
 ) -> None:
     """Merge the JSON reports of the shards of one run into one report (summary recomputed; the
     profiles of shards run with --profile are summed).
 
-    Exit 0 when the merged run passes, 1 when it has failures, errors or no executed check, 2 when
-    the reports cannot be merged (another backend or golden set, overlapping shards, bad files)."""
+    Every shard i/n of one run must be there exactly once (same backend, golden set and settings).
+    Exit 0 when the merged run passes, 1 when it has failures, errors, no executed check or (with
+    --allow-partial) missing shards, 2 when the reports cannot be merged (a missing or repeated
+    shard, another backend, golden set or settings, overlapping records, bad files)."""
     from conformance.report.console import print_profile, print_summary
     from conformance.report.json import load_report, merge_reports, records_of, write_json
     from conformance.report.junit import write_junit
 
-    merged = merge_reports([load_report(path) for path in results], [str(p) for p in results])
+    merged = merge_reports([load_report(path) for path in results], [str(p) for p in results], allow_partial)
     write_json(out_json, merged)
     records = records_of(merged)
     print_summary(out, records, f"merged report of {len(results)} shards → {out_json}")
@@ -180,9 +193,12 @@ def merge_cmd(
     if merged.get("profile"):
         print_profile(out, merged["profile"], f"profile of the {len(results)} shards (summed)")
     summary = merged["summary"]
-    out.print(f"{'PASS' if summary['verdict'] == 'pass' else 'FAIL'}: {summary['by_status']['pass']} passed, "
+    passed = summary["verdict"] == "pass" and merged["complete"]
+    out.print(f"{'PASS' if passed else 'FAIL'}: {summary['by_status']['pass']} passed, "
               f"{summary['by_status']['fail']} failed, {summary['by_status']['error']} errors, "
               f"{summary['by_status']['skip']} skipped over {summary['cases']} cases"
-              + ("" if merged["complete"] else " (a shard was incomplete)"), markup=False, highlight=False)
-    if summary["verdict"] != "pass":
+              + ("" if merged["complete"] else (f" (missing shards: {', '.join(merged['missing_shards'])})"
+                                                 if merged.get("missing_shards") else " (a shard was incomplete)")),
+              markup=False, highlight=False, soft_wrap=True)
+    if not passed:
         raise typer.Exit(EXIT_FAILURE)

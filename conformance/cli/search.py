@@ -26,8 +26,8 @@ from conformance.cli.app import (
     user_errors,
 )
 from conformance.cli.progress import progress_bar
-from conformance.errors import EXIT_FAILURE, EXIT_OK
-from conformance.golden.reproducer import DEFAULT_REGRESSION_DIR, DEFAULT_REPRODUCER_DIR
+from conformance.errors import EXIT_FAILURE, EXIT_OK, UsageError
+from conformance.golden.reproducer import DEFAULT_REPRODUCER_DIR
 from conformance.spec.checks import CHECKS
 from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES
 
@@ -49,8 +49,10 @@ def _describe(result: Any) -> str:
 @user_errors
 def check(
     backend: BackendOpt = None,
-    profile: Annotated[ProfileName, typer.Option(help="ci: fast, derandomized, CPU. nightly: thousands of "
-                                                 "examples, GPU, larger shapes.")] = ProfileName.ci,
+    search_profile: Annotated[ProfileName, typer.Option("--search-profile", help="ci: fast, derandomized, CPU. "
+                                                        "nightly: thousands of examples, GPU, larger shapes."
+                                                        )] = ProfileName.ci,
+    old_profile: Annotated[str | None, typer.Option("--profile", hidden=True)] = None,
     max_examples: Annotated[int | None, typer.Option("--max-examples", min=1, help="Examples per property "
                                                      "(default: the profile's).")] = None,
     time_budget: Annotated[float | None, typer.Option("--time-budget", min=0.0, metavar="SECONDS",
@@ -84,8 +86,11 @@ def check(
     from conformance.report.json import write_json
     from conformance.report.junit import write_junit
 
-    request = CheckRequest(backend=backend, profile=profile.value, max_examples=max_examples, time_budget=time_budget,
-                           seed=seed, properties=properties, device=device, specs=spec,
+    if old_profile is not None:
+        raise UsageError(f"--profile {old_profile}: check's search profile is --search-profile {old_profile} "
+                         "(--profile is run's timing flag)")
+    request = CheckRequest(backend=backend, profile=search_profile.value, max_examples=max_examples,
+                           time_budget=time_budget, seed=seed, properties=properties, device=device, specs=spec,
                            memory_cap_bytes=memory_cap_mib * 2**20, rules=rules, tolerances=tolerances, reruns=reruns,
                            database=database, reproducers=reproducers)
     with progress_bar("check") as bar:
@@ -161,8 +166,9 @@ def replay(
 @user_errors
 def promote(
     file: Annotated[Path, typer.Argument(help="A reproducer (or any golden file).")],
-    to: Annotated[Path, typer.Option("--to", help="Regression golden directory; rlk-conform run includes "
-                                     "goldens/regression.")] = DEFAULT_REGRESSION_DIR,
+    to: Annotated[Path | None, typer.Option("--to", help="Regression golden directory. Default: regression/ of the "
+                                            "default golden root, which rlk-conform run includes with the default "
+                                            "goldens.")] = None,
 ) -> None:
     """Add a reproducer's case to a regression golden set (its manifest is rewritten)."""
     from conformance.golden.reproducer import promote as promote_case

@@ -35,7 +35,7 @@ from typing import Any
 
 import h5py
 
-from conformance import __version__
+from conformance import __version__, locations
 from conformance.environment import git_commit
 from conformance.errors import ConformanceError, GoldenError
 from conformance.files import sha256_file
@@ -127,19 +127,25 @@ class ReleaseSummary:
     mustpass: dict[str, int] = field(default_factory=dict)  # "<op>-<dtype>" → number of case ids
 
 
-def build_release(tier: str, out: Path, goldens: Path | None = None, spec_dir: Path = Path(SPECS_DIR),
+def build_release(tier: str, out: Path, goldens: Path | None = None, spec_dir: Path | None = None,
                   docs_dir: Path | None = None) -> ReleaseSummary:
     """Write a vendor bundle for ``tier`` into ``out`` (which must not exist, or be empty).
 
-    ``goldens`` (default ``goldens/<tier>``) must hold a manifest of that tier whose files all match
-    their SHA-256; ``spec_dir`` the spec files the manifest names, unchanged since generation
-    (their SHA-256 is checked), plus presets and ``tolerances.yaml``; ``docs_dir`` (default
-    ``spec_dir/../docs``) the files of :data:`BUNDLED_DOCS`. Nothing is generated here. The bundle is
+    ``goldens`` (default: the tier's default goldens, :func:`conformance.locations.find_goldens`)
+    must hold a manifest of that tier whose files all match their SHA-256; ``spec_dir`` (default: the
+    shipped specs) the spec files the manifest names, unchanged since generation (their SHA-256 is
+    checked), plus presets and ``tolerances.yaml``; ``docs_dir`` (default: ``docs/`` of the source
+    checkout) the files of :data:`BUNDLED_DOCS`. Nothing is generated here. The bundle is
     assembled in a temporary directory beside ``out`` and renamed into place, so a failed release
     leaves nothing behind. Raises :class:`ConformanceError` (exit 2) naming the file at fault.
     """
-    src = goldens if goldens is not None else Path("goldens") / tier
-    docs_dir = docs_dir if docs_dir is not None else spec_dir.parent / DOCS_DIR
+    src = goldens if goldens is not None else locations.find_goldens(tier)
+    spec_dir = spec_dir if spec_dir is not None else locations.spec_dir()
+    if docs_dir is None:
+        docs_dir = locations.docs_dir()
+        if docs_dir is None:
+            raise ConformanceError("a release ships docs/golden-format.md, report-format.md and backends.md from a "
+                                   "source checkout of rlk-conform; run it from one (or pass docs_dir)")
     if not (src / MANIFEST_NAME).is_file():
         raise ConformanceError(f"{src}: no golden set here (no {MANIFEST_NAME}); generate it first: "
                                f"rlk-conform generate --tier {tier} --out {src}")

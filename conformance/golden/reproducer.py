@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 import torch
 
+from conformance import locations
 from conformance.errors import GoldenError
 from conformance.files import atomic_path, sha256_file
 from conformance.golden.format import (
@@ -53,7 +54,6 @@ REPRODUCER_FORMAT = "rlk-conform-reproducer"
 REPRODUCER_SCHEMA_VERSION = 1
 GROUP = "reproducer"
 REGRESSION_TIER = "regression"
-DEFAULT_REGRESSION_DIR = Path("goldens") / REGRESSION_TIER
 DEFAULT_REPRODUCER_DIR = Path("reproducers")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                 torch.float64: "float64"}
@@ -182,7 +182,7 @@ class Promotion:
     replaced: bool  # the set already held this case id
 
 
-def promote(path: str | Path, regression_dir: Path = DEFAULT_REGRESSION_DIR) -> Promotion:
+def promote(path: str | Path, regression_dir: Path | None = None) -> Promotion:
     """Copy the golden part of ``path`` (a reproducer or any golden file; ``/reproducer`` is left
     out) into ``regression_dir`` as ``<case id>.h5`` and rewrite the directory's manifest.
 
@@ -190,6 +190,7 @@ def promote(path: str | Path, regression_dir: Path = DEFAULT_REGRESSION_DIR) -> 
     recomputes it bit for bit). A case id already in the set is replaced. Raises
     :class:`GoldenError` for an unreadable file or manifest.
     """
+    regression_dir = regression_dir if regression_dir is not None else locations.output_root() / REGRESSION_TIER
     gc = read_golden(path)
     a = gc.attrs
     provenance = Provenance(spec_file=a["spec_file"], spec_sha256=a["spec_sha256"], spec_seed=a["spec_seed"])

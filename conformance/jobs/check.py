@@ -13,11 +13,10 @@ from typing import Any
 from conformance.backends.registry import default_backend, describe_backend, load_backend, report_backend
 from conformance.environment import execution_target, numerical_settings
 from conformance.errors import EXIT_FAILURE, EXIT_OK, UsageError
-from conformance.files import sha256_file
 from conformance.golden.reproducer import DEFAULT_REPRODUCER_DIR
 from conformance.judge.records import Record
 from conformance.report.json import build_report
-from conformance.run.settings import load_rules
+from conformance.run.settings import load_rules, tolerances_provenance
 from conformance.search.engine import (
     DEFAULT_DATABASE_DIR,
     PROFILES,
@@ -29,8 +28,6 @@ from conformance.search.engine import (
 from conformance.search.properties import parse_properties
 from conformance.search.strategies import space_from_specs
 from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES, default_spec_paths, load_specs
-
-DEFAULT_TOLERANCES = Path("specs/tolerances.yaml")
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ class CheckRequest:
     specs: Sequence[Path] | None = None
     memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES
     rules: str = "default"
-    tolerances: Path = DEFAULT_TOLERANCES
+    tolerances: Path | None = None  # None: the shipped tolerances.yaml
     reruns: int | None = None
     database: Path | None = None
     reproducers: Path = DEFAULT_REPRODUCER_DIR
@@ -106,7 +103,7 @@ def run_check(request: CheckRequest, on_start: Callable[[int, str], None] | None
     except ValueError as exc:
         raise UsageError(f"--properties: {exc}") from None
     tol = load_rules(request.tolerances, request.rules)
-    specs = load_specs(request.specs or default_spec_paths(Path("specs")), request.memory_cap_bytes)
+    specs = load_specs(request.specs or default_spec_paths(), request.memory_cap_bytes)
     chosen = PROFILES[request.profile]
     device, reference_device = search_device(chosen, request.device)
     requested = request.backend or default_backend()
@@ -132,8 +129,7 @@ def run_check(request: CheckRequest, on_start: Callable[[int, str], None] | None
                    "specs": {op: p.spec_file for op, p in space.provenance.items()}, "space": space.describe(),
                    "results": [res.summary() for res in results]},
         "settings": {**numerical_settings(), "checks": list(names), "rule_set": request.rules,
-                     "reruns": request.reruns, "tolerances_file": str(request.tolerances),
-                     "tolerances_sha256": sha256_file(request.tolerances)},
+                     "reruns": request.reruns, **tolerances_provenance(request.tolerances)},
     }
     report = build_report([r for res in results for r in res.records], meta)
     return CheckOutcome(request, impl, chosen, settings, names, results, report)

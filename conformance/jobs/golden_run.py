@@ -16,20 +16,18 @@ from conformance.errors import EXIT_FAILURE, EXIT_OK, ConformanceError, UsageErr
 from conformance.files import sha256_file
 from conformance.golden.format import DEFAULT_MAX_CASE_BYTES
 from conformance.golden.manifest import MANIFEST_NAME, manifest_checksums, read_manifest, select_cases
-from conformance.golden.reproducer import DEFAULT_REGRESSION_DIR
 from conformance.jobs.devices import DevicesResult, devices_profile, golden_sizes, parse_devices, run_on_devices
 from conformance.jobs.job import JobResult, RunJob, execute
 from conformance.judge.known_failures import apply as apply_known_failures
 from conformance.judge.known_failures import check_patterns, load_known_failures
 from conformance.judge.records import Record
+from conformance.locations import REGRESSION, find_goldens, regression_dir, shown
 from conformance.report.json import build_report, with_profile
 from conformance.run.loop import parse_shard
 from conformance.run.profiling import NO_TIMER, PhaseTimer
-from conformance.run.settings import RunSettings, load_rules
+from conformance.run.settings import RunSettings, load_rules, tolerances_provenance
 from conformance.run.wire import Ready
 from conformance.spec.checks import parse_checks
-
-DEFAULT_TOLERANCES = Path("specs/tolerances.yaml")
 
 
 @dataclass(frozen=True)
@@ -45,13 +43,13 @@ class RunRequest:
     devices: str | None = None
     compare_to: str | None = None
     rules: str = "default"
-    tolerances: Path = DEFAULT_TOLERANCES
+    tolerances: Path | None = None  # None: the shipped tolerances.yaml
     reruns: int | None = None
     shard: str | None = None
     isolate: bool = False
     timeout: float | None = None
     max_case_mib: int | None = None
-    regression: bool = True
+    regression: bool | None = None  # None: with the default goldens only
     properties: bool = False
     known_failures: Path | None = None
     profile: bool = False
@@ -68,6 +66,14 @@ class GoldenRun:
     outcome: JobResult
     report: dict[str, Any]
     unexpected_passes: list[Record] = field(default_factory=list)
+    sources: list[tuple[Path, int]] = field(default_factory=list)  # (golden root, cases selected from it)
+
+    def sources_text(self) -> str:
+        """``150 cases from goldens/smoke`` or ``151 cases: 150 from goldens/smoke, 1 from goldens/regression``."""
+        sources = [(root, n) for root, n in self.sources if n] or self.sources[:1]
+        if len(sources) == 1:
+            return f"{sources[0][1]} cases from {shown(sources[0][0])}"
+        return f"{self.selected} cases: " + ", ".join(f"{n} from {shown(root)}" for root, n in sources)
 
     @property
     def records(self) -> list[Record]:
@@ -117,24 +123,33 @@ class _Selection:
     root: Path
     roots: list[Path]
     paths: list[Path]
+    per_root: list[int]  # cases selected from each root
+    default: bool  # root is the default golden directory of the tier (no --goldens)
 
 
 def select(request: RunRequest) -> _Selection:
-    """The golden files a request runs: its golden directory (filtered, sharded) and, with
-    ``regression``, goldens/regression."""
-    root = request.goldens or Path("goldens") / request.tier
+    """The golden files a request runs: its golden directory (filtered, sharded) and the regression
+    set (promoted reproducers) — by default only with the default goldens, always with
+    ``--regression``, never with ``--no-regression``."""
+    default = request.goldens is None
+    root = find_goldens(request.tier) if default else request.goldens
     shard = parse_shard(request.shard) if request.shard else None
     paths = select_cases(root, request.filter, shard)
-    roots = [root]
-    regression = DEFAULT_REGRESSION_DIR
-    if request.regression and (regression / MANIFEST_NAME).is_file() and regression.resolve() != root.resolve():
-        paths += select_cases(regression, request.filter, shard)
+    roots, per_root = [root], [len(paths)]
+    regression = (root.parent / REGRESSION if default else None) if request.regression is None else (
+        regression_dir() if request.regression else None)
+    if request.regression and regression is None:
+        raise UsageError("--regression: no regression set found (promote a reproducer first: rlk-conform promote)")
+    if regression is not None and (regression / MANIFEST_NAME).is_file() and regression.resolve() != root.resolve():
+        extra = select_cases(regression, request.filter, shard)
+        paths += extra
         roots.append(regression)
+        per_root.append(len(extra))
     if not paths:
         raise ConformanceError(f"{root}: no golden case matches" + (f" --filter {request.filter!r}"
                                                                    if request.filter else "")
                                + (f" in shard {request.shard}" if request.shard else ""))
-    return _Selection(root, roots, paths)
+    return _Selection(root, roots, paths, per_root, default)
 
 
 def plan(request: RunRequest) -> tuple[RunJob, _Selection, list[str] | None, Any]:
@@ -188,7 +203,7 @@ def run_goldens(request: RunRequest, *, timer: PhaseTimer = NO_TIMER,
                                  on_case=on_case)
     if outcome.info is None:
         return outcome.result.interrupted_by or "SIGINT"
-    meta = _metadata(request, job, selection.root, outcome, device_list)
+    meta = _metadata(request, job, selection, outcome, device_list)
     unexpected: list[Record] = []
     if known is not None:
         applied = apply_known_failures(known, outcome.result.records)
@@ -197,10 +212,11 @@ def run_goldens(request: RunRequest, *, timer: PhaseTimer = NO_TIMER,
                                   "unexpected_passes": [f"{r.check}: {r.case_id}" for r in unexpected]}
     with timer.phase("report"):
         report = build_report(outcome.result.records, meta, complete=outcome.result.complete)
-    return GoldenRun(request, job, selection.root, len(job.paths), outcome, report, unexpected)
+    return GoldenRun(request, job, selection.root, len(job.paths), outcome, report, unexpected,
+                     list(zip(selection.roots, selection.per_root)))
 
 
-def _metadata(request: RunRequest, job: RunJob, root: Path, outcome: JobResult,
+def _metadata(request: RunRequest, job: RunJob, selection: _Selection, outcome: JobResult,
               device_list: Sequence[str] | None) -> dict[str, Any]:
     """The report's head: backend, compare_to, target, golden set, settings (docs/report-format.md)."""
     info, result = outcome.info, outcome.result
@@ -208,6 +224,7 @@ def _metadata(request: RunRequest, job: RunJob, root: Path, outcome: JobResult,
     split = outcome if isinstance(outcome, DevicesResult) else None
     if split is not None:
         backend_meta["device"] = target["device"] = ",".join(d["device"] for d in split.devices)
+    root = selection.root
     manifest = read_manifest(root)
     settings = job.settings
     meta: dict[str, Any] = {
@@ -215,11 +232,13 @@ def _metadata(request: RunRequest, job: RunJob, root: Path, outcome: JobResult,
         "compare_to": info["compare_to"],
         "execution_target": target,
         "goldens": {"dir": str(root), "tier": manifest.get("tier"), "dataset_sha256": manifest.get("dataset_sha256"),
-                    "manifest_sha256": sha256_file(root / MANIFEST_NAME), "cases_selected": len(job.paths)},
+                    "manifest_sha256": sha256_file(root / MANIFEST_NAME), "cases_selected": len(job.paths),
+                    "default": selection.default,
+                    "roots": [{"dir": str(r), "cases": n} for r, n in zip(selection.roots, selection.per_root)]},
         "settings": {**info["numerical_settings"], "checks": list(settings.checks), "rule_set": settings.rule_set,
                      "filter": request.filter, "shard": request.shard, "reruns": request.reruns,
-                     "tolerances_file": str(request.tolerances), "tolerances_sha256": sha256_file(request.tolerances),
-                     "isolate": job.isolate, "timeout_s": job.timeout, "max_case_mib": job.max_case_bytes // 2**20},
+                     **tolerances_provenance(request.tolerances), "isolate": job.isolate, "timeout_s": job.timeout,
+                     "max_case_mib": job.max_case_bytes // 2**20},
     }
     if split is not None:
         meta["devices"] = split.devices

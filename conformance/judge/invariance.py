@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from conformance.judge.verdicts import JUDGE_CHUNK, Verdict, judge_elementwise
+from conformance.judge.verdicts import JUDGE_CHUNK, OUTPUT_AXES, Verdict, at, judge_elementwise
 from conformance.spec.tolerances import Tolerances
 
 INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
@@ -24,39 +24,56 @@ def bit_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(INT_VIEW[t.dtype]) if t.dtype in INT_VIEW else t
 
 
-def _raw_and_ordered(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Raw bit patterns, and integers whose order is the float order (ulp distance = difference)."""
-    if x.dtype not in INT_VIEW:
-        raise TypeError(f"bitwise comparison of {x.dtype} is not supported")
-    raw = bit_view(x.detach().cpu().contiguous()).numpy().astype(np.int64)
-    magnitude_mask = np.int64((1 << (8 * x.element_size() - 1)) - 1)
-    ordered = np.where(raw < 0, -(raw & magnitude_mask), raw)
-    return raw, ordered
+# Significand bits (with the implicit one) and the smallest normal exponent of each float dtype.
+_FORMATS = {torch.float64: (53, -1022), torch.float32: (24, -126), torch.bfloat16: (8, -126), torch.float16: (11, -14)}
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``|a − b|`` in units in the last place of the larger magnitude, in ``dtype``: a one-step
+    difference is 1 wherever it lies, across zero and among subnormals too (docs/report-format.md)."""
+    bits, emin = _FORMATS[dtype]
+    larger = np.maximum(np.abs(a), np.abs(b))
+    exponent = np.frexp(larger)[1] - 1  # larger = f·2^exponent with f in [1, 2)
+    ulp = np.ldexp(1.0, np.maximum(exponent, emin) - (bits - 1))
+    return np.abs(a - b) / ulp
 
 
 @dataclass(frozen=True)
 class BitMismatch:
+    """How two tensors differ: elements that differ (``nan`` of them a NaN against a number), the
+    largest difference and ulp distance over the pairs of numbers, and the first difference in index
+    order (its index named by ``axes``)."""
+
     count: int
     max_abs: float
     max_ulp: float
     first_index: tuple[int, ...]
     first_values: tuple[float, float]
+    nan: int = 0
+    axes: tuple[str, ...] = OUTPUT_AXES
 
     def metrics(self) -> dict[str, Any]:
-        return {"mismatched_elements": self.count, "max_abs_diff": self.max_abs, "max_ulp_diff": self.max_ulp,
-                "first_mismatch": list(self.first_index), "first_values": list(self.first_values)}
+        return {"mismatched_elements": self.count, "nan_mismatches": self.nan, "max_abs_diff": self.max_abs,
+                "max_ulp_diff": self.max_ulp, "first_mismatch": list(self.first_index),
+                "first_mismatch_axes": list(self.axes[: len(self.first_index)]),
+                "first_values": list(self.first_values)}
 
     def describe(self) -> str:
         a, b = self.first_values
-        return (f"{self.count} elements differ (max |Δ| {self.max_abs:.3g}, max {self.max_ulp:.0f} ulp); first at "
-                f"(b,h,row,col)={self.first_index}: {a!r} vs {b!r}")
+        if self.nan == self.count:
+            size = "all NaN against a number"
+        else:
+            size = f"max |Δ| {self.max_abs:.3g}, max {self.max_ulp:.0f} ulp" + (
+                f"; {self.nan} NaN against a number" if self.nan else "")
+        return f"{self.count} elements differ ({size}); first at {at(self.first_index, self.axes)}: {a!r} vs {b!r}"
 
 
-def bitwise_mismatch(a: torch.Tensor, b: torch.Tensor) -> BitMismatch | None:
+def bitwise_mismatch(a: torch.Tensor, b: torch.Tensor, axes: tuple[str, ...] = OUTPUT_AXES) -> BitMismatch | None:
     """None if ``a`` and ``b`` are bit-identical, with two explicit exceptions: a NaN matches any
     NaN (payloads are not values), and +0 matches −0 (a fully masked row is "exactly 0" either way;
     a sign flip of zero changes no later sum). Everything else is compared bit for bit.
-    Identical bits are confirmed without temporaries; differences are measured a chunk at a time."""
+    Identical bits are confirmed without temporaries; differences are measured a chunk at a time.
+    ``axes`` names the dimensions in messages (default: an output's b, h, q, d)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"cannot compare {tuple(a.shape)} {a.dtype} with {tuple(b.shape)} {b.dtype}")
     if a.dtype not in INT_VIEW:
@@ -66,29 +83,31 @@ def bitwise_mismatch(a: torch.Tensor, b: torch.Tensor) -> BitMismatch | None:
     if torch.equal(bit_view(a), bit_view(b)):
         return None
     af_all, bf_all = a.reshape(-1), b.reshape(-1)
-    count, max_abs, max_ulp, first, any_finite = 0, -math.inf, 0.0, None, False
+    count, nan, max_abs, max_ulp, first = 0, 0, -math.inf, 0.0, None
     for i0 in range(0, af_all.numel(), JUDGE_CHUNK):
         ca, cb = af_all[i0:i0 + JUDGE_CHUNK], bf_all[i0:i0 + JUDGE_CHUNK]
-        ra, oa = _raw_and_ordered(ca)
-        rb, ob = _raw_and_ordered(cb)
-        differ = (ra != rb) & ~(torch.isnan(ca) & torch.isnan(cb)).numpy() & ~((ca == 0) & (cb == 0)).numpy()
+        na, nb = torch.isnan(ca).numpy(), torch.isnan(cb).numpy()
+        differ = ((bit_view(ca) != bit_view(cb)).numpy() & ~(na & nb) & ~((ca == 0) & (cb == 0)).numpy())
         if not differ.any():
             continue
         if first is None:
             first = i0 + int(np.flatnonzero(differ)[0])
         count += int(differ.sum())
-        with np.errstate(invalid="ignore"):
-            absdiff = np.abs(ca.to(torch.float64).numpy() - cb.to(torch.float64).numpy())[differ]
-        finite = absdiff[~np.isnan(absdiff)]
-        if finite.size:
-            any_finite = True
-            max_abs = max(max_abs, float(finite.max()))
-        max_ulp = max(max_ulp, float(np.abs(oa[differ].astype(np.float64) - ob[differ].astype(np.float64)).max()))
+        numbers = differ & ~na & ~nb
+        nan += int((differ & ~numbers).sum())
+        if numbers.any():
+            x, y = ca.to(torch.float64).numpy()[numbers], cb.to(torch.float64).numpy()[numbers]
+            with np.errstate(invalid="ignore", over="ignore"):
+                diff = np.abs(x - y)
+                ulps = ulp_distance(x, y, a.dtype)
+            max_abs = max(max_abs, float(np.nanmax(diff)))
+            max_ulp = max(max_ulp, float(np.nanmax(ulps)))
     if first is None:
         return None
     index = tuple(int(i) for i in np.unravel_index(first, tuple(a.shape)))
-    return BitMismatch(count=count, max_abs=max_abs if any_finite else float("nan"), max_ulp=max_ulp,
-                    first_index=index, first_values=(float(af_all[first]), float(bf_all[first])))
+    return BitMismatch(count=count, max_abs=max_abs if count > nan else float("nan"),
+                       max_ulp=max_ulp if count > nan else float("nan"), first_index=index,
+                       first_values=(float(af_all[first]), float(bf_all[first])), nan=nan, axes=axes)
 
 
 DEFAULT_RERUNS = 5  # determinism reruns when neither tolerances.yaml nor the caller sets them

@@ -25,6 +25,16 @@ class Verdict:
     message: str
 
 
+#: Axis names of an output [B, Hq, Sq, D] (and, by the first three, of a row statistic [B, Hq, Sq]):
+#: batch entry, query head, query row, head-dim column.
+OUTPUT_AXES = ("b", "h", "q", "d")
+
+
+def at(index: list[int] | tuple[int, ...], axes: tuple[str, ...] = OUTPUT_AXES) -> str:
+    """An element's place with its axes named: ``(b, h, q, d) = (0, 3, 17, 44)``."""
+    return f"({', '.join(axes[:len(index)])}) = ({', '.join(str(int(i)) for i in index)})"
+
+
 JUDGE_CHUNK = 1 << 20  # elements judged at a time: bounds the judge's float64 temporaries to a few MiB each
 
 
@@ -97,7 +107,7 @@ def judge_accuracy(out: torch.Tensor, golden: Golden, rule: AccuracyRule | None,
     if n_bad and n_nonfinite < size:
         got_w = float(got.reshape(-1)[worst_flat].to(torch.float64))
         problems.append(f"{n_bad} elements over the threshold, worst {worst_ratio:.3g}× at "
-                        f"(b,h,row,col)={tuple(metrics['worst_index'])}: got {got_w:.9g}, golden "
+                        f"{at(metrics['worst_index'])}: got {got_w:.9g}, golden "
                         f"{float(want.reshape(-1)[worst_flat]):.9g}")
     naive_mean = float(golden.naive_error.mean()) if golden.naive_error.size else 0.0
     if rule.max_naive_ratio is not None and max_err > rule.max_naive_ratio * naive_max:
@@ -132,5 +142,5 @@ def judge_elementwise(got: torch.Tensor, want: np.ndarray, rule: ElementRule | A
         idx = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
         metrics["worst_index"] = [int(i) for i in idx]
         return Verdict("fail", metrics, f"{what}: {int((ratio > 1).sum())} elements over the threshold, worst at "
-                       f"{tuple(int(i) for i in idx)}: got {c[idx]:.9g}, expected {w[idx]:.9g}")
+                       f"{at(metrics['worst_index'])}: got {c[idx]:.9g}, expected {w[idx]:.9g}")
     return Verdict("pass", metrics, f"{what}: max err {metrics['max_abs_err']:.3g}")

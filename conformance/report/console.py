@@ -14,7 +14,8 @@ from rich.table import Table
 from conformance.judge.records import Record
 from conformance.report.json import DTYPE_ORDER
 from conformance.run.profiling import MIB, PHASES
-from conformance.spec.checks import CHECKS
+from conformance.spec.case import parse_case_id
+from conformance.spec.checks import CHECKS, INVARIANCE_CHECKS
 
 
 def badness(r: Record) -> float:
@@ -36,7 +37,9 @@ def print_summary(console: Console, records: Sequence[Record], title: str, worst
         cells[key][r.status] += 1
         if r.check == "accuracy" and r.metrics.get("margin") is not None:
             margins[key] = min(margins.get(key, float("inf")), float(r.metrics["margin"]))
-    table = Table(title=title, caption="pass / fail / error / skip (worst accuracy margin: 1 − err/threshold)")
+    # The title on a line of its own: a table title wraps at the table's width.
+    console.print(title, style="bold", markup=False, highlight=False, soft_wrap=True)
+    table = Table(caption="pass / fail / error / skip (worst accuracy margin: 1 − err/threshold)")
     table.add_column("check")
     for d in dtypes:
         table.add_column(d or "—", justify="right")
@@ -67,11 +70,96 @@ def print_summary(console: Console, records: Sequence[Record], title: str, worst
             console.print(f"  {r.status.upper()} {r.check}: {r.case_id}", markup=False, highlight=False,
                           soft_wrap=True)
             console.print(f"      {r.message}", markup=False, highlight=False, soft_wrap=True)
+    for line in failure_patterns(records):
+        console.print(f"[bold]pattern[/] {line}", soft_wrap=True)
     skipped = [r for r in records if r.status == "skip"]
     if skipped:
         reasons = Counter(r.message for r in skipped)
         console.print(f"[yellow]{len(skipped)} skipped[/]: " + "; ".join(f"{n}× {msg}" for msg, n in
                                                                         reasons.most_common(3)), soft_wrap=True)
+
+
+# Case parameters a failure pattern may name, and how a value reads in a sentence.
+PATTERN_PARAMETERS = ("op", "family", "dtype", "causal", "mask", "dist", "decode", "group")
+
+
+def _phrase(param: str, value: Any) -> tuple[str, str]:
+    """What the failing cases share, and how the other cases are named: ("are causal", "non-causal")."""
+    if param == "causal":
+        return ("are causal", "non-causal") if value else ("are non-causal", "causal")
+    if param == "decode":
+        return ("are decodes (Sq = 1)", "with Sq > 1") if value else ("have Sq > 1", "decodes (Sq = 1)")
+    if param == "op":
+        return f"are {value} cases", "of the other op"
+    if param == "group":
+        return f"have GQA group {value}", "with another group"
+    return f"have {param} {value}", f"with another {param}"
+
+
+def failure_patterns(records: Sequence[Record]) -> list[str]:
+    """One line per check whose failing cases share a parameter value that its passing cases do not
+    all share — ``all 74 failing accuracy cases are causal; 0 of 76 non-causal fail`` — choosing the
+    value that explains the failures best (the largest share of its cases failing). Parameters come
+    from the case ids (:func:`conformance.spec.case.parse_case_id`); property-search records and
+    checks with a single failing case give no line."""
+    by_check: dict[str, dict[str, set[str]]] = defaultdict(lambda: {"fail": set(), "pass": set()})
+    params: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r.status == "skip" or r.expected is not None:
+            continue
+        p = params.get(r.case_id) or parse_case_id(r.case_id)
+        if p is None or "seed" in p:
+            continue
+        params[r.case_id] = {**p, "decode": p["sq"] == 1}
+        by_check[r.check]["fail" if r.status in ("fail", "error") else "pass"].add(r.case_id)
+    lines = []
+    for check in [c for c in CHECKS if c in by_check] + sorted(set(by_check) - set(CHECKS)):
+        failing = by_check[check]["fail"]
+        passing = by_check[check]["pass"] - failing
+        if len(failing) < 2 or not passing:
+            continue
+        best: tuple[float, str, Any, int] | None = None
+        for param in PATTERN_PARAMETERS:
+            values = {params[c].get(param) for c in failing}
+            if len(values) != 1 or None in values:
+                continue
+            value = values.pop()
+            others = [c for c in passing if params[c].get(param) != value]
+            if not others:
+                continue  # every case has that value: it separates nothing
+            same = sum(params[c].get(param) == value for c in passing) + len(failing)
+            share = len(failing) / same
+            if best is None or share > best[0]:
+                best = (share, param, value, len(others))
+        if best is not None:
+            _, param, value, others = best
+            shared, rest = _phrase(param, value)
+            lines.append(f"all {len(failing)} failing {check} cases {shared}; 0 of {others} {rest} fail")
+    return lines
+
+
+def guidance(records: Sequence[Record], backend: str) -> list[str]:
+    """Two or three closing lines for a failing run: what failed by kind, where to look, and the
+    command of a run that passes (the exact reference) or of the accuracy and contract checks alone."""
+    bad = [r for r in records if r.status in ("fail", "error") and r.expected is None]
+    if not bad:
+        return []
+    kinds = Counter("invariance" if r.check in INVARIANCE_CHECKS else r.check for r in bad)
+    by_check = Counter(r.check for r in bad if r.check in INVARIANCE_CHECKS)
+    parts = []
+    for kind, n in kinds.most_common():
+        detail = f" ({', '.join(f'{c} {k}' for c, k in by_check.most_common())})" if kind == "invariance" else ""
+        parts.append(f"{kind} {n}{detail}")
+    lines = [f"what failed: {'; '.join(parts)}"]
+    if set(kinds) == {"invariance"}:
+        lines[0] += (" — the outputs are accurate but their bits change with the surroundings (batch, split, "
+                     "chunking, padding, reruns): a correct kernel that is not invariant; docs/backends.md "
+                     "'Reading a report' says how to read it")
+    lines.append("where to look: the worst offenders above; rerun one with --filter CASE_ID --checks CHECK, or "
+                 "write --report-json run.json and render it with rlk-conform report run.json --html report.html")
+    lines.append(f"a run that passes: rlk-conform run --backend reference; accuracy and contract alone: "
+                 f"rlk-conform run --backend {backend} --checks accuracy,contract")
+    return lines
 
 def mib(n: float) -> str:
     return f"{n / MIB:.1f} MiB"

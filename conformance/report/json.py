@@ -73,28 +73,76 @@ class MergeError(ConformanceError):
     """Reports that cannot be merged into one (different backend or golden set, duplicate records): exit 2."""
 
 
-def merge_reports(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+# Settings every shard of one run shares (host-dependent ones, like thread counts, may differ).
+SHARED_SETTINGS = ("checks", "rule_set", "filter", "reruns", "tolerances_sha256", "isolate", "timeout_s",
+                   "max_case_mib")
+
+
+def _shard_of(report: dict[str, Any], name: str) -> tuple[int, int]:
+    """``(i, n)`` of a report's ``settings.shard`` (``0/1`` for a run that was not sharded)."""
+    text = (report.get("settings") or {}).get("shard")
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise MergeError(f"{name}: settings.shard {text!r} is not i/n") from None
+    return i, n
+
+
+def _same_run(report: dict[str, Any], first: dict[str, Any], name: str, first_name: str) -> None:
+    """Raise MergeError unless ``report`` is a shard of the run ``first`` is a shard of."""
+    def differs(what: str, a: Any, b: Any) -> MergeError:
+        return MergeError(f"{name}: {what} {a!r} differs from {b!r} in {first_name} (not a shard of the same run)")
+
+    if report["backend"].get("requested") != first["backend"].get("requested"):
+        raise differs("backend", report["backend"].get("requested"), first["backend"].get("requested"))
+    goldens, first_goldens = report.get("goldens") or {}, first.get("goldens") or {}
+    for key in ("dataset_sha256", "manifest_sha256"):
+        if goldens.get(key) != first_goldens.get(key):
+            raise differs(f"golden set ({key})", goldens.get(key), first_goldens.get(key))
+    settings, first_settings = report.get("settings") or {}, first.get("settings") or {}
+    for key in SHARED_SETTINGS:
+        if settings.get(key) != first_settings.get(key):
+            raise differs(f"settings.{key}", settings.get(key), first_settings.get(key))
+
+
+def merge_reports(reports: Sequence[dict[str, Any]], names: Sequence[str], allow_partial: bool = False
+                  ) -> dict[str, Any]:
     """One report from the reports of the shards of one run (``run --shard i/n`` on several hosts).
 
-    The shards must name the same requested backend and golden set; a (case, check) pair may appear
-    in one shard only. The summary is recomputed; ``complete`` holds only if every shard completed.
-    Metadata (target, settings) comes from the first report; ``merged_from`` lists every shard.
-    When every shard was profiled (``run --profile``), ``profile`` combines theirs
-    (:func:`conformance.profiling.merge_profiles`: seconds and cases summed, peak RSS and largest
+    The shards must be shards of one run — the same requested backend, golden set (dataset and
+    manifest checksums) and settings (:data:`SHARED_SETTINGS`) — and together every shard ``i/n``
+    exactly once: a missing or repeated shard raises :class:`MergeError` naming it, unless
+    ``allow_partial``, which merges what is there, writes ``complete: false`` and lists the missing
+    shards in ``missing_shards``. A (case, check) pair may appear in one shard only. The summary is
+    recomputed; ``complete`` holds only if every shard is there and completed. Metadata (target,
+    settings) comes from the first report; ``merged_from`` lists every shard. When every shard was
+    profiled (``run --profile``), ``profile`` combines theirs
+    (:func:`conformance.run.profiling.merge_profiles`: seconds and cases summed, peak RSS and largest
     case the maximum).
     """
     from conformance.run.profiling import merge_profiles
 
     first = reports[0]
+    shards: dict[int, str] = {}
+    count = _shard_of(first, names[0])[1]
+    for report, name in zip(reports, names):
+        _same_run(report, first, name, names[0])
+        i, n = _shard_of(report, name)
+        if n != count:
+            raise MergeError(f"{name}: shard {i}/{n} is of a run split {n} ways; {names[0]} of one split {count} ways")
+        if i in shards:
+            raise MergeError(f"{name}: shard {i}/{n} is given twice ({shards[i]} and {name})")
+        shards[i] = name
+    missing = [f"{i}/{count}" for i in range(count) if i not in shards]
+    if missing and not allow_partial:
+        have = ", ".join(f"{i}/{count}" for i in sorted(shards))
+        raise MergeError(f"missing shard(s) {', '.join(missing)} of {count} (have {have}); merge every shard of "
+                         "the run, or pass --allow-partial")
     records: list[Record] = []
     seen: dict[tuple[str, str], str] = {}
     for report, name in zip(reports, names):
-        for key in ("requested",):
-            if report["backend"].get(key) != first["backend"].get(key):
-                raise MergeError(f"{name}: backend {report['backend'].get(key)!r} differs from "
-                                 f"{first['backend'].get(key)!r} in {names[0]}")
-        if (report.get("goldens") or {}).get("dataset_sha256") != (first.get("goldens") or {}).get("dataset_sha256"):
-            raise MergeError(f"{name}: its golden set (dataset_sha256) differs from {names[0]}'s")
         for r in report["records"]:
             pair = (r["case_id"], r.get("check", ""))
             if pair in seen:
@@ -106,8 +154,12 @@ def merge_reports(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> di
                                                           "records", "profile")}
     meta["merged_from"] = [{"file": name, "shard": (rep.get("settings") or {}).get("shard"),
                             "complete": bool(rep.get("complete", True))} for rep, name in zip(reports, names)]
-    merged = build_report(records, meta, complete=all(bool(rep.get("complete", True)) for rep in reports))
+    if missing:
+        meta["missing_shards"] = missing
+    complete = not missing and all(bool(rep.get("complete", True)) for rep in reports)
+    merged = build_report(records, meta, complete=complete)
     return with_profile(merged, merge_profiles([rep.get("profile") for rep in reports]))
+
 
 class ReportInputError(ConformanceError):
     """A result file is unreadable, not an rlk-conform report, or of another schema version (exit 2)."""

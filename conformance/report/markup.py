@@ -15,6 +15,7 @@ from typing import Any
 from conformance.judge.records import STATUSES
 from conformance.report.json import DTYPE_ORDER
 from conformance.report.runs import BackendRun
+from conformance.spec.case import parse_case_id
 from conformance.spec.checks import CHECKS
 
 #: The accuracy metric plotted as "normalized error": worst err/threshold over the case (≤ 1 passes).
@@ -23,21 +24,15 @@ DEFAULT_GOLDENS_DIR = "goldens/smoke"
 DTYPE_COLORS = {"float32": "#1f6fb4", "bfloat16": "#e0700b", "float16": "#2a9d3a"}
 STATUS_COLORS = {"pass": "#2e8b57", "fail": "#d62728", "error": "#8b0000", "skip": "#c9a227"}
 CHECK_ABBREV = {"accuracy": "acc", "batch": "batch", "split": "split", "prefill_decode": "p→d", "chunk": "chunk",
-                "padding": "pad", "determinism": "det", "contract": "contr", "parity": "par"}
-_VARIANT_RE = re.compile(r"^(?P<model>.+?)-b\d+-(?:sq\d+-skv(?P<skv>\d+)|past(?P<past>\d+)-new(?P<new>\d+))-")
-_MODEL_RE = re.compile(r"^hq\d+-hkv\d+-d(?P<d>\d+)$")
-
-
+                "padding": "pad", "determinism": "det", "contract": "contr", "parity": "par", "gqa": "gqa",
+                "nan_padding": "NaN"}
 def case_dims(case_id: str, preset_dims: dict[str, int]) -> tuple[int | None, int | None]:
-    """(Skv, head dim D) from a case id (docs/golden-format.md): ``…-sq<Sq>-skv<Skv>-…`` or
-    ``…-past<P>-new<N>-…`` (Skv = P + N); D from ``hq…-hkv…-d<D>`` or the preset's head dim. ``None``
-    for what cannot be derived (an unknown id shape or preset)."""
-    m = _VARIANT_RE.match(case_id.rsplit("/", 1)[-1])
-    if not m:
+    """(Skv, head dim D) from a case id (:func:`conformance.spec.case.parse_case_id`); D of a preset
+    from ``preset_dims``. ``None`` for what cannot be derived (an unknown id shape or preset)."""
+    params = parse_case_id(case_id)
+    if params is None:
         return None, None
-    skv = int(m["skv"]) if m["skv"] is not None else int(m["past"]) + int(m["new"])
-    model = _MODEL_RE.match(m["model"])
-    return skv, int(model["d"]) if model else preset_dims.get(m["model"])
+    return params["skv"], params.get("d", preset_dims.get(params["model"]))
 
 
 def as_number(x: Any) -> float | None:
@@ -107,14 +102,17 @@ def closest_to_threshold(records: Iterable[dict[str, Any]], n: int) -> list[dict
 
 def replay_command(run: BackendRun, record: dict[str, Any]) -> str:
     """``rlk-conform run --backend <requested> --filter '<case id>' --checks <check>``, followed by
-    the options the run needs to be repeated as it was: ``--goldens`` (if not goldens/smoke),
-    ``--device`` (if not cpu), ``--rules``/``--tolerances`` (if not the defaults) and
-    ``--compare-to`` for parity."""
+    the options the run needs to be repeated as it was: ``--goldens`` and ``--tier`` (unless the
+    default smoke goldens), ``--device`` (if not cpu), ``--rules``/``--tolerances`` (if not the
+    defaults) and ``--compare-to`` for parity."""
     backend = run.report["backend"]
     parts = ["rlk-conform", "run", "--backend", shlex.quote(run.requested), "--filter",
              "'" + record["case_id"].replace("'", "'\\''") + "'", "--checks", shlex.quote(record["check"])]
     golden_dir = run.goldens.get("dir")
-    if golden_dir and golden_dir != DEFAULT_GOLDENS_DIR:
+    default = run.goldens.get("default", golden_dir == DEFAULT_GOLDENS_DIR)  # reports before "default": the path
+    if default and run.goldens.get("tier") not in (None, "smoke"):
+        parts += ["--tier", shlex.quote(str(run.goldens["tier"]))]
+    elif golden_dir and not default:
         parts += ["--goldens", shlex.quote(str(golden_dir))]
     device = str(backend.get("device") or "").split(",")[0]  # a --devices run names each device: one will do
     if device and device != "cpu":
@@ -122,7 +120,7 @@ def replay_command(run: BackendRun, record: dict[str, Any]) -> str:
     settings = run.report.get("settings") or {}
     if settings.get("rule_set") not in (None, "default"):
         parts += ["--rules", shlex.quote(str(settings["rule_set"]))]
-    if settings.get("tolerances_file") not in (None, "specs/tolerances.yaml"):
+    if not settings.get("tolerances_default", settings.get("tolerances_file") in (None, "specs/tolerances.yaml")):
         parts += ["--tolerances", shlex.quote(str(settings["tolerances_file"]))]
     compare_to = run.report.get("compare_to") or {}
     if record["check"] == "parity" and compare_to.get("requested"):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance.errors import ConformanceError
+from conformance.locations import spec_dir
 from conformance.report.json import load_report
 
 
@@ -72,18 +73,12 @@ def load_runs(paths: Sequence[Path]) -> list[BackendRun]:
 
 
 def load_preset_dims(path: Path | None) -> dict[str, int]:
-    """Preset name → head dim from a presets.yaml (specs/presets.yaml when ``path`` is None: the
-    working directory's, else the repository's; ``{}`` if neither exists). An explicit ``path`` that
-    is missing or invalid raises :class:`~conformance.errors.SpecError`/``ConformanceError``."""
+    """Preset name → head dim from a presets.yaml (the shipped one when ``path`` is None). An explicit
+    ``path`` that is missing or invalid raises :class:`~conformance.errors.SpecError`/``ConformanceError``."""
     from conformance.spec.load import load_presets
 
     if path is None:
-        for candidate in (Path("specs/presets.yaml"), Path(__file__).resolve().parents[1] / "specs" / "presets.yaml"):
-            if candidate.is_file():
-                path = candidate
-                break
-        else:
-            return {}
+        path = spec_dir() / "presets.yaml"
     elif not path.is_file():
         raise ConformanceError(f"{path}: no such presets file")
     return {name: p.d for name, p in load_presets(path).items()}

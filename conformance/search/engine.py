@@ -305,7 +305,10 @@ def _failure_record(found: Counterexample, result: PropertyResult, settings: Sea
     smallest = ("smallest failing case found before the time budget stopped shrinking"
                 if result.shrink_stopped_by == SHRINK_BUDGET else "smallest failing case")
     message = f"{flaky}{verdict.message} — {smallest}: {describe_shape(case)}; {found.example.params}"
-    return Record(case.id, case.op, result.name, verdict.status, case.dtype, case.family, metrics, message)
+    check = found.outcome.check or result.name  # a broken op contract is reported as "contract"
+    if check != result.name:
+        metrics["property"] = result.name
+    return Record(case.id, case.op, check, verdict.status, case.dtype, case.family, metrics, message)
 
 
 def _write(found: Counterexample, ctx: PropertyContext, settings: SearchSettings, space: SpecSpace) -> Path:
@@ -359,7 +362,7 @@ def property_records(backend: Any, backend_spec: str, tolerances: Tolerances, ru
     if not names:
         return []
     settings = SearchSettings(profile=PROFILES["ci"], reproducer_dir=reproducer_dir)
-    specs = load_specs(default_spec_paths(Path("specs")))
+    specs = load_specs(default_spec_paths())
     results = check_backend(backend, specs, tolerances, names, settings, rule_set, reruns, "cpu", backend_spec,
                             on_property=on_property)
     return [r for res in results for r in res.records]

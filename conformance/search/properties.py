@@ -87,6 +87,7 @@ class PropertyOutcome:
     baseline: torch.Tensor | None = None  # the backend's output for the case's own call
     variant: torch.Tensor | None = None  # the output of the call that differed
     variant_label: str = ""
+    check: str | None = None  # "contract" when the op contract broke (a wrong output, a modified input)
 
     @property
     def failed(self) -> bool:
@@ -173,8 +174,11 @@ def call_backend(ctx: PropertyContext, call: OpCall) -> torch.Tensor:
 
 
 def _call_failed(exc: Exception, label: str) -> PropertyOutcome:
-    status = "error" if isinstance(exc, BackendCallError) else "fail"
-    return PropertyOutcome(Verdict(status, {"variant": label}, f"{label}: {exc}"), variant_label=label)
+    """A call that raised (``error``) or returned what the op contract forbids (a ``contract`` failure)."""
+    if isinstance(exc, ContractViolation):
+        return PropertyOutcome(Verdict("fail", {"variant": label}, f"contract: {label}: {exc}"), variant_label=label,
+                               check="contract")
+    return PropertyOutcome(Verdict("error", {"variant": label}, f"{label}: {exc}"), variant_label=label)
 
 
 def invariance(ctx: PropertyContext, check: str, subject: Subject, variants: Iterable[Variant],
@@ -464,4 +468,13 @@ def evaluate(prop: Property, ctx: PropertyContext, example: Example, subject: Su
     if reason:
         raise PropertySkipped(reason)
     ctx.invoker.violations = []
-    return prop.check(ctx, example, subject)
+    outcome = prop.check(ctx, example, subject)
+    # A modified input breaks the op contract, not the property (a NaN output is the property's to judge).
+    broken = [v for v in ctx.invoker.violations if "modified its input" in v]
+    if broken and outcome.check is None:
+        first = broken[0]
+        more = f" (+{len(broken) - 1} more)" if len(broken) > 1 else ""
+        metrics = {"violations": broken[:20], "property": prop.name}
+        return replace(outcome, verdict=Verdict("fail", metrics, f"contract: {first}{more} (while checking "
+                                                f"{prop.name})"), check="contract")
+    return outcome

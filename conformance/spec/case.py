@@ -5,7 +5,9 @@ parameters' vocabulary and its id.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Any
 
 OPS = ("attention", "kv_cache_attention")
 TIERS = ("smoke", "standard", "full")
@@ -101,3 +103,44 @@ def case_id(op: str, family: str, *, model: str, batch: int, sq: int, skv: int, 
              DIST_SHORT[dist], "" if scale is None else f"scale{scale_tag(scale)}",
              "" if seed is None else f"seed{seed}"]
     return f"{op}/{family}/" + "-".join(x for x in parts if x)
+
+
+_ID_RE = re.compile(r"^(?P<model>.+?)-b(?P<batch>\d+)-"
+                    r"(?:sq(?P<sq>\d+)-skv(?P<skv>\d+)|past(?P<past>\d+)-new(?P<new>\d+))"
+                    r"-(?P<dtype>fp32|bf16|fp16)-(?P<causal>causal|noncausal)(?P<rest>(?:-[^/]+)?)$")
+_MODEL_RE = re.compile(r"^hq(?P<hq>\d+)-hkv(?P<hkv>\d+)-d(?P<d>\d+)$")
+
+
+def parse_case_id(cid: str) -> dict[str, Any] | None:
+    """The parameters a case id spells out (the inverse of :func:`case_id`): op, family, model,
+    batch, sq, skv, s_past (KV-cache op), dtype, causal, mask, dist, scale (its tag), seed, and hq,
+    hkv, d, group when the model is not a preset. None for an id of another shape."""
+    op, _, rest = cid.partition("/")
+    family, _, variant = rest.rpartition("/")
+    m = _ID_RE.match(variant)
+    if op not in OPS or not family or m is None:
+        return None
+    dtype = {short: name for name, short in DTYPE_SHORT.items()}[m["dtype"]]
+    params: dict[str, Any] = {"op": op, "family": family, "model": m["model"], "batch": int(m["batch"]),
+                              "dtype": dtype, "causal": m["causal"] == "causal", "mask": "none", "dist": "normal",
+                              "scale": "default"}
+    if m["sq"] is not None:
+        params.update(sq=int(m["sq"]), skv=int(m["skv"]))
+    else:
+        params.update(s_past=int(m["past"]), sq=int(m["new"]), skv=int(m["past"]) + int(m["new"]))
+    masks = {short: name for name, short in MASK_SHORT.items() if short}
+    dists = {short: name for name, short in DIST_SHORT.items() if short}
+    for token in m["rest"].split("-")[1:]:
+        if token in masks:
+            params["mask"] = masks[token]
+        elif token in dists:
+            params["dist"] = dists[token]
+        elif token.startswith("scale"):
+            params["scale"] = token.removeprefix("scale")
+        elif token.startswith("seed") and token[4:].isdigit():
+            params["seed"] = int(token[4:])
+    model = _MODEL_RE.match(m["model"])
+    if model is not None:
+        hq, hkv = int(model["hq"]), int(model["hkv"])
+        params.update(hq=hq, hkv=hkv, d=int(model["d"]), group=hq // hkv if hkv else None)
+    return params

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from conformance import locations
 from conformance.errors import SpecError
 from conformance.spec.case import OPS, TIERS, Case, Preset, case_id
 from conformance.spec.yamlsource import Loc, YamlDocument, dotted, load_yaml
@@ -292,5 +293,8 @@ def load_specs(paths: Sequence[str | Path], memory_cap_bytes: int = DEFAULT_MEMO
     return specs
 
 
-def default_spec_paths(spec_dir: Path) -> list[Path]:
-    return [spec_dir / f"{op}.yaml" for op in OPS]
+def default_spec_paths(spec_dir: Path | None = None) -> list[Path]:
+    """``attention.yaml`` and ``kv_cache_attention.yaml`` of ``spec_dir``, by default the shipped specs
+    (:func:`conformance.locations.spec_dir`)."""
+    directory = spec_dir if spec_dir is not None else locations.spec_dir()
+    return [directory / f"{op}.yaml" for op in OPS]
