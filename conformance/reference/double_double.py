@@ -236,19 +236,15 @@ def exp_dd(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.where(under, 0.0, e_hi * scale), torch.where(under, 0.0, e_lo * scale)
 
 
-def double_double_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
-                   ec: np.ndarray, case: Case, precise: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Tier 2 for the elements (row ``er[e]`` of the flattened [H·R] rows, column ``ec[e]``) of the
-    query rows ``q`` [H, R, D] (float64, exact; H KV heads) against keys/values ``k``/``v``
-    [H, n, D], ``see`` [H, R, n] the visible keys (padding rows see none).
+def dd_weights(q: torch.Tensor, k: torch.Tensor, see: torch.Tensor, case: Case,
+               precise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The softmax weights exp(s_j − m) of the rows ``q`` [H, R, D] against the keys ``k`` [H, n, D]
+    (``see`` [H, R, n] the visible keys, m the row's largest double-double logit) as double-doubles
+    (hi, lo), with a bound ``eps`` on the relative error of each weight; 0 where a key is not visible.
 
-    Logits are double-double (exact products, TwoSum over D), each weight exp(x_hi)·(1 + x_lo)
-    has relative error ≤ eps_j (3u + second order), sums are double-double (:func:`dd_sum`) and
-    the quotient gets one Newton correction. The first-order bound 2·Σ p_j·eps_j·|v_j − o| plus
-    the second-order sum and division terms decides the float32 rounding of most elements.
-    With ``precise`` the weights come from :func:`exp_dd` instead (relative error ≤ 2^-88 rather
-    than 3u), which decides all but the elements within ~2^-80 of a rounding boundary.
-    Returns (float32 values, decided mask) per element.
+    The logits are double-double (:func:`dd_dots`, then the scale); the weight is exp(x_hi)·(1 + x_lo)
+    (relative error ≤ 3u + second order) or, with ``precise``, :func:`exp_dd` (≤ EXP_DD_ERROR).
+    The tier-2 passes of the forward and of the backward take their weights from here.
     """
     kt = k.transpose(-1, -2).contiguous()
     dh, dl, dot_err = dd_dots(q, kt)
@@ -267,10 +263,28 @@ def double_double_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     else:
         p, p_lo = torch.where(see, torch.exp(x_hi) * (1.0 + x_lo), zero), zero  # exp(x)·(1 + ε)
         exp_err = 3 * U  # exp (≤ 1 ulp) and the product
-    den_h, den_l, _ = dd_sum(p, p_lo)
     # Relative error of each weight: the exp, then the double-double logit (second order).
     eps = torch.where(see, exp_err + abs(case.effective_scale) * dot_err
                       + (5 * s_hi.abs() + 3 * x_hi.abs() + 3 * x_hi * x_hi) * U * U, zero)
+    return p, p_lo, eps
+
+
+def double_double_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
+                           ec: np.ndarray, case: Case, precise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Tier 2 for the elements (row ``er[e]`` of the flattened [H·R] rows, column ``ec[e]``) of the
+    query rows ``q`` [H, R, D] (float64, exact; H KV heads) against keys/values ``k``/``v``
+    [H, n, D], ``see`` [H, R, n] the visible keys (padding rows see none).
+
+    Logits are double-double (exact products, TwoSum over D), each weight exp(x_hi)·(1 + x_lo)
+    has relative error ≤ eps_j (3u + second order), sums are double-double (:func:`dd_sum`) and
+    the quotient gets one Newton correction. The first-order bound 2·Σ p_j·eps_j·|v_j − o| plus
+    the second-order sum and division terms decides the float32 rounding of most elements.
+    With ``precise`` the weights come from :func:`exp_dd` instead (relative error ≤ 2^-88 rather
+    than 3u), which decides all but the elements within ~2^-80 of a rounding boundary.
+    Returns (float32 values, decided mask) per element.
+    """
+    p, p_lo, eps = dd_weights(q, k, see, case, precise)
+    den_h, den_l, _ = dd_sum(p, p_lo)
     n = k.shape[-2]  # the rows of all heads, flattened: er indexes them
     p, p_lo, eps = p.reshape(-1, n), p_lo.reshape(-1, n), eps.reshape(-1, n)
     den_h, den_l = den_h.reshape(-1), den_l.reshape(-1)

@@ -91,6 +91,12 @@ def naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor | None, scale: float,
     scores, softmax probabilities and the output are each rounded to the dtype (accumulation inside
     a stage in float32 or better, as PyTorch does on CPU and CUDA). Fully masked rows give 0.
     ``vis`` None means every key is visible."""
+    return round_like_dtype(naive_probs(dots, vis, scale, dtype) @ v, dtype)
+
+
+def naive_probs(dots: torch.Tensor, vis: torch.Tensor | None, scale: float, dtype: str) -> torch.Tensor:
+    """The naive path's softmax probabilities (rounded to ``dtype``) from the exact ``dots``; 0 where
+    a key is not visible and on rows that see no key. The backward's naive model starts from them."""
     scores = round_like_dtype(round_like_dtype(dots, dtype).mul_(scale), dtype)
     if vis is not None:
         scores.masked_fill_(~vis, -math.inf)
@@ -98,5 +104,4 @@ def naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor | None, scale: float,
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp_(scores.sub_(m))
     denom = e.sum(-1, keepdim=True)
-    probs = round_like_dtype(e.div_(torch.where(denom > 0, denom, torch.ones_like(denom))), dtype)
-    return round_like_dtype(probs @ v, dtype)
+    return round_like_dtype(e.div_(torch.where(denom > 0, denom, torch.ones_like(denom))), dtype)

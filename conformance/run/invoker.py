@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from conformance.backends.contract import KernelUnavailable, one_line
+from conformance.judge.gradient_transforms import Grads
 from conformance.judge.invariance import bit_view
 from conformance.judge.transforms import OpCall
 from conformance.run.profiling import NO_TIMER, PhaseTimer
@@ -22,6 +24,14 @@ class ContractViolation(Exception):
 
 class KernelSkipped(Exception):
     """The backend raised KernelUnavailable: it cannot take this call (reported as skipped)."""
+
+
+class NoBackward(KernelSkipped):
+    """The backend has no backward for this call: no ``<op>_backward`` and its output is not
+    differentiable (no autograd graph). Gradient checks are skipped with this reason, never passed."""
+
+
+BACKWARD = {"attention": "attention_backward", "kv_cache_attention": "kv_cache_attention_backward"}
 
 
 class Invoker:
@@ -54,25 +64,86 @@ class Invoker:
     def __call__(self, call: OpCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         fn = getattr(self.backend, call.op)
         kwargs = {"causal": call.causal, "scale": call.scale, "key_padding_mask": call.key_padding_mask}
-        if call.op == "attention":
-            args: tuple[torch.Tensor, ...] = (call.q, call.k, call.v)
-        else:
-            p = call.s_past
-            args = (call.q, call.k[:, :, :p], call.v[:, :, :p], call.k[:, :, p:], call.v[:, :, p:])
+        args = self._args(call)
         watched = [*args, *([call.key_padding_mask] if call.key_padding_mask is not None else [])]
         before = [t.clone() for t in watched]
-        try:
-            with self.timer.phase("backend"):
-                result = fn(*args, **kwargs)
-        except KernelUnavailable as exc:
-            raise KernelSkipped(one_line(str(exc))) from exc
-        except Exception as exc:  # a backend may raise anything; it becomes an 'error' record
-            raise BackendCallError(f"{type(exc).__name__}: {exc}".strip().splitlines()[0]) from exc
+        result = self._backend_call(lambda: fn(*args, **kwargs))
         names = ["q", "k", "v"] if call.op == "attention" else ["q", "k_cache", "v_cache", "k_new", "v_new"]
         for name, t, t0 in zip([*names, "key_padding_mask"], watched, before):
             if not torch.equal(bit_view(t), bit_view(t0)):
                 self.violations.append(f"{call.op} modified its input '{name}'")
         return self._check_result(call, result)
+
+    def gradients(self, call: OpCall, grad_out: torch.Tensor) -> Grads:
+        """``(dq, dk, dv)`` of ``call`` for the upstream gradient ``grad_out`` (dk, dv of the concatenated
+        keys for the KV-cache op): the backend's ``<op>_backward`` when it has one (called with its own
+        forward output), else autograd of its op on copies of the inputs that require grad. The
+        contract is checked: each gradient has its input's shape, the output dtype and the device
+        (ContractViolation); the inputs and ``grad_out`` are unchanged (``self.violations``). Raises
+        NoBackward when the backend has no backward, KernelSkipped when it declines the call and
+        BackendCallError when it raises."""
+        names = ["q", "k", "v"] if call.op == "attention" else ["q", "k_cache", "v_cache", "k_new", "v_new"]
+        args = self._args(call)
+        kwargs = {"causal": call.causal, "scale": call.scale, "key_padding_mask": call.key_padding_mask}
+        backward = getattr(self.backend, BACKWARD[call.op], None)
+        watched = [*args, grad_out, *([call.key_padding_mask] if call.key_padding_mask is not None else [])]
+        before = [t.clone() for t in watched]
+        if callable(backward):
+            out, _ = self(call)
+            raw = self._backend_call(lambda: backward(*args, out, grad_out.to(out.dtype), **kwargs))
+            if not isinstance(raw, tuple | list) or len(raw) != len(args) or not all(
+                    isinstance(t, torch.Tensor) for t in raw):
+                raise ContractViolation(f"{BACKWARD[call.op]} must return {len(args)} tensors "
+                                        f"({', '.join('d' + n for n in names)}), got {type(raw).__name__}")
+            grads = list(raw)
+        else:
+            grads = self._autograd(call, args, kwargs, grad_out)
+        for name, t, t0 in zip([*names, "grad_out", "key_padding_mask"], watched, before):
+            if not torch.equal(bit_view(t), bit_view(t0)):
+                self.violations.append(f"the backward of {call.op} modified its input '{name}'")
+        want_dtype = self.output_dtype or call.q.dtype
+        problems = []
+        for name, g, a in zip(names, grads, args):
+            if tuple(g.shape) != tuple(a.shape):
+                problems.append(f"d{name} has shape {tuple(g.shape)}, expected {tuple(a.shape)}")
+            if g.dtype != want_dtype:
+                problems.append(f"d{name} has dtype {g.dtype}, expected {want_dtype}")
+            if g.device.type != self.device.type:
+                problems.append(f"d{name} is on {g.device}, expected {self.device}")
+        if problems:
+            raise ContractViolation(f"the gradients of {call.op}: " + "; ".join(problems))
+        if call.op == "attention":
+            return grads[0], grads[1], grads[2]
+        return grads[0], torch.cat([grads[1], grads[3]], 2), torch.cat([grads[2], grads[4]], 2)
+
+    def _autograd(self, call: OpCall, args: tuple[torch.Tensor, ...], kwargs: dict[str, Any],
+                  grad_out: torch.Tensor) -> list[torch.Tensor]:
+        fn = getattr(self.backend, call.op)
+        leaves = [a.detach().clone().requires_grad_(True) for a in args]
+        with torch.enable_grad():
+            result = self._backend_call(lambda: fn(*leaves, **kwargs))
+            out = result[0] if self.returns_lse and isinstance(result, tuple) else result
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                raise NoBackward(f"{self.backend.name} has no backward: its {call.op} output is not differentiable "
+                                 f"(no autograd graph) and it has no {BACKWARD[call.op]}()")
+            grads = self._backend_call(lambda: torch.autograd.grad(out, leaves, grad_out.to(out.dtype),
+                                                                    allow_unused=True))
+        return [torch.zeros_like(a) if g is None else g for g, a in zip(grads, leaves)]
+
+    def _args(self, call: OpCall) -> tuple[torch.Tensor, ...]:
+        if call.op == "attention":
+            return call.q, call.k, call.v
+        p = call.s_past
+        return call.q, call.k[:, :, :p], call.v[:, :, :p], call.k[:, :, p:], call.v[:, :, p:]
+
+    def _backend_call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            with self.timer.phase("backend"):
+                return fn()
+        except KernelUnavailable as exc:
+            raise KernelSkipped(one_line(str(exc))) from exc
+        except Exception as exc:  # a backend may raise anything; it becomes an 'error' record
+            raise BackendCallError(f"{type(exc).__name__}: {exc}".strip().splitlines()[0]) from exc
 
     def _check_result(self, call: OpCall, result: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         lse = None

@@ -97,3 +97,11 @@ def visible(case: Case, key_padding_mask: torch.Tensor | None,
     if key_padding_mask is not None:
         see = see & key_padding_mask.cpu()[:, None, :]
     return see
+
+
+def make_grad_out(case: Case) -> torch.Tensor:
+    """The seeded upstream gradient of ``case``: [B, Hq, Sq, D] in the case dtype, drawn as
+    ``numpy.random.Generator(numpy.random.PCG64([case.seed, 1])).standard_normal(shape)`` and rounded
+    to the dtype (nearest-even, via float32) like the inputs."""
+    rng = np.random.Generator(np.random.PCG64([case.seed, 1]))
+    return round_to_dtype(rng.standard_normal((case.batch, case.hq, case.sq, case.d)), case.dtype)

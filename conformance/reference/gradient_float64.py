@@ -1,0 +1,145 @@
+"""Tier 1 of the exact backward: float64 gradients of a block of query rows with a rigorous
+first-order bound of their error, the operands every tier shares, and the naive same-dtype
+backward the goldens store the error of (the derivation is in :mod:`conformance.reference.gradient`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from conformance.reference.double_double import (
+    U,
+)
+from conformance.reference.float64 import blocked_sums, naive_probs, round_like_dtype
+from conformance.reference.rounding import rounding_interval
+from conformance.spec.case import Case
+
+# Score-matrix elements per float64 block (about 25 float64 temporaries of this size: ~200 MiB on CPU).
+GRAD_BLOCK_ELEMENTS = 1 << 20
+
+
+CUDA_GRAD_BLOCK_ELEMENTS = 1 << 24
+
+
+TINY = 2.0**-1000  # absolute error allowed for each weight that underflows (subnormal or flushed exp)
+
+
+WHICH = ("dq", "dk", "dv")
+
+
+@dataclass
+class Operands:
+    """The case's float64 operands on the generation device and its structural masks (CPU numpy)."""
+
+    q: torch.Tensor  # [b, hkv, g, sq, d]
+    do: torch.Tensor  # [b, hkv, g, sq, d]
+    k: torch.Tensor  # [b, hkv, skv, d]
+    v: torch.Tensor  # [b, hkv, skv, d]
+    kpm: torch.Tensor | None
+    active: np.ndarray  # bool [b, hkv, g, sq]: rows whose dS may be non-zero
+    seen: np.ndarray  # bool [b, hkv, g, sq]: rows that see a key and have dO ≠ 0
+    single: np.ndarray  # bool [b, hkv, g, sq]: rows that see exactly one key (P = 1)
+
+
+def decide_float64(value: np.ndarray, bound: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 values and the undecided mask: an element is final when its float64 value is farther
+    than ``bound`` from both rounding boundaries and, if it rounds to zero, its sign is certain;
+    ``zero`` marks the structural zeros (+0.0, exact)."""
+    v32 = value.astype(np.float32)
+    mid_lo, mid_hi = rounding_interval(v32)
+    decided = (value - bound > mid_lo) & (value + bound < mid_hi) & ((v32 != 0) | (np.abs(value) > bound))
+    v32[zero] = 0.0
+    return v32, ~(decided | zero)
+
+
+def logits64(dots: torch.Tensor, scale: float, vis: torch.Tensor, all_visible: bool) -> torch.Tensor:
+    """Tier 1's logits: scaled dot products, −inf where a key is not visible (in place on ``dots``'s copy)."""
+    s = dots * scale
+    return s if all_visible else s.masked_fill_(~vis, -math.inf)
+
+
+def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, kshift: torch.Tensor,
+                   v: torch.Tensor, vabs: torch.Tensor, ones: torch.Tensor, vis: torch.Tensor, active: torch.Tensor,
+                   single: torch.Tensor, case: Case) -> dict[str, torch.Tensor]:
+    """Float64 backward of one block of rows with its error bounds (module docstring, tier 1).
+
+    q, do [b, h, r, d] (r = g·rows: a KV head's group), k/v [b, h, n, d] with ``kabs``/``vabs`` their
+    absolute values, ``kshift`` k less a per-column constant (exact; dQ is contracted with it),
+    ``ones`` [n, 1], vis [b, 1, r, n], active/single [b, h|1, r]. Returns dQ of the
+    rows (with bound, error scale and naive model) and this block's contributions to unscaled dK, to dV,
+    to their bounds (without the final 4u·|value| term) and scales, and to the per-head naive dK/dV."""
+    d, n, r = q.shape[-1], k.shape[-2], q.shape[-2]
+    scale = case.effective_scale
+    all_visible = bool(vis.all())
+    dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
+    s = logits64(dots, scale, vis, all_visible)
+    m = s.amax(-1, keepdim=True)
+    has_key = torch.isfinite(m)
+    m = torch.where(has_key, m, torch.zeros_like(m))
+    p = torch.exp_(s.sub_(m))
+    kb_l, l_sum = blocked_sums(p, ones)
+    kb_l = min(kb_l, n)  # one block of n < kb terms: n − 1 additions
+    p.div_(torch.where(has_key, l_sum, torch.ones_like(l_sum)))
+    w = abs(scale) * (q.abs() @ kabs.transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
+    h = w * (d + 4) + (m.abs() + 4)  # the weights' relative error / u (forward's logit analysis)
+    dp = do @ v.transpose(-1, -2)
+    a = do.abs() @ vabs.transpose(-1, -2)  # ≥ |dP| and the scale of dP's rounding
+    # dP − D = (dP − dP_ref) − Σ_i P_i (dP_i − dP_ref) with ref the row's largest weight: when that key
+    # dominates, D ≈ dP_ref and this form has no cancellation (and dP_ref's own error cancels).
+    ref = p.argmax(-1, keepdim=True)
+    not_ref = torch.ones_like(p).scatter_(-1, ref, 0.0)
+    delta = dp - dp.gather(-1, ref)
+    a2 = (a + a.gather(-1, ref)).mul_(not_ref)  # dP_j − dP_ref is off by ≤ d·u·(a_j + a_ref), 0 at ref
+    kb_d, dsum = blocked_sums(p * delta, ones)  # D − dP_ref
+    kb_d = min(kb_d, n)
+    diff = delta - dsum
+    adiff = diff.abs()
+    ds = torch.where(active[..., None], p * diff, torch.zeros_like(diff))
+    # The contractions' blocked sums: over the keys (dQ) and over the rows (dK, dV).
+    kb = max(min(max(256, -(-n // 16)), n), min(max(256, -(-r // 16)), r))
+    ph = p * h
+    lam = U * (ph.sum(-1, keepdim=True) + kb_l + 1)
+    adelta = delta.abs()
+    delta_d = (U * ((ph * adiff).sum(-1, keepdim=True) + (kb_l + 1) * dsum.abs()
+                    + (kb_d + 4) * (p * adelta).sum(-1, keepdim=True) + d * (p * a2).sum(-1, keepdim=True))
+               + TINY * (a + a.gather(-1, ref)).sum(-1, keepdim=True))
+    visf = vis.to(torch.float64)
+    gerr = (p * (adiff * (U * (h + kb + 5) + lam) + U * (d * a2 + adelta) + delta_d)
+            + TINY * adiff * visf)
+    gerr = torch.where(active[..., None], gerr, torch.zeros_like(gerr))
+    herr = p * (U * (h + kb + 2) + lam) + TINY * visf
+    herr = torch.where(single[..., None], torch.zeros_like(herr), herr)  # P = 1 exactly
+    dsum = dsum + dp.gather(-1, ref)  # D itself, for the error scale
+    yscale = p * (dp.abs() + dsum.abs()) * (1 + w)
+    wbar = (p * w).sum(-1, keepdim=True)
+    yv = p * (1 + w + wbar)
+    del ph, h, a, a2, not_ref, delta, adelta
+
+    res: dict[str, torch.Tensor] = {}
+    _, dq_u = blocked_sums(ds, kshift)
+    dq = dq_u * scale
+    res["dq"] = dq
+    res["dq_bound"] = 2 * (abs(scale) * (gerr @ kshift.abs()) + 4 * U * dq.abs())
+    res["dq_scale"] = abs(scale) * (yscale @ kabs).amax(-1)
+    _, res["dk"] = blocked_sums(ds.transpose(-1, -2), q)
+    gyk = torch.cat([gerr, yscale], dim=-1).transpose(-1, -2) @ q.abs()
+    res["dk_bound"], res["dk_scale"] = gyk[..., :n, :], gyk[..., n:, :]
+    _, res["dv"] = blocked_sums(p.transpose(-1, -2), do)
+    hyv = torch.cat([herr, yv], dim=-1).transpose(-1, -2) @ do.abs()
+    res["dv_bound"], res["dv_scale"] = hyv[..., :n, :], hyv[..., n:, :]
+    del gerr, yscale, herr, yv, gyk, hyv
+
+    # The naive same-dtype backward, modelled stage by stage.
+    dtype = case.dtype
+    probs = naive_probs(dots, None if all_visible else vis, scale, dtype)
+    dprobs = round_like_dtype(dp, dtype)
+    dscores = round_like_dtype(probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True)), dtype)
+    gd = round_like_dtype(dscores.mul_(scale), dtype)
+    res["dq_naive"] = round_like_dtype(gd @ k, dtype)
+    per_head = (*q.shape[:2], case.group, r // case.group)  # the block's rows, query head by query head
+    res["dk_naive"] = gd.reshape(*per_head, n).transpose(-1, -2) @ q.reshape(*per_head, d)
+    res["dv_naive"] = probs.reshape(*per_head, n).transpose(-1, -2) @ do.reshape(*per_head, d)
+    return res
