@@ -154,7 +154,7 @@ class RlkState:
         text = str(self.opt("rlk_properties"))
         if text.lower() == "none":
             return ()
-        from conformance.search.properties import parse_properties
+        from conformance.search.catalog import parse_properties
 
         try:
             return parse_properties(text)
@@ -324,8 +324,8 @@ class PropertyItem(_RlkItem):
         self.prop = prop
 
     def runtest(self) -> None:
+        from conformance.search.catalog import PROPERTIES
         from conformance.search.engine import search_property
-        from conformance.search.properties import PROPERTIES
 
         ctx, space, settings = self.state.search
         self.user_properties.append(("backend", ctx.backend.name))

@@ -14,28 +14,37 @@ import torch
 
 def attend64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None,
              mask: torch.Tensor | None, head_of=None, top_left: bool = False) -> torch.Tensor:
-    """Float64 attention per (b, h) with CONTRACT.md semantics; fully masked rows give 0."""
+    """Float64 attention per (b, h) with CONTRACT.md semantics; fully masked rows give 0. Differentiable
+    (its gradients are autograd's, NaN-free and invariant by the same construction)."""
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     head_of = head_of or (lambda h: h // g)
-    out = torch.zeros(b, hq, sq, d, dtype=torch.float64)
+    out = q.detach().double().cpu() * 0 + q.double().cpu() * 0  # zeros that stay on the autograd graph
     i = torch.arange(sq)[:, None]
     j = torch.arange(skv)[None, :]
     offset = 0 if top_left else skv - sq
     see_causal = (j <= i + offset) if causal else torch.ones(sq, skv, dtype=torch.bool)
     for bi in range(b):
-        see = see_causal if mask is None else see_causal & mask[bi].cpu()[None, :]
+        # Only the keys the padding mask keeps are read (a padded slot, NaN included, reaches neither out
+        # nor a gradient), at their original positions for the causal rule: masked keys added anywhere
+        # leave the computation unchanged.
+        kept = torch.arange(skv) if mask is None else torch.nonzero(mask[bi].cpu()).flatten()
+        if not len(kept):
+            continue  # the batch entry sees no key: its rows stay 0
+        see = see_causal[:, kept]
         for h in range(hq):
             kh = head_of(h)
-            s = (q[bi, h].double().cpu() @ k[bi, kh].double().cpu().T) * scale
+            kb = k[bi, kh].double().cpu()[kept]
+            vb = v[bi, kh].double().cpu()[kept]
+            s = (q[bi, h].double().cpu() @ kb.T) * scale
             s = s.masked_fill(~see, -math.inf)
             m = s.amax(-1, keepdim=True)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             p = torch.exp(s - m)
             den = p.sum(-1, keepdim=True)
-            o = (p @ v[bi, kh].double().cpu()) / torch.where(den > 0, den, torch.ones_like(den))
+            o = (p @ vb) / torch.where(den > 0, den, torch.ones_like(den))
             out[bi, h] = o
     return out
 

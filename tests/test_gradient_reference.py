@@ -16,8 +16,9 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from conftest import build_case, build_inputs, visible_keys
+from conftest import SMOKE_GOLDENS, build_case, build_inputs, visible_keys
 
+from conformance.golden.format import case_path, read_golden
 from conformance.reference import gradient, gradient_double_double, gradient_exact, gradient_float64
 from conformance.reference.crosscheck import sample_elements
 from conformance.reference.gradient import GradientGolden, compute_gradient_reference
@@ -148,6 +149,39 @@ def test_elements_equal_the_mpmath_recomputation(case: Case) -> None:
     elements = {w: sample_elements(ref[w].shape, 10, seed=case.seed) + nearest_to_a_rounding_boundary(ref[w], 6)
                 for w in KINDS}
     assert crosscheck_gradients(case, inputs, grad_out, golden, elements) == []
+
+
+#: Committed smoke goldens with gradients whose stored gradients are crosschecked (every family of
+#: the smoke tier's gradient cases: dtypes, GQA groups 7/4/MQA/MHA, head dims, masks incl. rows that
+#: see no key, distributions, scales, presets, decode, chunked prefill and the KV-cache op).
+SMOKE_GRAD_CROSSCHECK = [
+    "attention/grad-dtypes/hq2-hkv1-d64-b1-sq17-skv17-fp16-noncausal-grad",
+    "attention/grad-dtypes/hq2-hkv1-d64-b1-sq9-skv33-fp32-causal-grad",
+    "attention/grad-gqa/hq7-hkv1-d64-b1-sq9-skv17-fp32-causal-grad",
+    "attention/grad-gqa/hq8-hkv2-d64-b1-sq9-skv17-bf16-causal-grad",
+    "attention/grad-head-dims/hq2-hkv1-d256-b1-sq17-skv17-bf16-causal-grad",
+    "attention/grad-masked/hq2-hkv1-d64-b3-sq9-skv17-bf16-causal-allmasked-grad",
+    "attention/grad-masked/hq2-hkv1-d64-b3-sq9-skv17-fp32-noncausal-rightpad-grad",
+    "attention/grad-masked/hq2-hkv1-d64-b3-sq9-skv5-fp32-causal-grad",
+    "attention/grad-distributions/hq2-hkv1-d64-b1-sq17-skv33-fp32-causal-largelogits-grad",
+    "attention/grad-distributions/hq2-hkv1-d64-b1-sq17-skv33-bf16-causal-neartie-grad",
+    "attention/grad-distributions/hq2-hkv1-d64-b1-sq17-skv33-fp32-causal-scalem0p25-grad",
+    "attention/grad-presets/qwen2.5-7b-b1-sq5-skv5-bf16-causal-grad",
+    "kv_cache_attention/grad-chunked-prefill/hq4-hkv2-d64-b2-past17-new8-bf16-causal-grad",
+    "kv_cache_attention/grad-decode/hq4-hkv1-d64-b2-past17-new1-bf16-causal-holes-grad",
+]
+
+
+@pytest.mark.parametrize("case_id", SMOKE_GRAD_CROSSCHECK)
+def test_committed_smoke_gradients_equal_the_mpmath_recomputation(case_id: str) -> None:
+    # Read from the committed file (not recomputed): what vendors download is what is checked.
+    gc = read_golden(case_path(SMOKE_GOLDENS, case_id))
+    assert gc.gradient is not None and gc.inputs.grad_out is not None
+    assert torch.equal(gc.inputs.grad_out, make_grad_out(gc.case))  # the stored dO is the seeded one
+    ref = float64_gradients(gc.case, gc.inputs, gc.inputs.grad_out)
+    elements = {w: sample_elements(ref[w].shape, 8, seed=gc.case.seed) + nearest_to_a_rounding_boundary(ref[w], 4)
+                for w in KINDS}
+    assert crosscheck_gradients(gc.case, gc.inputs, gc.inputs.grad_out, gc.gradient, elements) == []
 
 
 def test_crosscheck_finds_a_wrong_element() -> None:
@@ -561,7 +595,8 @@ def test_inputs_are_unchanged_and_bad_gradients_are_refused() -> None:
     inputs, grad_out, _ = seeded(case)
     before = [t.clone() for t in (inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, grad_out)]
     compute_gradient_reference(case, inputs, grad_out)
-    assert all(torch.equal(x, y) for x, y in zip(before, (*dataclasses.astuple(inputs), grad_out)))
+    after = (inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, grad_out)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
     with pytest.raises(ValueError, match="shape"):
         compute_gradient_reference(case, inputs, grad_out[:, :, :-1])
     with pytest.raises(ValueError, match="float32"):

@@ -25,7 +25,7 @@ from conformance.report.json import STATUSES, summarize
 from conformance.report.markdown import render_markdown
 from conformance.report.markup import case_dims
 from conformance.report.runs import load_runs
-from conformance.spec.checks import INVARIANCE_CHECKS
+from conformance.spec.checks import INVARIANCE_CHECKS, judgment_of
 
 GPU_NAME = "NVIDIA H200 (synthetic target)"
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
@@ -306,8 +306,8 @@ def test_markdown_summary_lists_target_counts_and_top_failures(rendered: tuple[P
         dtypes = [c.strip() for c in section.split("| check (pass/fail/error/skip) |")[1].split("\n")[0].split("|")
                   if c.strip()]
         for check in report["summary"]["by_check"]:
-            row = next(line for line in section.splitlines() if line.startswith(f"| {check} |"))
-            cells = [c.strip() for c in row.split("|")[2:-1]]
+            row = next(line for line in section.splitlines() if line.startswith(f"| {judgment_of(check)} | {check} |"))
+            cells = [c.strip() for c in row.split("|")[3:-1]]
             for dtype, cell in zip(dtypes, cells):
                 c = Counter(r["status"] for r in report["records"] if r["check"] == check and r["dtype"] == dtype)
                 assert cell == ("/".join(str(c[s]) for s in STATUSES) if c else ""), (run.label, check, dtype)

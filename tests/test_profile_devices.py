@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import SMOKE_ATTENTION_CASES, SMOKE_CASES
 from typer.testing import CliRunner, Result
 
 from conformance.cli.app import app
@@ -191,11 +192,11 @@ def test_devices_cpu_cpu_gives_the_records_of_a_one_process_run(smoke_runs: tupl
     assert split.exit_code == single.exit_code, split.output
     one = json.loads((tmp / "single.json").read_text())
     two = json.loads((tmp / "devices.json").read_text())
-    assert len(one["records"]) > 900 and one["summary"]["cases"] == 150
+    assert len(one["records"]) > 900 and one["summary"]["cases"] == SMOKE_CASES
     assert two["records"] == one["records"]  # same cases, checks, statuses, metrics and messages, same order
     assert two["summary"] == one["summary"] and two["complete"] is True
     assert two["backend"]["device"] == "cpu,cpu" and [d["device"] for d in two["devices"]] == ["cpu", "cpu"]
-    assert sum(d["cases"] for d in two["devices"]) == 150 and all(d["complete"] for d in two["devices"])
+    assert sum(d["cases"] for d in two["devices"]) == SMOKE_CASES and all(d["complete"] for d in two["devices"])
     assert all(d["cases"] == d["finished"] and d["ended"] is None for d in two["devices"])
     junit = [[(tc.get("classname"), tc.get("name"), [c.tag for c in tc]) for tc in ET.parse(tmp / f"{n}.xml").iter(
         "testcase")] for n in ("single", "devices")]
@@ -206,16 +207,16 @@ def test_devices_cpu_cpu_gives_the_records_of_a_one_process_run(smoke_runs: tupl
         return " ".join(text.split())  # the title is centred and wrapped to its own length
 
     assert summary(split) == summary(single) and "worst offenders" in summary(single)
-    assert "backend naive on cpu,cpu, 150 cases" in " ".join(split.stdout.split())
+    assert f"backend naive on cpu,cpu, {SMOKE_CASES} cases" in " ".join(split.stdout.split())
     assert split.stdout.splitlines()[-1] == single.stdout.splitlines()[-1]
 
 
 def test_devices_profile_sums_the_devices_and_lists_each(smoke_runs: tuple[Path, Result, Result]) -> None:
     tmp, _, split = smoke_runs
     profile = json.loads((tmp / "devices.json").read_text())["profile"]
-    check_profile(profile, 150)
+    check_profile(profile, SMOKE_CASES)
     assert [d["device"] for d in profile["devices"]] == ["cpu", "cpu"]
-    assert sum(d["cases"] for d in profile["devices"]) == 150
+    assert sum(d["cases"] for d in profile["devices"]) == SMOKE_CASES
     for phase in ("read", "transfer", "backend", "judge"):
         assert profile["phases_s"][phase] == pytest.approx(sum(d["phases_s"][phase] for d in profile["devices"]),
                                                            abs=1e-5)
@@ -326,5 +327,6 @@ def test_ctrl_c_stops_every_device_and_keeps_each_finished_case(tmp_path: Path) 
     assert data["complete"] is False and data["interrupted_by"] == "SIGINT"
     per_case = Counter(r["case_id"] for r in data["records"])
     assert per_case and set(per_case.values()) == {len(checks)}  # every finished case whole, nothing else
-    assert sum(d["finished"] for d in data["devices"]) == len(per_case) < 94
-    assert f"INTERRUPTED by SIGINT: {len(per_case)} of 94 cases finished" in " ".join(stdout.split())
+    assert sum(d["finished"] for d in data["devices"]) == len(per_case) < SMOKE_ATTENTION_CASES
+    line = f"INTERRUPTED by SIGINT: {len(per_case)} of {SMOKE_ATTENTION_CASES} cases finished"
+    assert line in " ".join(stdout.split())

@@ -43,7 +43,7 @@ def test_golden_cases_and_properties_are_tests_with_readable_ids(rlk, pytester: 
 
 def test_tests_spread_over_xdist_workers(rlk) -> None:
     result = rlk("reference", "-n", "2", "--rlk-goldens=none", "-k", "batch or split or determinism")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=6)  # the three properties and their gradient_ twins
     result.stdout.fnmatch_lines(["*created: 2/2 workers*"])
 
 

@@ -27,6 +27,7 @@ from planted_backends import (
 from conformance.golden.manifest import select_cases
 from conformance.judge.records import Record
 from conformance.run.settings import RunSettings
+from conformance.spec.checks import GRADIENT_CHECKS
 from conformance.spec.tolerances import load_tolerances
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_correct_backend_passes_every_check_on_every_smoke_case(correct_records)
 
 def test_correct_backend_produces_every_check_kind(correct_records):
     assert {r.check for r in correct_records} == {"accuracy", "batch", "split", "prefill_decode", "chunk",
-                                                  "padding", "determinism", "contract"}
+                                                  "padding", "determinism", "contract", *GRADIENT_CHECKS}
 
 
 def test_top_left_causal_alignment_fails_accuracy_on_decode():

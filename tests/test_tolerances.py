@@ -71,8 +71,9 @@ def test_cell_missing_from_the_file_resolves_to_none(tolerances_copy: Path) -> N
 
 
 def test_unknown_key_is_a_spec_error_at_its_line(tolerances_copy: Path) -> None:
-    text = edit_spec(tolerances_copy, "bfloat16: {atol: 5.0e-2, rtol: 2.0e-2, naive_factor: 2.0}",
-                     "bfloat16: {atol: 5.0e-2, rtol: 2.0e-2, naive_factor: 2.0, atoll: 1.0}")
+    row = "bfloat16: {atol: 5.0e-2, rtol: 2.0e-2, naive_factor: 2.0}"
+    anchor = "attention: &attention_default\n      float32:  {atol: 1.0e-4, rtol: 1.0e-4, naive_factor: 2.0}\n      "
+    text = edit_spec(tolerances_copy, anchor + row, anchor + row.replace("}", ", atoll: 1.0}"))
     with pytest.raises(SpecError, match="unknown key") as info:
         load_tolerances(tolerances_copy)
     assert (info.value.file, info.value.line) == (str(tolerances_copy), line_of(text, "atoll"))

@@ -11,9 +11,10 @@ import math
 import torch
 
 from conformance.reference.compute import compute_reference
+from conformance.reference.gradient import compute_gradient_reference
 from conformance.spec.inputs import CaseInputs
 
-from .contract import AttentionResult, BuiltinBackend, call_case, visible_keys, zero_unseen_rows
+from .contract import AttentionResult, BuiltinBackend, call_case, concat_kv_cache, visible_keys, zero_unseen_rows
 from .flex import FlexBackend
 from .sdpa import (
     CudaBackend,
@@ -26,7 +27,7 @@ from .sdpa import (
 
 
 class ReferenceBackend(BuiltinBackend):
-    """The golden algorithm (``conformance.reference.compute_reference``) as a backend.
+    """The golden algorithms (``conformance.reference``: the exact forward and backward) as a backend.
 
     Returns ``(out, lse)``: ``out`` float32, every element correctly rounded (bitwise equal to a
     stored golden's ``expected/out``), ``lse`` float32 ``[B, Hq, Sq]`` with ``-inf`` for rows that
@@ -41,10 +42,42 @@ class ReferenceBackend(BuiltinBackend):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                   scale: float | None = None, key_padding_mask: torch.Tensor | None = None) -> AttentionResult:
         case = call_case(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
-        inputs = CaseInputs(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(),
-                            None if key_padding_mask is None else key_padding_mask.detach().cpu())
-        golden = compute_reference(case, inputs, device=self.device)
+        golden = compute_reference(case, _exact_inputs(q, k, v, key_padding_mask), device=self.device)
         return torch.from_numpy(golden.out).to(self.device), torch.from_numpy(golden.lse).to(self.device)
+
+    def attention_backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           grad_out: torch.Tensor, *, causal: bool = True, scale: float | None = None,
+                           key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The exact gradients (``conformance.reference.gradient``), each element correctly rounded to
+        float32: (dq, dk, dv), bitwise equal to a golden's ``expected/grad_*``."""
+        case = call_case(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        exact = compute_gradient_reference(case, _exact_inputs(q, k, v, key_padding_mask),
+                                           grad_out.detach().cpu().to(torch.float32), device=self.device)
+        return tuple(torch.from_numpy(g).to(self.device) for g in (exact.dq, exact.dk, exact.dv))
+
+    def kv_cache_attention_backward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    k_new: torch.Tensor, v_new: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+                                    *, causal: bool = True, scale: float | None = None,
+                                    key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(dq, dk_cache, dv_cache, dk_new, dv_new): the slices of the exact gradients of the concatenated keys."""
+        k, v = concat_kv_cache(q, k_cache, v_cache, k_new, v_new)
+        dq, dk, dv = self.attention_backward(q, k, v, out, grad_out, causal=causal, scale=scale,
+                                             key_padding_mask=key_padding_mask)
+        p = k_cache.shape[2]
+        return dq, dk[:, :, :p], dv[:, :, :p], dk[:, :, p:], dv[:, :, p:]
+
+
+def _exact_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  key_padding_mask: torch.Tensor | None) -> CaseInputs:
+    """The inputs on the CPU for the exact reference, padded key and value slots set to 0: by the
+    contract their content is never read (it may be NaN), and the exact tiers take finite numbers."""
+    mask = None if key_padding_mask is None else key_padding_mask.detach().cpu()
+    k, v = k.detach().cpu(), v.detach().cpu()
+    if mask is not None:
+        keep = mask[:, None, :, None]
+        zero = torch.zeros((), dtype=k.dtype)
+        k, v = torch.where(keep, k, zero), torch.where(keep, v, zero)
+    return CaseInputs(q.detach().cpu(), k, v, mask)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None,
@@ -53,7 +86,8 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     K/V expanded to Hq heads with ``repeat_interleave``; ``scores = (q @ kᵀ) * scale``; keys a row
     may not see are filled with ``-inf``; ``torch.softmax``; ``@ v``. Rows that see no key are set
-    to exactly 0 (softmax of an all ``-inf`` row is NaN).
+    to exactly 0 (softmax of an all ``-inf`` row is NaN), and their gradients are 0 too. Differentiable:
+    its gradients are autograd's.
     """
     case = call_case(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     see = visible_keys(case, key_padding_mask, q.device)
@@ -61,7 +95,11 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     kc = k.to(compute_dtype).repeat_interleave(case.group, dim=1)
     vc = v.to(compute_dtype).repeat_interleave(case.group, dim=1)
     scores = (qc @ kc.transpose(-1, -2)) * case.effective_scale
-    probs = torch.softmax(scores.masked_fill(~see, -math.inf), dim=-1)
+    scores = scores.masked_fill(~see, -math.inf)
+    # A row that sees no key gets finite scores (its output is zeroed below): softmax of an all −inf
+    # row is NaN, and autograd would carry that NaN into every gradient.
+    scores = torch.where(see.any(-1, keepdim=True), scores, torch.zeros((), dtype=scores.dtype, device=q.device))
+    probs = torch.softmax(scores, dim=-1)
     return zero_unseen_rows(probs @ vc, see).to(q.dtype)
 
 

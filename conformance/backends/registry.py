@@ -165,6 +165,14 @@ def validate_backend(obj: object, spec: str | None = None) -> Backend:
         if problem:
             raise fail(f"{op}() {problem}; the harness calls {op}({', '.join(OP_POSITIONAL[op])}, *, "
                        "causal, scale, key_padding_mask)")
+    for op, positional in BACKWARD_POSITIONAL.items():
+        backward = getattr(obj, op, None)
+        if backward is None:
+            continue
+        problem = "is not callable" if not callable(backward) else signature_problem(backward, positional)
+        if problem:
+            raise fail(f"{op}() {problem}; the harness calls {op}({', '.join(positional)}, *, causal, scale, "
+                       "key_padding_mask) and expects the gradients of the inputs before out")
     if hasattr(obj, "supports"):
         problem = signature_problem(obj.supports, ("op", "case"), keywords=())  # type: ignore[attr-defined]
         if problem:
@@ -175,6 +183,8 @@ def validate_backend(obj: object, spec: str | None = None) -> Backend:
 # How the harness calls each op: these positional arguments, then OP_KEYWORDS by keyword.
 OP_POSITIONAL = {"attention": ("q", "k", "v"), "kv_cache_attention": ("q", "k_cache", "v_cache", "k_new", "v_new")}
 OP_KEYWORDS = ("causal", "scale", "key_padding_mask")
+#: How the harness calls an op's optional backward: the op's inputs, then its output and grad_out.
+BACKWARD_POSITIONAL = {f"{op}_backward": (*args, "out", "grad_out") for op, args in OP_POSITIONAL.items()}
 
 
 def signature_problem(fn: Callable[..., Any], positional: Sequence[str], keywords: Sequence[str] = OP_KEYWORDS
@@ -330,6 +340,23 @@ def _takes_device(factory: Callable[..., Any]) -> bool:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {one_line(str(exc))}"
+
+
+def backward_skip_reason(backend: Backend, op: str, case: Case) -> str | None:
+    """Why ``backend`` skips the gradients of ``case`` (its ``supports("<op>_backward", case)`` said so),
+    or None. Whether it has a backward at all shows when the gradients are asked for."""
+    supports = getattr(backend, "supports", None)
+    if supports is None:
+        return None
+    verdict = supports(f"{op}_backward", case)
+    if verdict is True:
+        return None
+    if verdict is False:
+        return f"{backend.name} does not support the backward of this case"
+    if isinstance(verdict, str):
+        return verdict or f"{backend.name} does not support the backward of this case"
+    raise ConformanceError(f"backend {backend.name!r}: supports({op + '_backward'!r}, {case.id}) returned "
+                           f"{verdict!r}; it must return True, False or a reason string; {DOCS}")
 
 
 def describe_backend(backend: Any) -> dict[str, Any]:

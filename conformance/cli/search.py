@@ -31,8 +31,9 @@ from conformance.golden.reproducer import DEFAULT_REPRODUCER_DIR
 from conformance.spec.checks import CHECKS
 from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES
 
-# Every check but the two that need a golden or a second backend is also a property.
-PROPERTY_HELP = ", ".join(c for c in CHECKS if c not in ("contract", "parity")) + " (default: all)"
+# Every check but the contracts (judged on every call) and parity (a second backend) is also a property.
+NOT_PROPERTIES = ("contract", "parity", "gradient_contract")
+PROPERTY_HELP = ", ".join(c for c in CHECKS if c not in NOT_PROPERTIES) + " (default: all)"
 
 
 class ProfileName(str, Enum):

@@ -25,14 +25,27 @@ from conformance.environment import GENERATOR
 from conformance.errors import GoldenError
 from conformance.files import atomic_path, sha256_file
 from conformance.reference.compute import ALGORITHM, Golden
+from conformance.reference.gradient import GRAD_ALGORITHM, GradientGolden
 from conformance.spec.case import DISTS, DTYPES, MASKS, OPS, Case
 from conformance.spec.inputs import CaseInputs
 
-SCHEMA_VERSION = 2  # 2: no refinement counts in the file (they depend on the device's float64 rounding)
+# 2: no refinement counts in the file (they depend on the device's float64 rounding);
+# 3: the exact gradients of cases with grad = 1 (inputs/grad_out, expected/grad_*), attributes grad*.
+SCHEMA_VERSION = 3
 FORMAT = "rlk-conform-golden"
 INPUT_GENERATOR = "numpy-pcg64/1"
 INPUT_DATASETS = ("inputs/q", "inputs/k", "inputs/v")
 EXPECTED_DATASETS = ("expected/out", "expected/lse", "expected/error_scale", "expected/naive_error")
+# A case with gradients (attribute grad = 1) also holds these: dQ [B, Hq, Sq, D], dK and dV
+# [B, Hkv, Skv, D] correctly rounded to float32, and per row (dQ) or key (dK, dV) its error scale and
+# the naive same-dtype backward's error, float64.
+GRADIENT_DATASETS = ("inputs/grad_out", "expected/grad_q", "expected/grad_k", "expected/grad_v",
+                     "expected/grad_q_error_scale", "expected/grad_k_error_scale", "expected/grad_v_error_scale",
+                     "expected/grad_q_naive_error", "expected/grad_k_naive_error", "expected/grad_v_naive_error")
+_GRADIENT_FIELDS = {"expected/grad_q": "dq", "expected/grad_k": "dk", "expected/grad_v": "dv",
+                    "expected/grad_q_error_scale": "dq_error_scale", "expected/grad_k_error_scale": "dk_error_scale",
+                    "expected/grad_v_error_scale": "dv_error_scale", "expected/grad_q_naive_error": "dq_naive_error",
+                    "expected/grad_k_naive_error": "dk_naive_error", "expected/grad_v_naive_error": "dv_naive_error"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +63,10 @@ class GoldenCase:
 
     path: Path
     case: Case
-    inputs: CaseInputs
+    inputs: CaseInputs  # inputs.grad_out is set for a case with gradients
     golden: Golden
     attrs: dict[str, Any]
+    gradient: GradientGolden | None = None  # the exact gradients of a case with grad = 1
 
 
 def case_path(root: Path, case_id: str) -> Path:
@@ -77,13 +91,18 @@ def ascii_attr(s: str) -> np.bytes_:
     return np.bytes_(s.encode("utf-8"))
 
 
-def write_golden(path: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Provenance) -> None:
-    """Write one golden file atomically. Same inputs → identical bytes (no timestamps)."""
+def write_golden(path: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Provenance,
+                 gradient: GradientGolden | None = None) -> None:
+    """Write one golden file atomically. Same inputs → identical bytes (no timestamps). A case with
+    gradients (``case.grad``) needs ``gradient`` and ``inputs.grad_out``; one without takes neither."""
+    if case.grad != (gradient is not None) or case.grad != (inputs.grad_out is not None):
+        raise ValueError(f"{case.id}: grad={case.grad} needs the gradients and grad_out exactly when it is set")
     with atomic_path(path) as tmp:
-        _write(tmp, case, inputs, golden, prov)
+        _write(tmp, case, inputs, golden, prov, gradient)
 
 
-def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Provenance) -> None:
+def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Provenance,
+           gradient: GradientGolden | None) -> None:
     with h5py.File(tmp, "w", track_order=False) as f:
         a = f.attrs
         a["format"] = ascii_attr(FORMAT)
@@ -113,6 +132,9 @@ def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Prov
         a["spec_sha256"] = ascii_attr(prov.spec_sha256)
         a["spec_seed"] = np.int64(prov.spec_seed)
         a["flops"] = np.int64(golden.flops)
+        a["grad"] = np.uint8(case.grad)
+        a["grad_algorithm"] = ascii_attr(GRAD_ALGORITHM if case.grad else "")
+        a["grad_flops"] = np.int64(gradient.flops if gradient is not None else 0)
         arrays: dict[str, np.ndarray] = {
             "inputs/q": tensor_to_storage(inputs.q),
             "inputs/k": tensor_to_storage(inputs.k),
@@ -124,29 +146,34 @@ def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Prov
         }
         if inputs.key_padding_mask is not None:
             arrays["inputs/key_padding_mask"] = inputs.key_padding_mask.numpy().astype(np.uint8)
+        if gradient is not None and inputs.grad_out is not None:
+            arrays["inputs/grad_out"] = tensor_to_storage(inputs.grad_out)
+            arrays.update({name: getattr(gradient, field) for name, field in _GRADIENT_FIELDS.items()})
         for name, arr in arrays.items():
             arr = np.ascontiguousarray(arr)
             ds = f.create_dataset(name, data=arr, track_times=False)
             ds.attrs["sha256"] = ascii_attr(hashlib.sha256(arr.tobytes()).hexdigest())
-            if name.startswith("inputs/") and name != "inputs/key_padding_mask":
+            if name.startswith("inputs/") and name != "inputs/key_padding_mask":  # q, k, v, grad_out
                 ds.attrs["element_type"] = ascii_attr(case.dtype)
 
 
 DEFAULT_MAX_CASE_BYTES = 4 * 1024**3
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-# Links a golden may hold: the groups 'inputs' and 'expected' and at most eight datasets.
+# Links a golden may hold: the groups "inputs" and "expected" and at most 18 datasets (with gradients).
 MAX_LINKS = 64
 MAX_ATTR_BYTES = 64 * 1024
 # File bytes allowed beyond the declared tensors: object headers, attributes, B-trees.
 METADATA_SLACK_BYTES = 16 * 1024**2
 MAX_SPLIT_POINTS = 4096
-_INT_ATTRS = ("batch", "hq", "hkv", "head_dim", "sq", "skv", "s_past", "s_new", "spec_seed", "flops")
+_INT_ATTRS = ("batch", "hq", "hkv", "head_dim", "sq", "skv", "s_past", "s_new", "spec_seed", "flops", "grad_flops")
 _STR_ATTRS = ("case_id", "op", "family", "tier", "preset", "dtype", "scale_mode", "mask", "dist",
-              "input_generator", "algorithm", "generator", "spec_file", "spec_sha256")
+              "input_generator", "algorithm", "generator", "spec_file", "spec_sha256", "grad_algorithm")
 _CASE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _STORAGE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
 _EXPECTED_DTYPES = {"inputs/key_padding_mask": np.uint8, "expected/out": np.float32, "expected/lse": np.float32,
-                    "expected/error_scale": np.float64, "expected/naive_error": np.float64}
+                    "expected/error_scale": np.float64, "expected/naive_error": np.float64,
+                    **{name: np.float32 for name in ("expected/grad_q", "expected/grad_k", "expected/grad_v")},
+                    **{name: np.float64 for name in GRADIENT_DATASETS if name.endswith(("_scale", "_error"))}}
 
 
 def _h5_reason(exc: BaseException) -> str:
@@ -218,10 +245,11 @@ def read_attrs(path: Path, f: h5py.File) -> dict[str, Any]:
         out[key] = _str_attr(path, f.attrs, key)
     for key in _INT_ATTRS:
         out[key] = _int_attr(path, f.attrs, key)
-    out["causal"] = _int_attr(path, f.attrs, "causal")
-    if out["causal"] not in (0, 1):
-        raise GoldenError(path, f"attribute 'causal' must be 0 or 1, found {out['causal']}")
-    out["causal"] = bool(out["causal"])
+    for flag in ("causal", "grad"):
+        out[flag] = _int_attr(path, f.attrs, flag)
+        if out[flag] not in (0, 1):
+            raise GoldenError(path, f"attribute '{flag}' must be 0 or 1, found {out[flag]}")
+        out[flag] = bool(out[flag])
     scale = _attr(path, f.attrs, "scale")
     if not isinstance(scale, np.floating | float) or not math.isfinite(float(scale)):
         raise GoldenError(path, f"attribute 'scale' must be a finite float, found {_type_name(scale)} {scale}")
@@ -270,7 +298,7 @@ def case_from_attrs(a: dict[str, Any]) -> Case:
                 hkv=a["hkv"], d=a["head_dim"], sq=a["sq"], skv=a["skv"], dtype=a["dtype"], causal=a["causal"],
                 scale=None if a["scale_mode"] == "default" else a["scale"], mask=a["mask"], dist=a["dist"],
                 seed=a["seed"], preset=a["preset"] or None, s_past=None if a["s_past"] < 0 else a["s_past"],
-                split_points=a["split_points"])
+                split_points=a["split_points"], grad=a["grad"])
 
 
 def _expected_shapes(case: Case) -> dict[str, tuple[int, ...]]:
@@ -286,6 +314,12 @@ def _expected_shapes(case: Case) -> dict[str, tuple[int, ...]]:
     }
     if case.mask != "none":
         shapes["inputs/key_padding_mask"] = (case.batch, case.skv)
+    if case.grad:
+        keys = (case.batch, case.hkv, case.skv)
+        shapes.update({"inputs/grad_out": (*rows, case.d), "expected/grad_q": (*rows, case.d),
+                       "expected/grad_k": (*keys, case.d), "expected/grad_v": (*keys, case.d),
+                       "expected/grad_q_error_scale": rows, "expected/grad_q_naive_error": rows,
+                       **{f"expected/grad_{x}_{stat}": keys for x in "kv" for stat in ("error_scale", "naive_error")}})
     return shapes
 
 
@@ -309,7 +343,7 @@ def _check_links(path: Path, f: h5py.File) -> None:
         for name in group:
             seen += 1
             if seen > MAX_LINKS:
-                raise GoldenError(path, f"holds more than {MAX_LINKS} objects; a golden holds at most 10")
+                raise GoldenError(path, f"holds more than {MAX_LINKS} objects; a golden holds at most 20")
             full = f"{prefix}{name}"
             link = group.get(name, getlink=True)
             if isinstance(link, h5py.ExternalLink):
@@ -441,13 +475,19 @@ def _read_checked(path: Path, file_size: int, check_sha256: bool, max_bytes: int
                     raise GoldenError(path, "SHA-256 of the data does not match its 'sha256' attribute", name)
             arrays[name] = arr
     mask = arrays.get("inputs/key_padding_mask")
+    grad_out = arrays.get("inputs/grad_out")
     inputs = CaseInputs(
         q=storage_to_tensor(arrays["inputs/q"], case.dtype),
         k=storage_to_tensor(arrays["inputs/k"], case.dtype),
         v=storage_to_tensor(arrays["inputs/v"], case.dtype),
         key_padding_mask=None if mask is None else torch.from_numpy(mask.astype(bool)),
+        grad_out=None if grad_out is None else storage_to_tensor(grad_out, case.dtype),
     )
     golden = Golden(out=arrays["expected/out"], lse=arrays["expected/lse"],
                     error_scale=arrays["expected/error_scale"], naive_error=arrays["expected/naive_error"],
                     flops=attrs["flops"])
-    return GoldenCase(path=path, case=case, inputs=inputs, golden=golden, attrs=attrs)
+    gradient = None
+    if case.grad:
+        gradient = GradientGolden(**{field: arrays[name] for name, field in _GRADIENT_FIELDS.items()},
+                                  flops=attrs["grad_flops"])
+    return GoldenCase(path=path, case=case, inputs=inputs, golden=golden, attrs=attrs, gradient=gradient)

@@ -30,9 +30,10 @@ from conformance.files import sha256_file
 from conformance.golden.format import INPUT_GENERATOR, Provenance, case_path, read_golden, write_golden
 from conformance.golden.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from conformance.processes import exit_with_parent
-from conformance.reference.compute import ALGORITHM, compute_reference
+from conformance.reference.compute import ALGORITHM, Golden, compute_reference
+from conformance.reference.gradient import GradientGolden, compute_gradient_reference
 from conformance.spec.case import Case
-from conformance.spec.inputs import make_inputs
+from conformance.spec.inputs import CaseInputs, make_inputs
 from conformance.spec.load import OpSpec
 
 
@@ -113,18 +114,44 @@ def os_reason(exc: OSError) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+@dataclass(frozen=True)
+class ComputedCase:
+    """Everything a golden file of a case holds: its seeded inputs (grad_out too for a case with
+    gradients), the exact forward and, for a case with gradients, the exact backward."""
+
+    inputs: CaseInputs
+    golden: Golden
+    gradient: GradientGolden | None
+
+    @property
+    def flops(self) -> int:
+        return self.golden.flops + (self.gradient.flops if self.gradient is not None else 0)
+
+
+def compute_case(case: Case, device: str = "cpu") -> ComputedCase:
+    """The seeded inputs of ``case`` and their exact results (forward, and backward when ``case.grad``)."""
+    inputs = make_inputs(case)  # with the seeded grad_out when case.grad
+    golden = compute_reference(case, inputs, device=device)
+    gradient = compute_gradient_reference(case, inputs, inputs.grad_out, device=device) if case.grad else None
+    return ComputedCase(inputs, golden, gradient)
+
+
+def write_case(path: Path, case: Case, computed: ComputedCase, prov: Provenance) -> None:
+    write_golden(path, case, computed.inputs, computed.golden, prov, computed.gradient)
+
+
 def generate_case(job: Job, device: str = "cpu") -> CaseResult:
     """Compute and write one golden. A failed write raises :class:`GoldenWriteError` (no partial file)."""
     start = time.perf_counter()
-    inputs = make_inputs(job.case)
-    golden = compute_reference(job.case, inputs, device=device)
+    computed = compute_case(job.case, device)
     try:
-        write_golden(job.path, job.case, inputs, golden, job.provenance)
+        write_case(job.path, job.case, computed, job.provenance)
     except OSError as exc:
         raise GoldenWriteError(str(job.path), os_reason(exc)) from None
     seconds = time.perf_counter() - start
-    return CaseResult(job.case.id, job.path, sha256_file(job.path), job.path.stat().st_size, golden.flops, seconds,
-                      golden.stats.double_double, golden.stats.exact)
+    stats = [computed.golden.stats] + ([computed.gradient.stats] if computed.gradient is not None else [])
+    return CaseResult(job.case.id, job.path, sha256_file(job.path), job.path.stat().st_size, computed.flops, seconds,
+                      sum(s.double_double for s in stats), sum(s.exact for s in stats))
 
 
 def init_worker(threads: int) -> None:

@@ -47,6 +47,7 @@ from conformance.golden.format import (
 )
 from conformance.golden.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
 from conformance.reference.compute import Golden
+from conformance.reference.gradient import GradientGolden
 from conformance.spec.case import Case
 from conformance.spec.inputs import CaseInputs
 
@@ -97,10 +98,12 @@ def reproducer_path(directory: Path, backend: str, case_id: str) -> Path:
 
 
 def write_reproducer(path: Path, case: Case, inputs: CaseInputs, golden: Golden, provenance: Provenance,
-                     info: ReproducerInfo, backend_out: torch.Tensor | None, variant_out: torch.Tensor | None) -> Path:
-    """Write the golden file of ``case`` with the ``/reproducer`` group, atomically; returns ``path``."""
+                     info: ReproducerInfo, backend_out: torch.Tensor | None, variant_out: torch.Tensor | None,
+                     gradient: GradientGolden | None = None) -> Path:
+    """Write the golden file of ``case`` (with its gradients when it has them) with the ``/reproducer``
+    group, atomically; returns ``path``."""
     with atomic_path(path) as tmp:
-        write_golden(tmp, case, inputs, golden, provenance)
+        write_golden(tmp, case, inputs, golden, provenance, gradient)
         with h5py.File(tmp, "a") as f:
             g = f.create_group(GROUP, track_order=False)
             a = g.attrs
@@ -195,7 +198,7 @@ def promote(path: str | Path, regression_dir: Path | None = None) -> Promotion:
     a = gc.attrs
     provenance = Provenance(spec_file=a["spec_file"], spec_sha256=a["spec_sha256"], spec_seed=a["spec_seed"])
     dest = case_path(regression_dir, gc.case.id)
-    write_golden(dest, gc.case, gc.inputs, gc.golden, provenance)
+    write_golden(dest, gc.case, gc.inputs, gc.golden, provenance, gc.gradient)
     files: list[dict[str, Any]] = []
     specs: dict[str, dict[str, Any]] = {}
     if (regression_dir / MANIFEST_NAME).exists():

@@ -13,10 +13,9 @@ import numpy as np
 
 from conformance.errors import ConformanceError, GoldenError
 from conformance.files import sha256_file
-from conformance.golden.format import DEFAULT_MAX_CASE_BYTES, GoldenCase, Provenance, read_golden, write_golden
+from conformance.golden.format import DEFAULT_MAX_CASE_BYTES, GoldenCase, Provenance, read_golden
+from conformance.golden.generate import compute_case, write_case
 from conformance.golden.manifest import MANIFEST_NAME, dataset_sha256, read_manifest
-from conformance.reference.compute import compute_reference
-from conformance.spec.inputs import make_inputs
 
 
 @dataclass
@@ -44,13 +43,12 @@ class VerifyResult:
 def regenerate_and_compare(gc: GoldenCase, device: str = "cpu") -> str | None:
     """Recompute ``gc`` from its own attributes; None if the bytes are identical, else what differs."""
     case = gc.case
-    inputs = make_inputs(case)
-    golden = compute_reference(case, inputs, device=device)
+    computed = compute_case(case, device)
     prov = Provenance(spec_file=gc.attrs["spec_file"], spec_sha256=gc.attrs["spec_sha256"],
                       spec_seed=gc.attrs["spec_seed"])
     with tempfile.TemporaryDirectory(prefix="rlk-verify-") as tmp:
         fresh = Path(tmp) / "case.h5"
-        write_golden(fresh, case, inputs, golden, prov)
+        write_case(fresh, case, computed, prov)
         if sha256_file(fresh) == sha256_file(gc.path):
             return None
         return _first_difference(gc.path, fresh)

@@ -17,6 +17,7 @@ from conformance.golden.reproducer import DEFAULT_REPRODUCER_DIR
 from conformance.judge.records import Record
 from conformance.report.json import build_report
 from conformance.run.settings import load_rules, tolerances_provenance
+from conformance.search.catalog import parse_properties
 from conformance.search.engine import (
     DEFAULT_DATABASE_DIR,
     PROFILES,
@@ -25,7 +26,6 @@ from conformance.search.engine import (
     SearchSettings,
     check_backend,
 )
-from conformance.search.properties import parse_properties
 from conformance.search.strategies import space_from_specs
 from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES, default_spec_paths, load_specs
 

@@ -82,10 +82,15 @@ def gradient_padding_variants(call: OpCall, grad_out: torch.Tensor, extra: int =
     yield GradVariant(f"{n} masked keys prepended", pre, grad_out, lambda g: (g[0], g[1][:, :, n:], g[2][:, :, n:]),
                       _same, zero_keys=slice(0, n))
     if call.key_padding_mask is not None and not bool(call.key_padding_mask.all()):
-        padded = ~call.key_padding_mask[:, None, :, None].expand_as(call.k)
-        poisoned = replace(call, k=call.k.masked_fill(padded, float("nan")), v=call.v.masked_fill(padded, float("nan")))
         label = f"NaN in the padded keys and values ({int((~call.key_padding_mask).sum())} slots)"
-        yield GradVariant(label, poisoned, grad_out, _same, _same)
+        yield GradVariant(label, refill_padding(call, lambda x: torch.full_like(x, float("nan"))), grad_out,
+                          _same, _same)
+
+
+def refill_padding(call: OpCall, fill: Callable[[torch.Tensor], torch.Tensor]) -> OpCall:
+    """``call`` with every padded key and value slot replaced by ``fill(k)``, ``fill(v)`` there."""
+    padded = ~call.key_padding_mask[:, None, :, None].expand_as(call.k)
+    return replace(call, k=torch.where(padded, fill(call.k), call.k), v=torch.where(padded, fill(call.v), call.v))
 
 
 def gradient_split_variants(call: OpCall, grad_out: torch.Tensor, case: Case) -> Iterator[GradVariant]:

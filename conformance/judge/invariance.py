@@ -5,13 +5,14 @@ surroundings change. The comparison every invariance check and property uses.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from conformance.judge.verdicts import JUDGE_CHUNK, OUTPUT_AXES, Verdict, at, judge_elementwise
+from conformance.judge.verdicts import GRADIENT_AXES, JUDGE_CHUNK, OUTPUT_AXES, Verdict, at, judge_elementwise
 from conformance.spec.tolerances import Tolerances
 
 INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
@@ -135,3 +136,22 @@ def compare_outputs(tolerances: Tolerances, check: str, label: str, got: torch.T
     if mismatch is None:
         return None
     return Verdict("fail", {**head, **mismatch.metrics()}, f"{label}: {mismatch.describe()}")
+
+
+def compare_gradients(tolerances: Tolerances, check: str, label: str, got: Sequence[torch.Tensor],
+                      want: Sequence[torch.Tensor]) -> Verdict | None:
+    """:func:`compare_outputs` of dQ, dK and dV in turn (``got``, ``want``: the three, in that order);
+    the first that differs fails the check, its message and metrics naming the tensor."""
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        mismatch = bitwise_mismatch(g, w, GRADIENT_AXES[name])
+        rule = tolerances.invariance_rule(check)
+        if rule is not None and (rule.atol > 0 or rule.rtol > 0):
+            verdict = compare_outputs(tolerances, check, f"{label}: {name}", g, w, {"variant": label, "tensor": name})
+        elif mismatch is None:
+            verdict = None
+        else:
+            verdict = Verdict("fail", {"variant": label, "tensor": name, **mismatch.metrics()},
+                              f"{label}: {name}: {mismatch.describe()}")
+        if verdict is not None:
+            return verdict
+    return None

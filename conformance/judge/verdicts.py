@@ -7,6 +7,7 @@ backend itself, parity (P) against another backend, plus the op contract.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from conformance.judge.records import Status
 from conformance.reference.compute import Golden
+from conformance.reference.gradient import GradientGolden
 from conformance.spec.tolerances import AccuracyRule, ElementRule
 
 
@@ -51,12 +53,59 @@ def judge_accuracy(out: torch.Tensor, golden: Golden, rule: AccuracyRule | None,
     if rule is None:
         return Verdict("fail", {}, f"no accuracy rule for this op and dtype in rule set '{rule_name}' of "
                        "tolerances.yaml (fail closed)")
-    shape = golden.out.shape
+    metrics, problems = judge_elements(out, golden.out, golden.naive_error, golden.error_scale, rule, peak_k)
+    metrics["rule_set"] = rule_name
+    if problems:
+        return Verdict("fail", metrics, "; ".join(problems))
+    return Verdict("pass", metrics, f"max err {metrics['max_abs_err']:.3g} ({metrics['threshold_ratio']:.3g} of "
+                   "threshold)")
+
+
+#: Axis names of dK and dV [B, Hkv, Skv, D]: batch entry, KV head, key, head-dim column.
+KEY_AXES = ("b", "h_kv", "k", "d")
+GRADIENT_AXES = {"dq": OUTPUT_AXES, "dk": KEY_AXES, "dv": KEY_AXES}
+
+
+def judge_gradient_accuracy(grads: Sequence[torch.Tensor], gradient: GradientGolden, rule: AccuracyRule | None,
+                            rule_name: str) -> Verdict:
+    """:func:`judge_elements` for each of dQ (per query row), dK and dV (per key) against the exact
+    gradients; fails when one of them fails, naming it. Metrics: the worst ``threshold_ratio`` and
+    ``margin`` over the three, and each tensor's metrics under ``dq``, ``dk``, ``dv``."""
+    if rule is None:
+        return Verdict("fail", {}, f"no gradient_accuracy rule for this op and dtype in rule set '{rule_name}' of "
+                       "tolerances.yaml (fail closed)")
+    metrics: dict[str, Any] = {"rule_set": rule_name}
+    problems = []
+    for name, got, axes in zip(("dq", "dk", "dv"), grads, (OUTPUT_AXES, KEY_AXES, KEY_AXES)):
+        want = getattr(gradient, name)
+        part, wrong = judge_elements(got, want, getattr(gradient, f"{name}_naive_error"),
+                                     getattr(gradient, f"{name}_error_scale"), rule, None, axes)
+        metrics[name] = part
+        problems += [f"{name}: {p}" for p in wrong]
+    metrics["threshold_ratio"] = max(metrics[n]["threshold_ratio"] for n in ("dq", "dk", "dv"))
+    metrics["margin"] = 1.0 - metrics["threshold_ratio"]
+    metrics["max_abs_err"] = max(metrics[n]["max_abs_err"] for n in ("dq", "dk", "dv"))
+    if problems:
+        return Verdict("fail", metrics, "; ".join(problems))
+    return Verdict("pass", metrics, "max err " + ", ".join(f"{n} {metrics[n]['max_abs_err']:.3g}"
+                                                           for n in ("dq", "dk", "dv"))
+                   + f" ({metrics['threshold_ratio']:.3g} of threshold)")
+
+
+def judge_elements(got_t: torch.Tensor, want_a: np.ndarray, naive_error: np.ndarray, error_scale: np.ndarray,
+                   rule: AccuracyRule, peak_k: float | None, axes: tuple[str, ...] = OUTPUT_AXES
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """The accuracy metrics of ``got_t`` against ``want_a`` (``[..., D]``; ``naive_error`` and
+    ``error_scale`` one per row of D elements) and what is wrong: elementwise
+    ``|c − g| ≤ max(atol + rtol·|g|, naive_factor·e_row)``, NaN/Inf where the golden is finite, and
+    the strict rule set's bounds on the max and mean error by the naive same-dtype error. Judged a
+    chunk of rows at a time; ``axes`` names the worst element's place in messages."""
+    shape = want_a.shape
     d = shape[-1] if shape else 1
-    got = out.detach().to("cpu").reshape(-1, d)
-    want = golden.out.reshape(-1, d)
-    e_rows = golden.naive_error.reshape(-1)
-    scales = golden.error_scale.reshape(-1)
+    got = got_t.detach().to("cpu").reshape(-1, d)
+    want = want_a.reshape(-1, d)
+    e_rows = naive_error.reshape(-1)
+    scales = error_scale.reshape(-1)
     max_err = peak = in_units = 0.0
     err_sum, n_finite, n_nonfinite, n_bad = 0.0, 0, 0, 0
     worst_ratio, worst_flat = -math.inf, 0
@@ -86,7 +135,7 @@ def judge_accuracy(out: torch.Tensor, golden: Golden, rule: AccuracyRule | None,
     worst = np.unravel_index(worst_flat, shape) if size else None
     worst_ratio = worst_ratio if size else 0.0
     mean_err = err_sum / n_finite if n_finite else float("inf")
-    naive_max = float(golden.naive_error.max()) if golden.naive_error.size else 0.0
+    naive_max = float(naive_error.max()) if naive_error.size else 0.0
     metrics: dict[str, Any] = {
         "max_abs_err": max_err,
         "mean_abs_err": mean_err,
@@ -97,7 +146,6 @@ def judge_accuracy(out: torch.Tensor, golden: Golden, rule: AccuracyRule | None,
         "margin": 1.0 - worst_ratio,
         "nonfinite": n_nonfinite,
         "worst_index": [int(i) for i in worst] if worst is not None else None,
-        "rule_set": rule_name,
     }
     if peak_k is not None:
         metrics["peak_relative_ok"] = bool(max_err <= peak_k * peak)
@@ -107,17 +155,15 @@ def judge_accuracy(out: torch.Tensor, golden: Golden, rule: AccuracyRule | None,
     if n_bad and n_nonfinite < size:
         got_w = float(got.reshape(-1)[worst_flat].to(torch.float64))
         problems.append(f"{n_bad} elements over the threshold, worst {worst_ratio:.3g}× at "
-                        f"{at(metrics['worst_index'])}: got {got_w:.9g}, golden "
+                        f"{at(metrics['worst_index'], axes)}: got {got_w:.9g}, golden "
                         f"{float(want.reshape(-1)[worst_flat]):.9g}")
-    naive_mean = float(golden.naive_error.mean()) if golden.naive_error.size else 0.0
+    naive_mean = float(naive_error.mean()) if naive_error.size else 0.0
     if rule.max_naive_ratio is not None and max_err > rule.max_naive_ratio * naive_max:
         problems.append(f"max error {max_err:.3g} > {rule.max_naive_ratio}× naive same-dtype error {naive_max:.3g}")
     if rule.mean_naive_ratio is not None and mean_err > rule.mean_naive_ratio * max(naive_mean, 0.0) and mean_err > 0:
         problems.append(f"mean error {mean_err:.3g} > {rule.mean_naive_ratio}× mean naive same-dtype error "
                         f"{naive_mean:.3g}")
-    if problems:
-        return Verdict("fail", metrics, "; ".join(problems))
-    return Verdict("pass", metrics, f"max err {max_err:.3g} ({worst_ratio:.3g} of threshold)")
+    return metrics, problems
 
 
 def judge_elementwise(got: torch.Tensor, want: np.ndarray, rule: ElementRule | AccuracyRule | None,

@@ -82,15 +82,16 @@ def ziv_intervals(dots: list[int], vc: list[float], case: Case) -> np.float32:
 
 
 def decide_by_intervals(dots: list[int], case: Case, value: Callable[[Any, list[Any]], Any],
-                         what: str) -> np.float32:
+                         what: str, max_prec: int = 8192) -> np.float32:
     """Ziv's strategy: evaluate ``value(iv, logits)`` in interval arithmetic at doubling precision
-    until both endpoints round to the same float32 (the exact value is then known to round there).
+    (128 bits up to ``max_prec``) until both endpoints round to the same float32 (the exact value is
+    then known to round there); ArithmeticError when ``max_prec`` bits do not decide it.
     The logits are ``scale · dot · 2**(-2·EXACT_SHIFT)`` from exact integer dots."""
     iv = mpmath.iv
     saved = iv.prec
     try:
         prec = 128
-        while prec <= 8192:
+        while prec <= max_prec:
             iv.prec = prec
             scale = (1 / iv.sqrt(case.d)) if case.scale is None else iv.mpf(case.scale)
             logits = [iv.mpf(dot) * iv.mpf(2) ** (-2 * EXACT_SHIFT) * scale for dot in dots]

@@ -3,7 +3,7 @@ numerator, and interval arithmetic of doubling precision for what double-double 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -27,6 +27,10 @@ class _ExactRow:
     group_of: list[int]  # group index of each key (equal logits)
     groups: list[list[int]]  # key positions per group
     group_dots: list[int]
+    group_dps: list[int]  # Σ dP over each group (·2^298)
+    # The row's weights, their sum and D in intervals, per precision (shared by every element of the
+    # row's dQ and by every dK, dV element the row contributes to: the same bits at each precision).
+    intervals: dict[int, tuple[list[Any], Any, Any]] = field(default_factory=dict)
 
 
 _SHIFT = Fraction(1, 2 ** 298)  # exact_dots gives value·2^298
@@ -48,7 +52,7 @@ def _exact_row(case: Case, q: np.ndarray, do: np.ndarray, k: np.ndarray, v: np.n
             group_dots.append(dot)
         groups[index[key]].append(pos)
         group_of.append(index[key])
-    return _ExactRow(keys, dots, dps, group_of, groups, group_dots)
+    return _ExactRow(keys, dots, dps, group_of, groups, group_dots, [sum(dps[j] for j in grp) for grp in groups])
 
 
 def exact_tier(case: Case, ops: Operands, left: dict[str, np.ndarray], out32: dict[str, np.ndarray],
@@ -104,7 +108,8 @@ def _iv_fraction(iv: Any, x: Fraction) -> Any:
     return iv.mpf(x.numerator) / iv.mpf(x.denominator)
 
 
-FORMAL_GROUPS = 256  # up to this many logit groups the O(G²) algebraicity check runs before the intervals
+QUICK_PREC = 256  # intervals up to this many bits decide every value not on (or at 0 near) a boundary
+FORMAL_GROUPS = 256  # up to this many logit groups the O(G²) algebraicity check runs before longer intervals
 
 
 def _exact_dq(case: Case, er: _ExactRow, k_col: list[int], what: str) -> np.float32:
@@ -113,15 +118,19 @@ def _exact_dq(case: Case, er: _ExactRow, k_col: list[int], what: str) -> np.floa
     column's values ·2^149 as integers). The x_g are powers of one transcendental number (integer
     logits), so the value is algebraic iff the numerator's coefficient of each distinct exponent is
     c times W²'s, one constant c (the value is then scale·c): a formal check, O(G²). It is needed only
-    for algebraic values, where intervals never converge: with many groups the intervals go first."""
+    for algebraic values, where intervals never converge, so short intervals go first; with many
+    groups the long intervals do too."""
     n = [len(grp) for grp in er.groups]
-    a = [sum(er.dps[j] * k_col[j] for j in grp) for grp in er.groups]  # ·2^447
-    bsum = [sum(er.dps[j] for j in grp) for grp in er.groups]  # ·2^298
-    csum = [sum(k_col[j] for j in grp) for grp in er.groups]  # ·2^149
+    bsum = er.group_dps  # ·2^298
+    a: list[int] = []  # ·2^447, filled (with csum) only when the formal check or the exact value runs
+    csum: list[int] = []  # ·2^149
     order = sorted(range(len(n)), key=lambda x: er.group_dots[x])
     top, bottom = order[-1], order[0]
 
     def diagonal(x: int) -> int:  # the coefficient of x_g² (·2^447); W²'s is n_g²
+        if not a:
+            a.extend(sum(er.dps[j] * k_col[j] for j in grp) for grp in er.groups)
+            csum.extend(sum(k_col[j] for j in grp) for grp in er.groups)
         return n[x] * a[x] - bsum[x] * csum[x]
 
     def algebraic() -> bool:
@@ -143,17 +152,22 @@ def _exact_dq(case: Case, er: _ExactRow, k_col: list[int], what: str) -> np.floa
         return _round_scaled(case, Fraction(diagonal(top), n[top] ** 2 * 2 ** 447), what)
 
     def value(iv: Any, logits: list[Any]) -> Any:
-        lg, scale = logits[:-1], logits[-1]
-        w, total, dsum = _iv_row(iv, lg, er.dps)
+        scale = logits[0]
+        _, _, ds = _row_intervals(iv, case, er, scale)
         acc = iv.mpf(0)
-        for wj, dpj, kj in zip(w, er.dps, k_col):
-            acc += wj * (_iv_dp(iv, dpj) - dsum) * (iv.mpf(kj) * iv.mpf(2) ** -149)
-        return _away_from_zero(iv, scale * acc / total)
+        for dsj, kj in zip(ds, k_col):
+            if kj:
+                acc += dsj * kj
+        return _away_from_zero(iv, scale * acc * iv.mpf(2) ** -149)
 
-    if len(n) <= FORMAL_GROUPS:
-        return exact() if algebraic() else decide_by_intervals([*er.dots, 2 ** 298], case, value, what)
     try:
-        return decide_by_intervals([*er.dots, 2 ** 298], case, value, what)
+        return decide_by_intervals([2 ** 298], case, value, what, QUICK_PREC)
+    except ArithmeticError:
+        pass
+    if len(n) <= FORMAL_GROUPS:
+        return exact() if algebraic() else decide_by_intervals([2 ** 298], case, value, what)
+    try:
+        return decide_by_intervals([2 ** 298], case, value, what)
     except ArithmeticError:
         if algebraic():
             return exact()
@@ -177,7 +191,7 @@ def _exact_column(case: Case, name: str, contributions: list[tuple[_ExactRow, in
                 rest.append((er, pos, x))
             continue
         dpj = er.dps[pos]
-        sums = [sum(er.dps[i] for i in grp_h) for grp_h in er.groups]
+        sums = er.group_dps
         if all(len(grp_h) * dpj == s for grp_h, s in zip(er.groups, sums)):
             continue  # dP_j equals every group's mean: dS_ij ≡ 0
         if len(er.groups) == 1:
@@ -187,38 +201,51 @@ def _exact_column(case: Case, name: str, contributions: list[tuple[_ExactRow, in
             rest.append((er, pos, x))
     if not rest:
         return _round_scaled(case, rational, what) if name == "dk" else round_fraction_to_f32(rational)
-    dots = [dot for er, _, _ in rest for dot in er.dots] + [2 ** 298]
-
     def value(iv: Any, logits: list[Any]) -> Any:
-        scale = logits[-1]
+        scale = logits[0]
         acc = _iv_fraction(iv, rational)
-        at = 0
         for er, pos, x in rest:
-            lg = logits[at:at + len(er.dots)]
-            at += len(er.dots)
-            w, total, dsum = _iv_row(iv, lg, er.dps)
-            pj = w[pos] / total
-            term = pj * (_iv_dp(iv, er.dps[pos]) - dsum) if name == "dk" else pj
+            w, total, ds = _row_intervals(iv, case, er, scale)
+            term = ds[pos] if name == "dk" else w[pos] / total
             acc += _iv_fraction(iv, x) * term
         return _away_from_zero(iv, scale * acc if name == "dk" else acc)
 
-    return decide_by_intervals(dots, case, value, what)
+    return decide_by_intervals([2 ** 298], case, value, what)  # the one "logit" is the scale
 
 
-def _iv_dp(iv: Any, dp: int) -> Any:
-    return iv.mpf(dp) * iv.mpf(2) ** -298
+def _row_intervals(iv: Any, case: Case, er: _ExactRow, scale: Any) -> tuple[list[Any], Any, Any]:
+    """:func:`_iv_row` of ``er`` at the current precision, computed once per row and precision
+    (``scale``: the scale's interval at that precision)."""
+    hit = er.intervals.get(iv.prec)
+    if hit is None:
+        unit = iv.mpf(2) ** -298
+        hit = er.intervals[iv.prec] = _iv_row(iv, [iv.mpf(dot) * unit * scale for dot in er.dots], er.dps)
+    return hit
 
 
-def _iv_row(iv: Any, logits: list[Any], dps: list[int]) -> tuple[list[Any], Any, Any]:
-    """A row's weights exp(s_j − ref), their sum W and D = Σ_j w_j dP_j / W, in intervals."""
-    ref = iv.mpf(max(float(x.mid) for x in logits))
+def _iv_row(iv: Any, logits: list[Any], dps: list[int]) -> tuple[list[Any], Any, list[Any]]:
+    """A row's weights w_j = exp(s_j − ref), their sum W and dS_j = P_j (dP_j − D) in intervals.
+
+    dP_j − D = Σ_l w_l (dP_j − dP_l) / W is the difference that cancels (when one weight dominates,
+    D is dP of that key up to the tiny others). It is taken apart around the key m of the largest
+    logit: F = Σ_l w_l (dP_l − dP_m) and W (dP_j − D) = (dP_j − dP_m) W − F, where every dP
+    difference is an exact integer. Then dS_m = −w_m F / W² has no cancellation at all and the others
+    cancel only when the value itself is small against its terms, so the intervals stay tight at the
+    working precision instead of needing as many bits as the weights span."""
+    m = max(range(len(logits)), key=lambda j: float(logits[j].mid))
+    ref = iv.mpf(float(logits[m].mid))
+    unit = iv.mpf(2) ** -298
     w = [iv.exp(x - ref) for x in logits]
     total = iv.mpf(0)
-    num = iv.mpf(0)
+    f = iv.mpf(0)
     for wj, dpj in zip(w, dps):
         total += wj
-        num += wj * _iv_dp(iv, dpj)
-    return w, total, num / total
+        if dpj != dps[m]:
+            f += wj * (dpj - dps[m])
+    f *= unit
+    inv2 = 1 / (total * total)
+    ds = [wj * (((dpj - dps[m]) * unit) * total - f) * inv2 for wj, dpj in zip(w, dps)]
+    return w, total, ds
 
 
 def _away_from_zero(iv: Any, x: Any) -> Any:

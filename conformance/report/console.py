@@ -15,7 +15,7 @@ from conformance.judge.records import Record
 from conformance.report.json import DTYPE_ORDER
 from conformance.run.profiling import MIB, PHASES
 from conformance.spec.case import parse_case_id
-from conformance.spec.checks import CHECKS, INVARIANCE_CHECKS
+from conformance.spec.checks import CHECKS, GRADIENT_CHECKS, GRADIENT_INVARIANCE_CHECKS, INVARIANCE_CHECKS
 
 
 def badness(r: Record) -> float:
@@ -35,28 +35,37 @@ def print_summary(console: Console, records: Sequence[Record], title: str, worst
     for r in records:
         key = (r.check, r.dtype)
         cells[key][r.status] += 1
-        if r.check == "accuracy" and r.metrics.get("margin") is not None:
+        if r.check in ("accuracy", "gradient_accuracy") and r.metrics.get("margin") is not None:
             margins[key] = min(margins.get(key, float("inf")), float(r.metrics["margin"]))
     # The title on a line of its own: a table title wraps at the table's width.
     console.print(title, style="bold", markup=False, highlight=False, soft_wrap=True)
-    table = Table(caption="pass / fail / error / skip (worst accuracy margin: 1 − err/threshold)")
-    table.add_column("check")
-    for d in dtypes:
-        table.add_column(d or "—", justify="right")
-    for check in [c for c in CHECKS if any(r.check == c for r in records)]:
-        row = [check]
+    present = [c for c in CHECKS if any(r.check == c for r in records)]
+    present += sorted({r.check for r in records} - set(present))
+    forward = [c for c in present if c not in GRADIENT_CHECKS]
+    gradient = [c for c in present if c in GRADIENT_CHECKS]
+    # The forward's and the gradients' judgments are reported apart: a table each.
+    for checks, what in ((forward, "the forward: out"), (gradient, "the gradients: dQ, dK, dV")):
+        if not checks:
+            continue
+        table = Table(title=what if gradient else None,
+                      caption="pass / fail / error / skip (worst accuracy margin: 1 − err/threshold)")
+        table.add_column("check")
         for d in dtypes:
-            c = cells.get((check, d))
-            if not c:
-                row.append("")
-                continue
-            style = "red" if c["fail"] or c["error"] else ("green" if c["pass"] else "yellow")
-            text = f"{c['pass']}/{c['fail']}/{c['error']}/{c['skip']}"
-            if (check, d) in margins:
-                text += f"  m={margins[(check, d)]:.2f}"
-            row.append(f"[{style}]{text}[/]")
-        table.add_row(*row)
-    console.print(table)
+            table.add_column(d or "—", justify="right")
+        for check in checks:
+            row = [check]
+            for d in dtypes:
+                c = cells.get((check, d))
+                if not c:
+                    row.append("")
+                    continue
+                style = "red" if c["fail"] or c["error"] else ("green" if c["pass"] else "yellow")
+                text = f"{c['pass']}/{c['fail']}/{c['error']}/{c['skip']}"
+                if (check, d) in margins:
+                    text += f"  m={margins[(check, d)]:.2f}"
+                row.append(f"[{style}]{text}[/]")
+            table.add_row(*row)
+        console.print(table)
     bad = sorted((r for r in records if r.status in ("fail", "error") and r.expected is None), key=badness,
                  reverse=True)
     known = [r for r in records if r.status in ("fail", "error") and r.expected is not None]
@@ -144,14 +153,17 @@ def guidance(records: Sequence[Record], backend: str) -> list[str]:
     bad = [r for r in records if r.status in ("fail", "error") and r.expected is None]
     if not bad:
         return []
-    kinds = Counter("invariance" if r.check in INVARIANCE_CHECKS else r.check for r in bad)
+    kinds = Counter("invariance" if r.check in INVARIANCE_CHECKS else "gradient invariance"
+                    if r.check in GRADIENT_INVARIANCE_CHECKS else r.check for r in bad)
     by_check = Counter(r.check for r in bad if r.check in INVARIANCE_CHECKS)
+    by_gradient = Counter(r.check for r in bad if r.check in GRADIENT_INVARIANCE_CHECKS)
     parts = []
     for kind, n in kinds.most_common():
-        detail = f" ({', '.join(f'{c} {k}' for c, k in by_check.most_common())})" if kind == "invariance" else ""
+        counts = by_check if kind == "invariance" else by_gradient if kind == "gradient invariance" else None
+        detail = f" ({', '.join(f'{c} {k}' for c, k in counts.most_common())})" if counts else ""
         parts.append(f"{kind} {n}{detail}")
     lines = [f"what failed: {'; '.join(parts)}"]
-    if set(kinds) == {"invariance"}:
+    if set(kinds) <= {"invariance", "gradient invariance"}:
         lines[0] += (" — the outputs are accurate but their bits change with the surroundings (batch, split, "
                      "chunking, padding, reruns): a correct kernel that is not invariant; docs/backends.md "
                      "'Reading a report' says how to read it")

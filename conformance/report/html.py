@@ -48,7 +48,7 @@ from conformance.report.markup import (
 )
 from conformance.report.plots import error_plots, error_points
 from conformance.report.runs import BackendRun
-from conformance.spec.checks import INVARIANCE_CHECKS
+from conformance.spec.checks import GRADIENT_CHECKS, GRADIENT_INVARIANCE_CHECKS, INVARIANCE_CHECKS
 
 
 def kv_table(rows: Sequence[tuple[str, Any]], cls: str = "kv") -> str:
@@ -110,15 +110,19 @@ def counts_table(run: BackendRun) -> str:
             '<span class="n error">error</span> <span class="n skip">skip</span>.</p>')
 
 
-def matrix_section(runs: Sequence[BackendRun]) -> str:
-    """Rows: case family × dtype; one column group per backend, one column per check."""
-    all_recs = [r for run in runs for r in run.records]
+def matrix_section(runs: Sequence[BackendRun], gradients: bool = False) -> str:
+    """Rows: case family × dtype; one column group per backend, one column per check: the forward
+    checks, or (``gradients``) the gradient checks, each judgment apart. Empty without records."""
+    picked = [[r for r in run.records if (r["check"] in GRADIENT_CHECKS) == gradients] for run in runs]
+    all_recs = [r for recs in picked for r in recs]
+    if not all_recs:
+        return ""
     dtypes = ordered_dtypes(all_recs)
     families = sorted({family_key(r) for r in all_recs})
-    per_run = [count_by(run.records, lambda r: (family_key(r), r.get("dtype", ""), r["check"])) for run in runs]
+    per_run = [count_by(recs, lambda r: (family_key(r), r.get("dtype", ""), r["check"])) for recs in picked]
     # Each backend's column group holds the checks its own report has (a property search has others
     # than a golden run), so that a comparison of several reports stays narrow.
-    run_checks = [ordered_checks(run.records) for run in runs]
+    run_checks = [ordered_checks(recs) for recs in picked]
     head1 = "".join(f'<th colspan="{len(checks)}" class="bgroup">{esc(run.label)}</th>'
                     for run, checks in zip(runs, run_checks))
     head2 = "".join(f'<th class="chk" title="{esc(c)}">{esc(CHECK_ABBREV.get(c, c[:5]))}</th>'
@@ -147,10 +151,11 @@ def matrix_section(runs: Sequence[BackendRun]) -> str:
                     tds.append(f"<td{attrs}>{esc(text)}</td>")
             rows.append(f'<tr><th class="fam">{esc(fam)}</th><th class="dt">{esc(dtype_label(d))}</th>'
                         f"{''.join(tds)}</tr>")
+    toggle = "" if gradients else (
+        '<label class="toggle"><input type="checkbox" id="only-failing"> show only rows with a failure</label>')
     return (
-        '<label class="toggle"><input type="checkbox" id="only-failing"> show only rows with a failure</label>'
-        '<div class="scroll"><table class="matrix" id="matrix"><thead>'
-        f'<tr><th rowspan="2">case family</th><th rowspan="2">dtype</th>{head1}</tr><tr>{head2}</tr></thead>'
+        f'{toggle}<div class="scroll"><table class="matrix" id="matrix-{"gradients" if gradients else "forward"}">'
+        f'<thead><tr><th rowspan="2">case family</th><th rowspan="2">dtype</th>{head1}</tr><tr>{head2}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
         '<p class="note">A cell: failing/total when any record fails or errors (red); the number of passes '
         "when all pass (green; * = some skipped); s = all skipped (yellow); empty = not run.</p>")
@@ -181,12 +186,14 @@ def summary_section(runs: Sequence[BackendRun]) -> str:
     return f'{warn}<table class="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def invariance_section(run: BackendRun) -> str:
-    """Failing invariance records as a map (variant kind × dtype → failing cases) and a detail list
-    (variant, batch row and query row of the first mismatch, mismatched elements, ulp)."""
-    bad = [r for r in run.records if r["check"] in INVARIANCE_CHECKS and r["status"] == "fail"]
+def invariance_section(run: BackendRun, checks: Sequence[str] = INVARIANCE_CHECKS) -> str:
+    """Failing invariance records of ``checks`` (the forward's, or the gradients') as a map (variant
+    kind × dtype → failing cases) and a detail list (variant, tensor, batch row and query row of the
+    first mismatch, mismatched elements, ulp)."""
+    bad = [r for r in run.records if r["check"] in checks and r["status"] == "fail"]
     if not bad:
-        return '<p class="ok">No invariance check failed.</p>'
+        kind = "gradient invariance" if checks == GRADIENT_INVARIANCE_CHECKS else "invariance"
+        return f'<p class="ok">No {kind} check failed.</p>'
     dtypes = ordered_dtypes(bad)
     groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in bad:
@@ -194,7 +201,7 @@ def invariance_section(run: BackendRun) -> str:
         groups[(r["check"], variant_pattern(variant))][r.get("dtype", "")].append(r)
     peak = max(len(v) for g in groups.values() for v in g.values())
     rows = []
-    for check in [c for c in INVARIANCE_CHECKS if any(k[0] == c for k in groups)]:
+    for check in [c for c in checks if any(k[0] == c for k in groups)]:
         for (chk, pattern), by_dtype in sorted(groups.items()):
             if chk != check:
                 continue
@@ -218,7 +225,7 @@ def invariance_section(run: BackendRun) -> str:
         vals = m.get("first_values") or []
         detail_rows.append(
             f'<tr data-case="{esc(r["case_id"])}"><td>{esc(r["check"])}</td><td>{esc(dtype_label(r.get("dtype", "")))}'
-            f'</td><td class="id">{esc(r["case_id"])}</td><td>{esc(m.get("variant", ""))}</td>'
+            f'</td><td class="id">{esc(r["case_id"])}</td><td>{esc(variant_cell(m))}</td>'
             f"<td>{esc(first[0] if len(first) > 0 else '—')}</td><td>{esc(first[1] if len(first) > 1 else '—')}</td>"
             f"<td>{esc(first[2] if len(first) > 2 else '—')}</td><td>{esc(first[3] if len(first) > 3 else '—')}</td>"
             f"<td>{esc(m.get('mismatched_elements', '—'))}</td>"
@@ -226,11 +233,18 @@ def invariance_section(run: BackendRun) -> str:
             f"<td>{esc(' vs '.join(str(v) for v in vals))}</td></tr>")
     details = ('<details><summary>every failing invariance record '
                f'({len(bad)})</summary><div class="scroll"><table class="detail"><thead><tr><th>check</th>'
-               "<th>dtype</th><th>case id</th><th>variant</th><th>b (batch)</th><th>h (head)</th><th>q (query row)</th>"
+               "<th>dtype</th><th>case id</th><th>variant</th><th>b (batch)</th><th>h (head)</th>"
+               "<th>q (query row) or k (key)</th>"
                "<th>d (head dim)</th><th>mismatched elements</th><th>max ulp</th>"
                "<th>first values (variant vs original)</th>"
                f"</tr></thead><tbody>{''.join(detail_rows)}</tbody></table></div></details>")
     return heat + details
+
+
+def variant_cell(metrics: dict[str, Any]) -> str:
+    """The variant of an invariance record, with the gradient tensor that differed (``dk · …``)."""
+    variant = str(metrics.get("variant", ""))
+    return f"{metrics['tensor']} · {variant}" if metrics.get("tensor") else variant
 
 
 def worst_section(run: BackendRun, n: int, anchor: str) -> str:
@@ -286,6 +300,8 @@ def backend_section(i: int, run: BackendRun, preset_dims: dict[str, int], worst:
         f"<h3>Accuracy: normalized error (err / threshold, worst element per case)</h3>"
         f"{error_plots(run, preset_dims)}"
         f"<h3>Invariance mismatch map</h3>{invariance_section(run)}"
+        + (f"<h3>Gradient invariance mismatch map</h3>{invariance_section(run, GRADIENT_INVARIANCE_CHECKS)}"
+           if any(r["check"] in GRADIENT_CHECKS for r in run.records) else "") +
         f"<h3>Worst cases</h3>{worst_section(run, worst, f'worst-b{i}')}"
         f"{skip_section(run)}</section>")
 
@@ -315,5 +331,7 @@ def render_html(runs: Sequence[BackendRun], preset_dims: dict[str, int], worst: 
         f"<code>rlk-conform run</code>.</p><nav>{nav}</nav></header>"
         f"<section><h2>Summary across backends</h2>{summary_section(runs)}</section>"
         f"<section><h2>Pass/fail matrix (check × dtype × case family)</h2>{matrix_section(runs)}</section>"
+        + (f"<section><h2>Gradients: pass/fail matrix (dQ, dK, dV checks × dtype × case family)</h2>{grad}"
+           "</section>" if (grad := matrix_section(runs, gradients=True)) else "")
         + "".join(backend_section(i, run, preset_dims, worst) for i, run in enumerate(runs))
         + f"<script>{asset('report.js')}</script></body></html>\n")

@@ -13,6 +13,7 @@ from conformance.errors import ConformanceError
 from conformance.files import atomic_path
 from conformance.judge.records import STATUSES, Record
 from conformance.spec.case import DTYPES
+from conformance.spec.checks import JUDGMENTS, judgment_of
 
 REPORT_FORMAT = "rlk-conform-report"
 REPORT_SCHEMA_VERSION = 1
@@ -27,11 +28,15 @@ def summarize(records: Sequence[Record]) -> dict[str, Any]:
     executed = by_status["pass"] + by_status["fail"] + by_status["error"]
     unexpected = sum(r.status in ("fail", "error") and r.expected is None for r in records)
     verdict = "fail" if unexpected or executed == 0 else "pass"
+    by_judgment: dict[str, dict[str, int]] = {}
+    for r in records:
+        by_judgment.setdefault(judgment_of(r.check), dict.fromkeys(STATUSES, 0))[r.status] += 1
     return {
         "records": len(records),
         "cases": len({r.case_id for r in records}),
         "by_status": {s: by_status[s] for s in STATUSES},
         "by_check": by_check,
+        "by_judgment": {j: by_judgment[j] for j in (*JUDGMENTS, "other") if j in by_judgment},
         "executed": executed,
         "expected_failures": sum(r.status in ("fail", "error") and r.expected is not None for r in records),
         "unexpected_failures": unexpected,

@@ -17,6 +17,7 @@ from conformance.report.markup import (
     worst_records,
 )
 from conformance.report.runs import BackendRun
+from conformance.spec.checks import JUDGMENTS, judgment_of
 
 
 def md_escape(text: Any) -> str:
@@ -53,14 +54,15 @@ def render_markdown(runs: Sequence[BackendRun], top: int = 5) -> str:
         lines.append("")
         dtypes, checks = ordered_dtypes(run.records), ordered_checks(run.records)
         cells = count_by(run.records, lambda r: (r["check"], r.get("dtype", "")))
-        lines.append("| check (pass/fail/error/skip) | " + " | ".join(dtype_label(d) for d in dtypes) + " |")
-        lines.append("|---|" + "---:|" * len(dtypes))
-        for check in checks:
+        lines.append("| judgment | check (pass/fail/error/skip) | " + " | ".join(dtype_label(d) for d in dtypes) + " |")
+        lines.append("|---|---|" + "---:|" * len(dtypes))
+        for check in sorted(checks, key=lambda c: list(JUDGMENTS).index(j) if (j := judgment_of(c)) in JUDGMENTS
+                            else len(JUDGMENTS)):  # the judgments apart, each in check order
             row = []
             for d in dtypes:
                 c = cells.get((check, d))
                 row.append("/".join(str(c[x]) for x in STATUSES) if c else "")
-            lines.append(f"| {check} | " + " | ".join(row) + " |")
+            lines.append(f"| {judgment_of(check)} | {check} | " + " | ".join(row) + " |")
         worst = worst_records(run.records, top)
         if worst:
             n_bad = sum(r["status"] in ("fail", "error") for r in run.records)

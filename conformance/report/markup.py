@@ -25,7 +25,9 @@ DTYPE_COLORS = {"float32": "#1f6fb4", "bfloat16": "#e0700b", "float16": "#2a9d3a
 STATUS_COLORS = {"pass": "#2e8b57", "fail": "#d62728", "error": "#8b0000", "skip": "#c9a227"}
 CHECK_ABBREV = {"accuracy": "acc", "batch": "batch", "split": "split", "prefill_decode": "p→d", "chunk": "chunk",
                 "padding": "pad", "determinism": "det", "contract": "contr", "parity": "par", "gqa": "gqa",
-                "nan_padding": "NaN"}
+                "nan_padding": "NaN", "gradient_accuracy": "∇acc", "gradient_batch": "∇batch",
+                "gradient_split": "∇split", "gradient_padding": "∇pad", "gradient_determinism": "∇det",
+                "gradient_contract": "∇contr"}
 def case_dims(case_id: str, preset_dims: dict[str, int]) -> tuple[int | None, int | None]:
     """(Skv, head dim D) from a case id (:func:`conformance.spec.case.parse_case_id`); D of a preset
     from ``preset_dims``. ``None`` for what cannot be derived (an unknown id shape or preset)."""

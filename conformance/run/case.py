@@ -28,9 +28,11 @@ from conformance.judge.transforms import (
     split_variants,
 )
 from conformance.judge.verdicts import Verdict, judge_accuracy, judge_elementwise
+from conformance.run.gradients import gradient_checks
 from conformance.run.invoker import BackendCallError, ContractViolation, Invoker, KernelSkipped
 from conformance.run.profiling import NO_TIMER, PhaseTimer
 from conformance.run.settings import RunSettings
+from conformance.spec.checks import GRADIENT_CHECKS
 from conformance.spec.tolerances import Tolerances
 
 
@@ -47,6 +49,7 @@ def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
     if reason:
         return [rec(c, Verdict("skip", {}, reason)) for c in requested]
 
+    requested = [c for c in requested if c not in GRADIENT_CHECKS or gc.gradient is not None]
     invoker.violations = []
     call = invoker.to_device(OpCall(case.op, gc.inputs.q, gc.inputs.k, gc.inputs.v, gc.inputs.key_padding_mask,
                                     case.causal, case.scale, case.s_past or 0))
@@ -91,6 +94,7 @@ def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
         else:
             records.append(rec("contract", Verdict("pass", {}, "shape, dtype, device, finite output, inputs "
                                                    "unchanged, no exception")))
+    records += [rec(check, verdict) for check, verdict in gradient_checks(invoker, gc, settings, call).items()]
     return records
 
 

@@ -56,6 +56,10 @@ class Invoker:
             return OpCall(call.op, call.q.to(self.device), call.k.to(self.device), call.v.to(self.device), mask,
                           call.causal, call.scale, call.s_past)
 
+    def to_device_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        with self.timer.phase("transfer"):
+            return t.to(self.device)
+
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` on the CPU, for judging (the same tensor when it is there already)."""
         with self.timer.phase("transfer"):
@@ -83,6 +87,7 @@ class Invoker:
         NoBackward when the backend has no backward, KernelSkipped when it declines the call and
         BackendCallError when it raises."""
         names = ["q", "k", "v"] if call.op == "attention" else ["q", "k_cache", "v_cache", "k_new", "v_new"]
+        grad_out = self.to_device_tensor(grad_out)
         args = self._args(call)
         kwargs = {"causal": call.causal, "scale": call.scale, "key_padding_mask": call.key_padding_mask}
         backward = getattr(self.backend, BACKWARD[call.op], None)

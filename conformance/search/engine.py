@@ -24,10 +24,9 @@ from hypothesis.errors import Flaky, Unsatisfiable
 from conformance.environment import execution_target
 from conformance.golden.reproducer import DEFAULT_REPRODUCER_DIR, ReproducerInfo, reproducer_path, write_reproducer
 from conformance.judge.records import Record
-from conformance.run.invoker import BackendCallError, ContractViolation, Invoker
+from conformance.run.invoker import BackendCallError, ContractViolation, Invoker, NoBackward
+from conformance.search.catalog import PROPERTIES, PROPERTY_NAMES
 from conformance.search.properties import (
-    PROPERTIES,
-    PROPERTY_NAMES,
     Counterexample,
     Example,
     Property,
@@ -67,7 +66,7 @@ PROFILES: dict[str, SearchProfile] = {
                   max_examples=50, derandomized=True, device=None,
                   description="fast and derandomized on the CPU: B <= 4, Hq <= 14, Skv <= 200"),
     # Score elements bound the exact reference's cost per example (its refinement runs on the CPU):
-    # 2**24 keeps an example near a second, so 9 properties × 1000 examples fit a night.
+    # 2**24 keeps an example near a second, so the properties × 1000 examples fit a night.
     "nightly": SearchProfile("nightly", "full", Limits(max_batch=8, max_heads=32, max_sq=1024, max_skv=8192,
                                                  max_out_elements=1 << 20, max_score_elements=1 << 24),
                        max_examples=1000, derandomized=False, device="cuda",
@@ -84,11 +83,18 @@ class BudgetSpent(unittest.SkipTest):
     stopped drawing early (which it reports as flaky data generation)."""
 
 
+class NoBackwardStop(unittest.SkipTest):
+    """Raised inside the Hypothesis test when a gradient property meets a backend without a backward
+    (:class:`~conformance.run.invoker.NoBackward`): no other example can do better, so the search
+    ends at once with a ``skip`` record (a control exception, like :class:`BudgetSpent`)."""
+
+
 # What ended a property's search (``stopped_by`` in its records).
 STOP_MAX_EXAMPLES = "max-examples"  # the examples asked for were judged
 STOP_TIME_BUDGET = "time-budget"  # the wall-clock budget was spent first
 STOP_COUNTEREXAMPLE = "counterexample"  # a failure was found (then shrunk)
 STOP_EXHAUSTED = "exhausted"  # Hypothesis ended earlier: too many declined examples, or none new left
+STOP_NO_BACKWARD = "no-backward"  # a gradient property on a backend without a backward
 # What ended the shrinking of a counterexample (``shrink_stopped_by``).
 SHRINK_DONE = "hypothesis"  # Hypothesis's shrinker ended by itself (nothing smaller fails, or its own limits)
 SHRINK_BUDGET = "time-budget"  # twice the budget had passed: the smallest failing example found so far
@@ -221,6 +227,8 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
         try:
             outcome = evaluate(prop, ctx, example, subject)
         except PropertySkipped as exc:
+            if prop.backward and isinstance(exc.__cause__, NoBackward):
+                raise NoBackwardStop(str(exc)) from exc
             tally.skipped[str(exc)] += 1
             reject()
         if searching:
@@ -244,8 +252,11 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
     found: Counterexample | None = None
     flaky = False
     spent = False
+    no_backward: str | None = None
     try:
         test()
+    except NoBackwardStop as exc:
+        no_backward = str(exc)
     except BudgetSpent:
         spent = True
     except Counterexample as exc:
@@ -256,6 +267,8 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
         pass
     if found is not None:
         stopped_by = STOP_COUNTEREXAMPLE
+    elif no_backward is not None:
+        stopped_by = STOP_NO_BACKWARD
     elif spent:
         stopped_by = STOP_TIME_BUDGET
     else:
@@ -271,6 +284,8 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
     if found is not None:
         result.reproducer = _write(found, ctx, settings, space) if settings.reproducer_dir is not None else None
         result.records = [_failure_record(found, result, settings, meta)]
+    elif no_backward is not None:
+        result.records = [_summary_record(prop, "", "", "skip", meta, no_backward)]
     elif tally.passed:
         cut = (f" (search stopped by its {_seconds(budget)} time budget after {tally.run} examples)"
                if spent and budget is not None else "")
@@ -330,8 +345,9 @@ def _write(found: Counterexample, ctx: PropertyContext, settings: SearchSettings
     assert settings.reproducer_dir is not None
     path = reproducer_path(settings.reproducer_dir, ctx.backend.name, case.id)
     golden = found.subject.reference(ctx.reference_device)
+    gradient = found.subject.gradient_reference(ctx.reference_device) if case.grad else None
     return write_reproducer(path, case, found.subject.inputs, golden, space.provenance[case.op], info, baseline,
-                            outcome.variant)
+                            outcome.variant, gradient)
 
 
 def check_backend(backend: Any, specs: Sequence[OpSpec], tolerances: Tolerances, names: Sequence[str] = PROPERTY_NAMES,

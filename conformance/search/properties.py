@@ -1,7 +1,7 @@
 """Property search: Hypothesis draws cases from the space the specs describe, runs a backend on
 them under changed surroundings and shrinks every failure to the smallest case that still fails.
 
-Each :class:`Property` has a name that is also its check name in reports (``conformance.judge.CHECKS``),
+Each :class:`Property` has a name that is also its check name in reports (``conformance.spec.checks.CHECKS``),
 a ``draw`` (a :class:`~conformance.spec.Case` from :mod:`conformance.strategies` plus the
 property's own labelled draws, kept as JSON ``params``) and a ``check`` that calls the backend
 and returns a verdict. Invariance properties compare the backend with itself bit for bit, unless
@@ -44,6 +44,7 @@ from conformance.judge.invariance import determinism_reruns
 from conformance.judge.transforms import OpCall, Variant
 from conformance.judge.verdicts import Verdict
 from conformance.reference.compute import Golden, compute_reference
+from conformance.reference.gradient import GradientGolden, compute_gradient_reference
 from conformance.run.case import compare_variants, run_case
 from conformance.run.invoker import BackendCallError, ContractViolation, Invoker, KernelSkipped
 from conformance.run.settings import RunSettings
@@ -67,16 +68,25 @@ class Example:
 
 @dataclass
 class Subject:
-    """The case's inputs, and its exact reference once someone needs it (computed at most once)."""
+    """The case's inputs, and its exact forward (and, for a case with gradients, backward) reference
+    once someone needs it (each computed at most once)."""
 
     case: Case
     inputs: CaseInputs
     golden: Golden | None = None
+    gradient: GradientGolden | None = None
 
     def reference(self, device: str = "cpu") -> Golden:
         if self.golden is None:
             self.golden = compute_reference(self.case, self.inputs, device=device)
         return self.golden
+
+    def gradient_reference(self, device: str = "cpu") -> GradientGolden:
+        """The exact dQ, dK, dV for the case's ``grad_out`` (the case must have gradients)."""
+        if self.gradient is None:
+            assert self.inputs.grad_out is not None, f"{self.case.id} has no gradients"
+            self.gradient = compute_gradient_reference(self.case, self.inputs, self.inputs.grad_out, device=device)
+        return self.gradient
 
 
 @dataclass
@@ -87,7 +97,7 @@ class PropertyOutcome:
     baseline: torch.Tensor | None = None  # the backend's output for the case's own call
     variant: torch.Tensor | None = None  # the output of the call that differed
     variant_label: str = ""
-    check: str | None = None  # "contract" when the op contract broke (a wrong output, a modified input)
+    check: str | None = None  # "contract" (or "gradient_contract") when the op contract broke
 
     @property
     def failed(self) -> bool:
@@ -141,6 +151,7 @@ class Property:
     requires: tuple[str, ...]  # ops the backend must implement for the property to apply at all
     draw: Callable[[st.DataObject, SpecSpace, PropertyContext], Example]
     check: Callable[[PropertyContext, Example, Subject], PropertyOutcome]
+    backward: bool = False  # judges gradients: a backend without a backward skips it at the first example
 
 
 def own_call(subject: Subject) -> OpCall:
@@ -317,7 +328,7 @@ def _draw_padding(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -
     return Example("padding", case, {"layout": [list(x) for x in layout], "content": content, "content_seed": seed})
 
 
-def _padding_content(case: Case, inputs: CaseInputs, content: str, seed: int, n: int) -> tuple[torch.Tensor, ...]:
+def padding_content(case: Case, inputs: CaseInputs, content: str, seed: int, n: int) -> tuple[torch.Tensor, ...]:
     shape = (case.batch, case.hkv, n, case.d)
     if content == "copies":
         idx = torch.arange(n) % case.skv
@@ -357,7 +368,7 @@ def _check_padding(ctx: PropertyContext, ex: Example, subject: Subject) -> Prope
     prepended, between): the output must not change at all."""
     layout = ex.params["layout"]
     n = sum(int(c) for _, c in layout)
-    extra_k, extra_v = _padding_content(ex.case, subject.inputs, ex.params["content"],
+    extra_k, extra_v = padding_content(ex.case, subject.inputs, ex.params["content"],
                                         int(ex.params["content_seed"]), n)
     padded = insert_masked_keys(own_call(subject), layout, extra_k, extra_v)
     where = ", ".join(f"{c} at key {p}" for p, c in sorted(layout))
@@ -429,7 +440,8 @@ def _check_gqa(ctx: PropertyContext, ex: Example, subject: Subject) -> PropertyO
     return invariance(ctx, "gqa", subject, [variant], "query heads read only their own KV head")
 
 
-PROPERTIES: dict[str, Property] = {p.name: p for p in (
+#: The forward properties, in report order (conformance.search.catalog adds the gradient ones).
+FORWARD_PROPERTIES: tuple[Property, ...] = (
     Property("accuracy", "within tolerances.yaml of the exact reference of the drawn case", (),
              _draw_accuracy, _check_accuracy),
     Property("batch", "a row alone, permuted or among other rows equals its row of the batch", (),
@@ -445,21 +457,7 @@ PROPERTIES: dict[str, Property] = {p.name: p for p in (
     Property("gqa", "a query head's output depends only on its own KV head", (), _draw_gqa, _check_gqa),
     Property("nan_padding", "NaN in padded key/value slots never leaks into any output", (),
              _draw_nan_padding, _check_nan_padding),
-)}
-PROPERTY_NAMES = tuple(PROPERTIES)
-
-
-def parse_properties(text: str | None) -> tuple[str, ...]:
-    """``"batch,split"`` → the named properties; None, empty or ``all`` → every one. Raises
-    ``ValueError`` naming the unknown names and the known ones."""
-    if text is None or text.strip() in ("", "all"):
-        return PROPERTY_NAMES
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in PROPERTIES]
-    if unknown or not names:
-        raise ValueError(f"unknown propert{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown) or '(none)'}; "
-                         f"choose from {', '.join(PROPERTY_NAMES)} or all")
-    return names
+)
 
 
 def evaluate(prop: Property, ctx: PropertyContext, example: Example, subject: Subject) -> PropertyOutcome:
@@ -475,6 +473,7 @@ def evaluate(prop: Property, ctx: PropertyContext, example: Example, subject: Su
         first = broken[0]
         more = f" (+{len(broken) - 1} more)" if len(broken) > 1 else ""
         metrics = {"violations": broken[:20], "property": prop.name}
-        return replace(outcome, verdict=Verdict("fail", metrics, f"contract: {first}{more} (while checking "
-                                                f"{prop.name})"), check="contract")
+        check = "gradient_contract" if first.startswith("the backward") else "contract"
+        return replace(outcome, verdict=Verdict("fail", metrics, f"{check}: {first}{more} (while checking "
+                                                f"{prop.name})"), check=check)
     return outcome

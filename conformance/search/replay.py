@@ -11,9 +11,8 @@ from conformance.golden.reproducer import Reproducer, read_reproducer
 from conformance.judge.records import Record
 from conformance.judge.verdicts import Verdict
 from conformance.run.invoker import Invoker
+from conformance.search.catalog import PROPERTIES, PROPERTY_NAMES
 from conformance.search.properties import (
-    PROPERTIES,
-    PROPERTY_NAMES,
     Example,
     PropertyContext,
     PropertyOutcome,
@@ -50,7 +49,7 @@ def replay(path: str | Path, backend: Any, tolerances: Tolerances, rule_set: str
     case = rep.case
     ctx = PropertyContext(Invoker(backend), tolerances, rule_set, reruns, reference_device)
     example = Example(prop.name, case, rep.info.parameters)
-    subject = Subject(case, rep.golden.inputs, rep.golden.golden)
+    subject = Subject(case, rep.golden.inputs, rep.golden.golden, rep.golden.gradient)
     missing = [op for op in prop.requires if op not in ctx.ops]
     try:
         if missing:

@@ -137,6 +137,7 @@ class Needs:
     min_sq: int = 1  # also S_new for the KV-cache op
     sq_le_skv: bool = False  # every query row has a position among the keys (prefill, decode, chunks)
     masks: tuple[str, ...] | None = None  # None = every mask of the space
+    grad: bool = False  # the case has gradients: make_inputs gives it a seeded grad_out
 
 
 def _length(data: st.DataObject, label: str, lo: int, hi: int, hints: Sequence[int]) -> int:
@@ -201,12 +202,12 @@ def draw_case(data: st.DataObject, space: SpecSpace, name: str, needs: Needs = N
         skv = s_past + sq
     seed = data.draw(st.integers(0, MAX_SEED), label="input seed")
     return make_case(name, op=op, batch=batch, hq=hq, hkv=hkv, d=d, sq=sq, skv=skv, dtype=dtype, causal=causal,
-                     scale=scale, mask=mask, dist=dist, seed=seed, s_past=s_past, tier=space.tier)
+                     scale=scale, mask=mask, dist=dist, seed=seed, s_past=s_past, tier=space.tier, grad=needs.grad)
 
 
 def make_case(name: str, *, op: str, batch: int, hq: int, hkv: int, d: int, sq: int, skv: int, dtype: str,
               causal: bool, scale: float | None, mask: str, dist: str, seed: int, s_past: int | None = None,
-              split_points: tuple[int, ...] = (), tier: str = "standard") -> Case:
+              split_points: tuple[int, ...] = (), tier: str = "standard", grad: bool = False) -> Case:
     """A case of family ``property/<name>`` whose id spells out every parameter and the seed.
 
     The id follows the spec's pattern (docs/golden-format.md) with ``-seed<seed>`` appended: the
@@ -216,10 +217,10 @@ def make_case(name: str, *, op: str, batch: int, hq: int, hkv: int, d: int, sq: 
         split_points = (s_past or 0,)
     family = f"{PROPERTY_FAMILY}/{name}"
     cid = case_id(op, family, model=f"hq{hq}-hkv{hkv}-d{d}", batch=batch, sq=sq, skv=skv, s_past=s_past, dtype=dtype,
-                  causal=causal, mask=mask, dist=dist, scale=scale, seed=seed)
+                  causal=causal, mask=mask, dist=dist, scale=scale, seed=seed, grad=grad)
     return Case(id=cid, op=op, family=family, tier=tier,
                 batch=batch, hq=hq, hkv=hkv, d=d, sq=sq, skv=skv, dtype=dtype, causal=causal, scale=scale,
-                mask=mask, dist=dist, seed=seed, s_past=s_past, split_points=split_points)
+                mask=mask, dist=dist, seed=seed, s_past=s_past, split_points=split_points, grad=grad)
 
 
 def companion_case(case: Case, seed: int, skv: int | None = None) -> Case:

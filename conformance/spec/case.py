@@ -27,7 +27,9 @@ class Case:
 
     Shapes follow CONTRACT.md: ``q [batch, hq, sq, d]``, ``k, v [batch, hkv, skv, d]``. For the
     KV-cache op ``skv = s_past + s_new`` and ``sq = s_new``; ``split_points`` lists the cache
-    lengths (S_past values) the case is also meant to be run at, ``s_past`` first.
+    lengths (S_past values) the case is also meant to be run at, ``s_past`` first. ``grad``: the
+    golden also holds the exact gradients dQ, dK, dV for a seeded upstream gradient, and the
+    gradient checks run on it.
     """
 
     id: str
@@ -49,6 +51,7 @@ class Case:
     preset: str | None = None
     s_past: int | None = None
     split_points: tuple[int, ...] = ()
+    grad: bool = False
 
     @property
     def group(self) -> int:
@@ -69,13 +72,18 @@ class Case:
         q = self.batch * self.hq * self.sq * self.d
         kv = 2 * self.batch * self.hkv * self.skv * self.d
         rows = self.batch * self.hq * self.sq
-        return (q + kv) * el + q * 4 + self.batch * self.skv + rows * (4 + 8 + 8)
+        forward = (q + kv) * el + q * 4 + self.batch * self.skv + rows * (4 + 8 + 8)
+        if not self.grad:
+            return forward
+        keys = self.batch * self.hkv * self.skv
+        # grad_out, then dQ, dK, dV in float32 and two float64 statistics per row / key of each.
+        return forward + q * el + (q + kv) * 4 + (rows + 2 * keys) * 16
 
     @property
     def working_bytes(self) -> int:
         """Stored tensors plus the float64 copies of the inputs the reference holds while computing."""
         elements = self.batch * (self.hq * self.sq + 2 * self.hkv * self.skv) * self.d
-        return self.tensor_bytes + 8 * elements
+        return self.tensor_bytes + 8 * elements * (3 if self.grad else 1)
 
 
 @dataclass(frozen=True)
@@ -92,15 +100,17 @@ def scale_tag(scale: float) -> str:
 
 
 def case_id(op: str, family: str, *, model: str, batch: int, sq: int, skv: int, s_past: int | None, dtype: str,
-            causal: bool, mask: str, dist: str, scale: float | None, seed: int | None = None) -> str:
+            causal: bool, mask: str, dist: str, scale: float | None, seed: int | None = None,
+            grad: bool = False) -> str:
     """The id of a case (docs/golden-format.md): ``<op>/<family>/<model>-b<B>-<shape>-<dtype>-<causal|noncausal>``
-    then the mask, distribution and scale when they are not the defaults, and ``-seed<seed>`` for a drawn
+    then the mask, distribution and scale when they are not the defaults, ``-grad`` for a case with
+    gradients, and ``-seed<seed>`` for a drawn
     case (its seed is not derived from the id, so it must be part of the key). ``model`` is a preset
     name or ``hq<Hq>-hkv<Hkv>-d<D>``; the shape ``sq<Sq>-skv<Skv>``, or ``past<S_past>-new<Sq>`` for the
     KV-cache op. Ids depend on the parameters only, so adding cases never renames existing ones."""
     shape = f"sq{sq}-skv{skv}" if op == "attention" else f"past{s_past}-new{sq}"
     parts = [model, f"b{batch}", shape, DTYPE_SHORT[dtype], "causal" if causal else "noncausal", MASK_SHORT[mask],
-             DIST_SHORT[dist], "" if scale is None else f"scale{scale_tag(scale)}",
+             DIST_SHORT[dist], "" if scale is None else f"scale{scale_tag(scale)}", "grad" if grad else "",
              "" if seed is None else f"seed{seed}"]
     return f"{op}/{family}/" + "-".join(x for x in parts if x)
 
@@ -123,7 +133,7 @@ def parse_case_id(cid: str) -> dict[str, Any] | None:
     dtype = {short: name for name, short in DTYPE_SHORT.items()}[m["dtype"]]
     params: dict[str, Any] = {"op": op, "family": family, "model": m["model"], "batch": int(m["batch"]),
                               "dtype": dtype, "causal": m["causal"] == "causal", "mask": "none", "dist": "normal",
-                              "scale": "default"}
+                              "scale": "default", "grad": False}
     if m["sq"] is not None:
         params.update(sq=int(m["sq"]), skv=int(m["skv"]))
     else:
@@ -135,6 +145,8 @@ def parse_case_id(cid: str) -> dict[str, Any] | None:
             params["mask"] = masks[token]
         elif token in dists:
             params["dist"] = dists[token]
+        elif token == "grad":
+            params["grad"] = True
         elif token.startswith("scale"):
             params["scale"] = token.removeprefix("scale")
         elif token.startswith("seed") and token[4:].isdigit():

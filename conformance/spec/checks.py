@@ -5,15 +5,36 @@ from __future__ import annotations
 
 from conformance.errors import UsageError
 
-#: The bitwise invariance checks of a golden run (relation I).
+#: The bitwise invariance checks of a golden run (relation I) on the forward.
 INVARIANCE_CHECKS = ("batch", "split", "prefill_decode", "chunk", "padding", "determinism")
-#: The checks a golden run makes by default: accuracy, every invariance check and the op contract.
-GOLDEN_CHECKS = ("accuracy", *INVARIANCE_CHECKS, "contract")
+#: The same relation on the gradients dQ, dK, dV of a case with gradients (grad: true).
+GRADIENT_INVARIANCE_CHECKS = ("gradient_batch", "gradient_split", "gradient_padding", "gradient_determinism")
+#: The gradient judgments: accuracy against the exact gradients, invariance, and the backward's contract.
+GRADIENT_CHECKS = ("gradient_accuracy", *GRADIENT_INVARIANCE_CHECKS, "gradient_contract")
+#: The checks a golden run makes by default: accuracy, every invariance check and the op contract, on
+#: the forward and (for cases with gradients) on the backward.
+GOLDEN_CHECKS = ("accuracy", *INVARIANCE_CHECKS, "contract", *GRADIENT_CHECKS)
 DEFAULT_CHECKS = GOLDEN_CHECKS
 #: Checks that only the property search makes (``rlk-conform check``).
 PROPERTY_ONLY_CHECKS = ("gqa", "nan_padding")
-#: Every check name a record can carry; ``parity`` needs a second backend (``--compare-to``).
-CHECKS = (*GOLDEN_CHECKS, "parity", *PROPERTY_ONLY_CHECKS)
+#: Every check name a record can carry, in report order (new names are appended, never reordered:
+#: dashboards key on the position); ``parity`` needs a second backend (``--compare-to``).
+CHECKS = ("accuracy", *INVARIANCE_CHECKS, "contract", "parity", *PROPERTY_ONLY_CHECKS, *GRADIENT_CHECKS)
+#: The four judgments of the users' numerical contract (CONTRACT.md §2), each reported apart, and
+#: the contract checks beside them: judgment → its checks.
+JUDGMENTS = {
+    "forward accuracy": ("accuracy", "parity"),
+    "forward invariance": (*INVARIANCE_CHECKS, *PROPERTY_ONLY_CHECKS),
+    "forward contract": ("contract",),
+    "gradient accuracy": ("gradient_accuracy",),
+    "gradient invariance": GRADIENT_INVARIANCE_CHECKS,
+    "gradient contract": ("gradient_contract",),
+}
+
+
+def judgment_of(check: str) -> str:
+    """The judgment a check belongs to (``forward accuracy`` … ``gradient contract``)."""
+    return next((name for name, checks in JUDGMENTS.items() if check in checks), "other")
 
 
 def parse_checks(text: str | None, option: str = "--checks", allow_parity: bool = True) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ class CaseInputs:
     k: torch.Tensor
     v: torch.Tensor
     key_padding_mask: torch.Tensor | None  # bool [batch, skv], True = keep
+    grad_out: torch.Tensor | None = None  # the upstream gradient dO [batch, hq, sq, d] of a case with gradients
 
 
 def round_to_dtype(x: np.ndarray, dtype: str) -> torch.Tensor:
@@ -38,6 +39,8 @@ def round_to_dtype(x: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def make_inputs(case: Case) -> CaseInputs:
+    """The seeded inputs of ``case`` (docs/golden-format.md): q, k, v from ``PCG64(case.seed)``, the
+    key padding mask, and for a case with gradients the upstream gradient (:func:`make_grad_out`)."""
     rng = np.random.Generator(np.random.PCG64(case.seed))
     q_shape = (case.batch, case.hq, case.sq, case.d)
     kv_shape = (case.batch, case.hkv, case.skv, case.d)
@@ -58,7 +61,7 @@ def make_inputs(case: Case) -> CaseInputs:
         raise ValueError(f"unknown distribution {case.dist!r}")
     mask = make_key_padding_mask(rng, case)
     return CaseInputs(round_to_dtype(q, case.dtype), round_to_dtype(k, case.dtype), round_to_dtype(v, case.dtype),
-                      None if mask is None else torch.from_numpy(mask))
+                      None if mask is None else torch.from_numpy(mask), make_grad_out(case) if case.grad else None)
 
 
 def make_key_padding_mask(rng: np.random.Generator, case: Case) -> np.ndarray | None:

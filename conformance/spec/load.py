@@ -80,6 +80,7 @@ class CaseParams(BaseModel):
     scale: float | Literal["default"] = "default"
     mask: Literal["none", "right_pad", "left_pad", "holes", "all_masked"] = "none"
     dist: Literal["normal", "uniform", "large_logits", "near_ties"] = "normal"
+    grad: bool = False  # also the exact gradients dQ, dK, dV (and the gradient checks)
 
 
 LIST_VALUED = {"split_offsets"}
@@ -271,11 +272,11 @@ def _make_case(doc: YamlDocument, model: OpSpecFile, presets: dict[str, Preset],
         raise fail("scale", f"scale must be finite, got {scale}")
 
     cid = case_id(model.op, family, model=p.preset or f"hq{hq}-hkv{hkv}-d{d}", batch=p.batch, sq=sq, skv=skv,
-                  s_past=s_past, dtype=p.dtype, causal=p.causal, mask=p.mask, dist=p.dist, scale=scale)
+                  s_past=s_past, dtype=p.dtype, causal=p.causal, mask=p.mask, dist=p.dist, scale=scale, grad=p.grad)
     seed = int.from_bytes(hashlib.sha256(f"{model.seed}:{cid}".encode()).digest()[:8], "little") >> 1
     case = Case(id=cid, op=model.op, family=family, tier=tier, batch=p.batch, hq=hq, hkv=hkv, d=d, sq=sq,
                 skv=skv, dtype=p.dtype, causal=p.causal, scale=scale, mask=p.mask, dist=p.dist, seed=seed,
-                preset=p.preset, s_past=s_past, split_points=split_points)
+                preset=p.preset, s_past=s_past, split_points=split_points, grad=p.grad)
     need = case.working_bytes
     if need > memory_cap_bytes:
         raise fail(None, f"case {cid} needs {need / 2**20:.0f} MiB, over the memory cap of "

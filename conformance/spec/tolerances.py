@@ -9,14 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conformance.errors import SpecError
 from conformance.spec.case import DTYPES, OPS
-from conformance.spec.checks import INVARIANCE_CHECKS
+from conformance.spec.checks import GRADIENT_INVARIANCE_CHECKS, INVARIANCE_CHECKS
 from conformance.spec.load import pydantic_error
 from conformance.spec.yamlsource import load_yaml
 
 Strict = ConfigDict(extra="forbid", strict=True)
 DtypeName = Literal[DTYPES]
 OpName = Literal[OPS]
-InvarianceCheck = Literal[INVARIANCE_CHECKS]
+InvarianceCheck = Literal[(*INVARIANCE_CHECKS, *GRADIENT_INVARIANCE_CHECKS)]
 
 
 class AccuracyRule(BaseModel):
@@ -51,10 +51,17 @@ class Tolerances(BaseModel):
     peak_relative: dict[DtypeName, float]
     invariance: dict[InvarianceCheck, InvarianceRule]
     parity: ParitySettings
+    # The gradients' accuracy table, rule set → op → dtype (a file without it judges no gradient: every
+    # gradient_accuracy record fails closed).
+    gradient_accuracy: dict[str, dict[OpName, dict[DtypeName, AccuracyRule]]] = Field(default_factory=dict)
 
     def accuracy_rule(self, rule_set: str, op: str, dtype: str) -> AccuracyRule | None:
         """The rule for one cell, or None: callers must fail closed on None."""
         return self.accuracy.get(rule_set, {}).get(op, {}).get(dtype)  # type: ignore[call-overload]
+
+    def gradient_rule(self, rule_set: str, op: str, dtype: str) -> AccuracyRule | None:
+        """The gradient accuracy rule for one cell, or None: callers must fail closed on None."""
+        return self.gradient_accuracy.get(rule_set, {}).get(op, {}).get(dtype)  # type: ignore[call-overload]
 
     def invariance_rule(self, check: str) -> InvarianceRule | None:
         return self.invariance.get(check)  # type: ignore[call-overload]

@@ -13,7 +13,7 @@
   var only = document.getElementById('only-failing');
   if (only) {
     only.addEventListener('change', function () {
-      document.querySelectorAll('#matrix tbody tr').forEach(function (tr) {
+      document.querySelectorAll('table.matrix tbody tr').forEach(function (tr) {
         tr.hidden = only.checked && !tr.querySelector('td.st-fail');
       });
     });
