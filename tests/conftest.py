@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,13 @@ SMOKE_CASES = len(list(SMOKE_GOLDENS.rglob("*.h5")))
 SMOKE_ATTENTION_CASES = len(list((SMOKE_GOLDENS / "attention").rglob("*.h5")))
 DATA = Path(__file__).resolve().parent / "data"
 TINY_SPECS = ("tiny_attention.yaml", "tiny_kv_cache.yaml")
+
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Each xdist worker is one of several processes on the machine's cores: one torch thread each (and
+    # in the rlk-conform processes they start), or the OpenMP pools oversubscribe the cores and the
+    # suite runs twice as long.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
