@@ -62,7 +62,7 @@ def list_backends(skip: Collection[str] = ()) -> list[BackendInfo]:
     """Built-ins then entry points (``rlk_conform.backends``), each created once to learn whether it
     is available here. Never raises: a backend that fails to import or to start is listed as
     unavailable with the exception text. Names in ``skip`` are left out without being created (the
-    nightly lane skips ``flex``, whose availability check compiles a kernel)."""
+    nightly lane skips the backends it does not run)."""
     infos = []
     for reg in _registrations().values():
         if reg.name in skip:
