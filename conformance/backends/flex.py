@@ -146,7 +146,7 @@ def no_silent_fallback() -> Iterator[None]:
             changes[limit] = RECOMPILE_LIMIT
     if hasattr(cfg, "fail_on_recompile_limit_hit"):
         changes["fail_on_recompile_limit_hit"] = True
-    with cfg.patch(**changes), torch.no_grad():  # torch.compile of flex on CPU supports inference only
+    with cfg.patch(**changes):
         yield
 
 
@@ -180,8 +180,11 @@ def flex_contract_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     keep[: case.batch, : case.skv] = True if key_padding_mask is None else key_padding_mask.to(q.device)
     block_mask = contract_block_mask(keep, case.skv - case.sq if case.causal else case.skv, sq, skv)
     qp, kp, vp = _padded(q, b, sq), _padded(k, b, skv), _padded(v, b, skv)
+    # FlexAttention has no backward on the CPU (FlexBackend.supports declines the gradient cases there);
+    # its forward runs there only without autograd.
+    grad = torch.is_grad_enabled() and q.device.type != "cpu"
     try:
-        with no_silent_fallback():
+        with no_silent_fallback(), torch.set_grad_enabled(grad):
             out = compiled_flex_attention()(qp, kp, vp, block_mask=block_mask, scale=scale,
                                             enable_gqa=case.group > 1)
     except torch.OutOfMemoryError:  # a property of this call's size, not of the bucket's code
@@ -240,3 +243,9 @@ class FlexBackend(BuiltinBackend):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                   scale: float | None = None, key_padding_mask: torch.Tensor | None = None) -> AttentionResult:
         return flex_contract_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+
+    def supports(self, op: str, case: Any) -> bool | str:
+        """Gradients through autograd of compiled FlexAttention, except on the CPU, where it has no backward."""
+        if op.endswith("_backward") and torch.device(self.device).type == "cpu":
+            return f"FlexAttention has no backward on the CPU (torch {torch.__version__}); run flex on a GPU for gradients"
+        return True
