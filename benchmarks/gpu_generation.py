@@ -14,6 +14,8 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -30,12 +32,15 @@ def main() -> None:
     parser.add_argument("--cpu-jobs", type=int, default=16)
     parser.add_argument("--gpu-jobs", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--filter", default=None, help="only the cases whose id matches this glob, e.g. '*-grad'")
     parser.add_argument("--keep", type=Path, default=None, help="move the CUDA-generated goldens here afterwards")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: CUDA is not available on this machine")
 
     specs = load_specs(default_spec_paths(ROOT / "specs"))
+    if args.filter:
+        specs = [replace(s, cases=[c for c in s.cases if fnmatchcase(c.id, args.filter)]) for s in specs]
     with tempfile.TemporaryDirectory(prefix="rlk-gpu-bench-") as tmp:
         start = time.perf_counter()
         cpu = generate(specs, args.tier, Path(tmp) / "cpu", n_workers=args.cpu_jobs, device="cpu")
@@ -50,7 +55,7 @@ def main() -> None:
     differing = sorted(r.case_id for r in gpu.results if by_id.get(r.case_id) != r.sha256)
     figures = {
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "tier": args.tier, "cases": len(cpu.results), "gflop": cpu.flops / 1e9,
+        "tier": args.tier, "filter": args.filter, "cases": len(cpu.results), "gflop": cpu.flops / 1e9,
         "cpu_jobs": args.cpu_jobs, "cpu_seconds": cpu_s, "gpu_jobs": args.gpu_jobs, "gpu_seconds": gpu_s,
         "speedup": cpu_s / gpu_s, "byte_identical": len(cpu.results) - len(differing), "differing": differing[:20],
     }

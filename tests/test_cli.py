@@ -126,6 +126,30 @@ def test_generate_writes_goldens_that_verify(spec_dir: Path, tmp_path: Path) -> 
     assert verify(out).ok
 
 
+def test_generate_filter_writes_only_the_matching_cases_and_their_manifest(spec_dir: Path, tmp_path: Path) -> None:
+    spec = spec_dir / TINY_SPECS[0]
+    ids = [c.id for c in load_spec(spec).cases_for_tier("smoke")]
+    pattern = ids[0].rsplit("/", 1)[0] + "/*"  # the first case's family
+    want = sorted(i for i in ids if i.startswith(pattern[:-1]))
+    assert 0 < len(want) < len(ids)
+    out = tmp_path / "out"
+    result = invoke("generate", "--spec", spec, "--out", out, "--jobs", "1", "--filter", pattern)
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert sorted(f["case_id"] for f in read_manifest(out)["files"]) == want
+    assert verify(out).ok
+
+
+@pytest.mark.parametrize(("extra", "message"), [([], "--filter needs --out DIR"),
+                                                (["--out", "OUT"], "no case of tier 'smoke' matches")])
+def test_generate_filter_errors_are_one_line_and_write_nothing(spec_dir: Path, tmp_path: Path, extra: list[str],
+                                                              message: str) -> None:
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in extra]
+    result = invoke("generate", "--spec", spec_dir / TINY_SPECS[0], "--filter", "no-such-case/*", *args)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_verify_of_a_fresh_directory_exits_zero(tiny_goldens: Path) -> None:
     result = invoke("verify", tiny_goldens)
     assert result.exit_code == EXIT_OK

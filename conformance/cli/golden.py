@@ -20,7 +20,7 @@ from conformance.cli.app import (
     user_errors,
 )
 from conformance.cli.progress import progress_bar
-from conformance.errors import EXIT_FAILURE
+from conformance.errors import EXIT_FAILURE, ConformanceError
 from conformance.locations import find_goldens, output_root
 from conformance.spec.case import TIERS
 from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES
@@ -40,11 +40,24 @@ def generate(
     memory_cap_mib: CapOpt = DEFAULT_MEMORY_CAP_BYTES // 2**20,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the complete goldens an interrupted run left "
                                          "(checked, same spec and generator) and compute only the rest.")] = False,
+    filter_: Annotated[str | None, typer.Option("--filter", help="Only the cases whose id matches this glob, "
+                                                "e.g. '*-grad' (needs --out: the tier's own set stays whole).")
+                       ] = None,
 ) -> None:
     """Generate correctly rounded fp32 golden files for every case of a tier, then the manifest."""
+    from dataclasses import replace
+    from fnmatch import fnmatchcase
+
     from conformance.golden.generate import generate as run_generate
 
+    if filter_ is not None and out_dir is None:
+        raise ConformanceError("--filter needs --out DIR: a filtered set must not replace the tier's own goldens "
+                               "and manifest")
     specs = load_spec_option(spec, memory_cap_mib)
+    if filter_ is not None:
+        specs = [replace(s, cases=[c for c in s.cases if fnmatchcase(c.id, filter_)]) for s in specs]
+        if not any(s.cases_for_tier(tier.value) for s in specs):
+            raise ConformanceError(f"--filter {filter_!r}: no case of tier '{tier.value}' matches")
     target = out_dir or output_root() / tier.value
     written = [0]
     with progress_bar("generate", tier.value, eta=True, extra="cases · {task.fields[written]}", written="0 B") as bar:

@@ -208,7 +208,8 @@ def reusable_result(job: Job) -> CaseResult | None:
     if not same:
         return None
     # Nothing was computed for a kept golden: no time, no refinement (the file does not record it).
-    return CaseResult(job.case.id, job.path, sha256_file(job.path), job.path.stat().st_size, gc.golden.flops, 0.0,
+    flops = gc.golden.flops + (gc.gradient.flops if gc.gradient is not None else 0)
+    return CaseResult(job.case.id, job.path, sha256_file(job.path), job.path.stat().st_size, flops, 0.0,
                       refined_double_double=0, refined_exact=0)
 
 
