@@ -24,7 +24,7 @@ mkdir -p "$out"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cd "$root"
 cores=$(nproc)
-rlk() { python3 -m conformance "$@"; }
+
 timed() {  # timed NAME LIMIT_S COMMAND...: run with a limit, log to OUTDIR/NAME.txt, print the seconds
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
@@ -45,20 +45,20 @@ if [ "$step" = generate ]; then
   timed identity-standard-grad 200 python3 benchmarks/gpu_generation.py --tier standard --filter '*/grad-[!p]*' \
     --cpu-jobs "$cores" --gpu-jobs "$cores" --json "$out/identity-standard-grad.json"
   rm -rf "$goldens"
-  timed generate-standard-grad 240 rlk generate --tier standard --filter '*-grad' --device cuda --jobs "$cores" \
+  timed generate-standard-grad 240 python3 -m conformance generate --tier standard --filter '*-grad' --device cuda --jobs "$cores" \
     --out "$goldens"
   timed bench-gradients 120 python3 benchmarks/gradients.py --tier standard --device cuda --cases 10 \
     --max-gflop 400 --json "$out/bench-gradients.json"
 elif [ "$step" = judge ]; then
   if [ ! -f "$goldens/manifest.json" ]; then
-    timed generate-standard-grad 240 rlk generate --tier standard --filter '*-grad' --device cuda --jobs "$cores" \
+    timed generate-standard-grad 240 python3 -m conformance generate --tier standard --filter '*-grad' --device cuda --jobs "$cores" \
       --out "$goldens"
   fi
-  for backend in cuda sdpa-math sdpa-flash sdpa-efficient sdpa-cudnn naive-fp32 naive; do
-    timed "run-$backend" 90 rlk run --backend "$backend" --device cuda --goldens "$goldens" --checks "$grad_checks" \
+  for backend in cuda sdpa-math sdpa-flash sdpa-efficient sdpa-cudnn naive-fp32; do
+    timed "run-$backend" 70 python3 -m conformance run --backend "$backend" --device cuda --goldens "$goldens" --checks "$grad_checks" \
       --report-json "$out/run-$backend.json"
   done
-  timed run-flex-smoke-grad 150 rlk run --backend flex --device cuda --filter '*-grad' --checks "$grad_checks" \
+  timed run-flex-smoke-grad 120 python3 -m conformance run --backend flex --device cuda --filter '*-grad' --checks "$grad_checks" \
     --report-json "$out/run-flex-smoke-grad.json"
 else
   echo "unknown step $step (generate or judge)" >&2
