@@ -2,8 +2,8 @@
 # The gradient figures of docs/performance.md and docs/results on a CUDA machine, in two steps that
 # each fit a short lease:
 #
-#   benchmarks/gpu_gradients.sh generate OUTDIR [GOLDENS]   # byte identity, generation rates, goldens
-#   benchmarks/gpu_gradients.sh judge OUTDIR [GOLDENS]      # every CUDA backend's gradient checks
+#   benchmarks/gpu_gradients.sh generate OUTDIR [GOLDENS]              # byte identity, rates, goldens
+#   benchmarks/gpu_gradients.sh judge OUTDIR [GOLDENS [BACKEND...]]    # the backends' gradient checks
 #
 # generate: (1) the smoke tier generated on the CPU cores and with --device cuda, compared file by
 # file (every gradient case included); (2) the same for the standard tier's gradient cases other
@@ -11,14 +11,19 @@
 # (3) every gradient case of the standard tier generated with --device cuda into GOLDENS (default
 # /tmp/rlk-standard-grad), timed; (4) benchmarks/gradients.py on the GPU (forward and backward
 # golden rates against the float64 matmul rate), presets included.
-# judge: `run --checks <the gradient checks>` over GOLDENS for each CUDA backend (generated first if
-# missing), and flex over the smoke tier's gradient cases (it compiles per shape bucket).
+# judge: `run --checks <the gradient checks>` over GOLDENS (generated first if missing) for each
+# BACKEND (default: cuda and every sdpa-* kernel); `flex` runs over the smoke tier's gradient cases
+# instead (it compiles per shape bucket).
 # The package need not be installed: the repository root goes on PYTHONPATH. Every step has its
 # own log in OUTDIR and a time limit; a failing step does not stop the others.
 set -u -o pipefail
-step=${1:?usage: benchmarks/gpu_gradients.sh generate|judge OUTDIR [GOLDENS]}
-out=${2:?usage: benchmarks/gpu_gradients.sh generate|judge OUTDIR [GOLDENS]}
+usage="usage: benchmarks/gpu_gradients.sh generate|judge OUTDIR [GOLDENS [BACKEND...]]"
+step=${1:?$usage}
+out=${2:?$usage}
 goldens=${3:-/tmp/rlk-standard-grad}
+shift $(($# < 3 ? $# : 3))
+backends=("$@")
+[ ${#backends[@]} -gt 0 ] || backends=(cuda sdpa-math sdpa-flash sdpa-efficient sdpa-cudnn)
 root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -47,19 +52,22 @@ if [ "$step" = generate ]; then
   rm -rf "$goldens"
   timed generate-standard-grad 240 python3 -m conformance generate --tier standard --filter '*-grad' --device cuda --jobs "$cores" \
     --out "$goldens"
-  timed bench-gradients 120 python3 benchmarks/gradients.py --tier standard --device cuda --cases 10 \
+  [ "${RLK_SKIP_BENCH:-0}" = 1 ] || timed bench-gradients 120 python3 benchmarks/gradients.py --tier standard --device cuda --cases 10 \
     --max-gflop 400 --json "$out/bench-gradients.json"
 elif [ "$step" = judge ]; then
   if [ ! -f "$goldens/manifest.json" ]; then
     timed generate-standard-grad 240 python3 -m conformance generate --tier standard --filter '*-grad' --device cuda --jobs "$cores" \
       --out "$goldens"
   fi
-  for backend in cuda sdpa-math sdpa-flash sdpa-efficient sdpa-cudnn naive-fp32; do
-    timed "run-$backend" 70 python3 -m conformance run --backend "$backend" --device cuda --goldens "$goldens" --checks "$grad_checks" \
-      --report-json "$out/run-$backend.json"
+  for backend in "${backends[@]}"; do
+    if [ "$backend" = flex ]; then
+      timed run-flex-smoke-grad 150 python3 -m conformance run --backend flex --device cuda --filter '*-grad' \
+        --checks "$grad_checks" --report-json "$out/run-flex-smoke-grad.json"
+    else
+      timed "run-$backend" "${RLK_RUN_LIMIT:-150}" python3 -m conformance run --backend "$backend" --device cuda \
+        --goldens "$goldens" --checks "$grad_checks" --report-json "$out/run-$backend.json"
+    fi
   done
-  timed run-flex-smoke-grad 120 python3 -m conformance run --backend flex --device cuda --filter '*-grad' --checks "$grad_checks" \
-    --report-json "$out/run-flex-smoke-grad.json"
 else
   echo "unknown step $step (generate or judge)" >&2
   exit 2

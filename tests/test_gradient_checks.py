@@ -225,3 +225,28 @@ def test_the_search_finds_each_planted_defect_and_its_reproducer_replays(planted
 def test_a_correct_backward_passes_every_gradient_property(prop: str, specs) -> None:
     result = search(GradCorrect(), specs, prop, None, examples=15)
     assert result.records and {r.status for r in result.records} == {"pass"}, [r.message for r in result.records]
+
+
+def test_gradient_variants_pick_their_parts_of_gradients_on_another_device() -> None:
+    # The variants are built on the backend's device and compared on host copies of the gradients:
+    # their batch indices must index tensors on any device (a CUDA run once failed here). "meta" stands in
+    # for a GPU: indexing a CPU tensor with a meta index raises as with a CUDA one.
+    import torch
+
+    from conformance.judge.gradient_transforms import gradient_batch_variants, gradient_padding_variants
+    from conformance.judge.transforms import OpCall
+
+    b, h, s, d = 3, 2, 5, 4
+    call = OpCall("attention", torch.empty(b, h, s, d, device="meta"), torch.empty(b, h, s, d, device="meta"),
+                  torch.empty(b, h, s, d, device="meta"), None, True, None)
+    grads = tuple(torch.arange(b * h * s * d, dtype=torch.float32).reshape(b, h, s, d) + i for i in range(3))
+    doubled = tuple(torch.cat([g, g.flip(0)]) for g in grads)
+    variants = list(gradient_batch_variants(call, torch.empty(b, h, s, d, device="meta")))
+    variants += list(gradient_padding_variants(call, torch.empty(b, h, s, d, device="meta")))
+    assert len(variants) == b + 3
+    for v in variants:
+        got = doubled if v.call.q.shape[0] == 2 * b else grads
+        for part in (*v.taken(got), *v.expected(grads)):
+            assert part.device.type == "cpu"
+    reversed_ = next(v for v in variants if "reversed" in v.label)
+    assert all(torch.equal(t, e.flip(0)) for t, e in zip(reversed_.taken(grads), grads))

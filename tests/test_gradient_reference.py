@@ -682,3 +682,17 @@ def test_seeded_cases_exercise_the_refinement_tiers() -> None:
     refined = sum(seeded(case)[2].stats.double_double + seeded(case)[2].stats.exact
                   for case in CROSSCHECK_CASES.values())
     assert refined > 0  # without forcing, some elements of these cases need tier 2
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 33])
+def test_the_naive_models_pairwise_sum_is_a_fixed_tree_of_single_roundings(n: int) -> None:
+    # The bits of the naive backward's rowsum must not depend on a reduction kernel (CPU and CUDA
+    # generation once differed in a large-logits case's naive error): a fixed pairwise tree in float64.
+    from conformance.reference.float64 import pairwise_sum
+
+    x = torch.randn(5, n, dtype=torch.float64) * torch.logspace(-8, 8, n, dtype=torch.float64)
+    for row, got in zip(x.tolist(), pairwise_sum(x)[:, 0].tolist()):
+        level = row + [0.0] * ((1 << max(n - 1, 0).bit_length()) - n)
+        while len(level) > 1:
+            level = [level[i] + level[i + 1] for i in range(0, len(level), 2)]
+        assert got == level[0]

@@ -59,10 +59,10 @@ def gradient_batch_variants(call: OpCall, grad_out: torch.Tensor, max_alone: int
         alone, go = _index(call, grad_out, sl)
         yield GradVariant(f"sample {i} alone (batch 1 of {b})", alone, go, _same, _batch(sl))
     if b > 1:
-        rev = torch.arange(b - 1, -1, -1, device=call.q.device)
+        rev = torch.arange(b - 1, -1, -1)  # on the host: it indexes the call's tensors and host copies alike
         perm, go = _index(call, grad_out, rev)
         yield GradVariant(f"batch of {b} reversed", perm, go, _batch(rev), _same)
-    both = torch.cat([torch.arange(b, device=call.q.device), torch.arange(b - 1, -1, -1, device=call.q.device)])
+    both = torch.cat([torch.arange(b), torch.arange(b - 1, -1, -1)])
     doubled, go = _index(call, grad_out, both)
     yield GradVariant(f"batch of {2 * b} (batch then its reverse)", doubled, go, _batch(slice(0, b)), _same)
 

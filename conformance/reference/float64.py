@@ -85,6 +85,20 @@ def blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     return kb, hi + lo
 
 
+def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(-1, keepdim=True)`` by a fixed pairwise tree of elementwise additions (zeros pad the
+    last dim to a power of two): every addition is one IEEE rounding in a fixed order, so the bits
+    are the same on every device and thread count, unlike a reduction kernel's. For the naive
+    model's sums whose rounding to the case dtype is sensitive to the last float64 bit."""
+    n = x.shape[-1]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        x = torch.nn.functional.pad(x, (0, width - n))
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x
+
+
 def naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor | None, scale: float, v: torch.Tensor,
                       dtype: str) -> torch.Tensor:
     """The seed's naive attention in the case dtype, modelled deterministically: scores, scaled

@@ -13,7 +13,7 @@ import torch
 from conformance.reference.double_double import (
     U,
 )
-from conformance.reference.float64 import blocked_sums, naive_probs, round_like_dtype
+from conformance.reference.float64 import blocked_sums, naive_probs, pairwise_sum, round_like_dtype
 from conformance.reference.rounding import rounding_interval
 from conformance.spec.case import Case
 
@@ -136,7 +136,9 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     dtype = case.dtype
     probs = naive_probs(dots, None if all_visible else vis, scale, dtype)
     dprobs = round_like_dtype(dp, dtype)
-    dscores = round_like_dtype(probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True)), dtype)
+    # rowsum(dprobs ∘ probs) cancels against dprobs, so its last float64 bit can move the rounded
+    # dscores: summed in a fixed order (the products are exact), the model is the same on every device.
+    dscores = round_like_dtype(probs * (dprobs - pairwise_sum(dprobs * probs)), dtype)
     gd = round_like_dtype(dscores.mul_(scale), dtype)
     res["dq_naive"] = round_like_dtype(gd @ k, dtype)
     per_head = (*q.shape[:2], case.group, r // case.group)  # the block's rows, query head by query head
