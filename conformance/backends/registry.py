@@ -228,17 +228,22 @@ def skip_reason(backend: Backend, op: str, case: Case) -> str | None:
     """
     if op not in backend_ops(backend):
         return f"{backend.name} does not implement {op}"
+    return _supports_reason(backend, op, case, "this case")
+
+
+def _supports_reason(backend: Backend, asked: str, case: Case, what: str) -> str | None:
+    """The answer of ``backend.supports(asked, case)`` as a skip reason (None: run it)."""
     supports = getattr(backend, "supports", None)
     if supports is None:
         return None
-    verdict = supports(op, case)
+    verdict = supports(asked, case)
     if verdict is True:
         return None
-    if verdict is False:
-        return f"{backend.name} does not support this case"
+    if verdict is False or verdict == "":
+        return f"{backend.name} does not support {what}"
     if isinstance(verdict, str):
-        return verdict or f"{backend.name} does not support this case"
-    raise ConformanceError(f"backend {backend.name!r}: supports({op!r}, {case.id}) returned {verdict!r}; it must "
+        return verdict
+    raise ConformanceError(f"backend {backend.name!r}: supports({asked!r}, {case.id}) returned {verdict!r}; it must "
                            f"return True, False or a reason string; {DOCS}")
 
 
@@ -345,18 +350,7 @@ def _describe(exc: BaseException) -> str:
 def backward_skip_reason(backend: Backend, op: str, case: Case) -> str | None:
     """Why ``backend`` skips the gradients of ``case`` (its ``supports("<op>_backward", case)`` said so),
     or None. Whether it has a backward at all shows when the gradients are asked for."""
-    supports = getattr(backend, "supports", None)
-    if supports is None:
-        return None
-    verdict = supports(f"{op}_backward", case)
-    if verdict is True:
-        return None
-    if verdict is False:
-        return f"{backend.name} does not support the backward of this case"
-    if isinstance(verdict, str):
-        return verdict or f"{backend.name} does not support the backward of this case"
-    raise ConformanceError(f"backend {backend.name!r}: supports({op + '_backward'!r}, {case.id}) returned "
-                           f"{verdict!r}; it must return True, False or a reason string; {DOCS}")
+    return _supports_reason(backend, f"{op}_backward", case, "the backward of this case")
 
 
 def describe_backend(backend: Any) -> dict[str, Any]:

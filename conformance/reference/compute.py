@@ -56,6 +56,16 @@ class Golden:
     stats: RefinementStats = field(default_factory=RefinementStats)
 
 
+def row_blocks(case: Case, block_elements: int) -> Iterator[tuple[int, int, int]]:
+    """``(i0, i1, kmax)`` of the blocks of query rows the float64 stages work on: about
+    ``block_elements`` scores a block over the batch and heads; ``kmax`` keys are all any row of the
+    block may see (the keys beyond are skipped in causal blocks; 0: the block sees nothing)."""
+    rows = max(1, block_elements // max(1, case.batch * case.hq * case.skv))
+    for i0 in range(0, case.sq, rows):
+        i1 = min(case.sq, i0 + rows)
+        yield i0, i1, (min(case.skv, i1 - 1 + case.skv - case.sq + 1) if case.causal else case.skv)
+
+
 def compute_reference(case: Case, inputs: CaseInputs, device: str | torch.device = "cpu") -> Golden:
     """Compute the golden of ``case`` from its ``inputs`` (see the module docstring).
 
@@ -80,7 +90,7 @@ def single_thread() -> Iterator[None]:
 
 
 def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
-    b, hq, hkv, g, sq, skv, d = case.batch, case.hq, case.hkv, case.group, case.sq, case.skv, case.d
+    b, hq, hkv, g, sq, d = case.batch, case.hq, case.hkv, case.group, case.sq, case.d
     scale = case.effective_scale
     q64 = inputs.q.to(dev, torch.float64).reshape(b, hkv, g, sq, d)
     k64 = inputs.k.to(dev, torch.float64)
@@ -99,13 +109,8 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     naive = torch.zeros_like(out64)
     flops = 0
 
-    block = CUDA_BLOCK_ELEMENTS if dev.type == "cuda" else BLOCK_ELEMENTS
-    rows_per_block = max(1, block // max(1, b * hq * skv))
-    for i0 in range(0, sq, rows_per_block):
-        i1 = min(sq, i0 + rows_per_block)
+    for i0, i1, kmax in row_blocks(case, CUDA_BLOCK_ELEMENTS if dev.type == "cuda" else BLOCK_ELEMENTS):
         n = i1 - i0
-        # Keys beyond the last one any row of this block may see are skipped (causal blocks).
-        kmax = min(skv, i1 - 1 + skv - sq + 1) if case.causal else skv
         if kmax <= 0:
             continue  # every row of the block is fully masked: zeros, lse = -inf
         vis = visible(case, kpm, slice(i0, i1))[..., :kmax].to(dev)

@@ -95,7 +95,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from conformance.reference.compute import ERROR_SCALE_BITS, RefinementStats, round_up_significant, single_thread
+from conformance.reference.compute import (
+    ERROR_SCALE_BITS,
+    RefinementStats,
+    round_up_significant,
+    row_blocks,
+    single_thread,
+)
 from conformance.reference.double_double import (
     U,
     two_sum,
@@ -195,12 +201,8 @@ def _compute(case: Case, inputs: CaseInputs, g64: torch.Tensor, dev: torch.devic
     key_seen = torch.zeros_like(key_active)
     flops = 0
 
-    block = CUDA_GRAD_BLOCK_ELEMENTS if dev.type == "cuda" else GRAD_BLOCK_ELEMENTS
-    rows_per_block = max(1, block // max(1, b * hq * skv))
-    for i0 in range(0, sq, rows_per_block):
-        i1 = min(sq, i0 + rows_per_block)
+    for i0, i1, kmax in row_blocks(case, CUDA_GRAD_BLOCK_ELEMENTS if dev.type == "cuda" else GRAD_BLOCK_ELEMENTS):
         n = i1 - i0
-        kmax = min(skv, i1 - 1 + skv - sq + 1) if case.causal else skv
         if kmax <= 0:
             continue  # every row of the block is fully masked: it contributes nothing
         vis = visible(case, kpm, slice(i0, i1))[..., :kmax].to(dev)  # [b|1, n, kmax]
