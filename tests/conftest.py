@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -259,3 +260,17 @@ def run_backend(backend: object, paths: Sequence[Path], settings: object, compar
         judge = in_process_judge(backend, settings, compare_to, timer=timer, max_case_bytes=cap,  # type: ignore[arg-type]
                                  checksums=checksums)
     return run(paths, judge, on_case=on_case, on_outcome=on_outcome)  # type: ignore[arg-type]
+
+
+def is_variant_case(case_id: str) -> bool:
+    """Whether the case id names an attention variant (window, soft-capping, sinks)."""
+    from conformance.spec.case import parse_case_id
+
+    params = parse_case_id(case_id) or {}
+    return params.get("window", (-1, -1)) != (-1, -1) or bool(params.get("softcap")) or bool(params.get("sinks"))
+
+
+def expected_variant_skip(record: Any) -> bool:
+    """A variant case skipped by a backend that does not implement the variant (with the reason)."""
+    return record.status == "skip" and is_variant_case(record.case_id) and any(
+        why in record.message for why in ("attention variant", "cannot soft-cap", "no attention sinks"))

@@ -34,6 +34,7 @@ from conformance.backends.contract import visible_keys
 from conformance.backends.sdpa import SdpaEfficientBackend, kernel_limitation
 from conformance.errors import ConformanceError
 from conformance.golden.format import read_golden
+from conformance.judge.transforms import OpCall
 from conformance.reference.compute import Golden, compute_reference
 from conformance.spec.case import DTYPES, Case
 from conformance.spec.inputs import TORCH_DTYPES, CaseInputs, make_inputs
@@ -219,7 +220,9 @@ def test_reference_backend_is_bitwise_equal_to_the_committed_golden(path: Path) 
     gc = read_golden(path)
     backend = builtin("reference")
     case, i = gc.case, gc.inputs
-    kwargs = {"causal": case.causal, "scale": case.scale, "key_padding_mask": i.key_padding_mask}
+    kwargs = {"causal": case.causal, "scale": case.scale, "key_padding_mask": i.key_padding_mask,
+              **OpCall(case.op, i.q, i.k, i.v, i.key_padding_mask, case.causal, case.scale, 0, case.window,
+                       case.softcap, i.sinks).variant_kwargs()}
     if case.op == "attention":
         out, lse = backend.attention(i.q, i.k, i.v, **kwargs)
     else:

@@ -406,8 +406,8 @@ def test_double_double_exp_pass_gives_the_same_bits_when_it_decides_every_elemen
     original = double_double.double_double_elements
     calls = {"precise": 0}
 
-    def only_precise(*args: object, precise: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        values, decided = original(*args, precise=precise)
+    def only_precise(*args: object, precise: bool = False, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        values, decided = original(*args, precise=precise, **kwargs)
         if not precise:
             return values, np.zeros_like(decided)
         calls["precise"] += 1

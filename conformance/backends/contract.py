@@ -10,13 +10,20 @@ query head ``h`` reads KV head ``h // (Hq / Hkv)``; ``scale=None`` means ``1/sqr
 value (``0.0`` too) is used as given; causal is bottom-right (row ``i`` sees key ``j`` iff
 ``j <= i + Skv - Sq``); ``key_padding_mask [B, Skv]`` bool, True = keep; a row that sees no key
 outputs exactly 0. Optional members: ``supports(op, case)``, ``returns_lse``, ``output_dtype``,
-``description``.
+``description``, ``variants``.
+
+The attention variants (docs/backends.md, the terms table) are keyword arguments with defaults that
+keep plain calls valid: ``window_size=(-1, -1)``, ``softcap=None``, ``sinks=None``. A backend lists the
+ones it implements in ``variants`` (a subset of ``("window", "softcap", "sinks")``); the harness passes
+a variant's keyword only for a case that uses it, and skips (with the reason) every case that uses a
+variant the backend does not declare: a variant is never silently dropped.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Protocol, TypeAlias, runtime_checkable
+import math
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import torch
 
@@ -53,11 +60,16 @@ class KernelUnavailable(RuntimeError):
     """
 
 
+VARIANT_KEYWORDS = {"window": "window_size", "softcap": "softcap", "sinks": "sinks"}
+
+
 def call_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None,
-              key_padding_mask: torch.Tensor | None) -> Case:
+              key_padding_mask: torch.Tensor | None, window_size: tuple[int, int] = (-1, -1),
+              softcap: float | None = None, sinks: torch.Tensor | None = None) -> Case:
     """Check one ``attention`` call against CONTRACT.md and describe it as a :class:`Case`.
 
-    Raises ``ValueError`` (shapes, GQA divisibility, mask) or ``TypeError`` (dtypes) naming the
+    Raises ``ValueError`` (shapes, GQA divisibility, mask, a window side below -1, a softcap that is
+    not > 0, sinks not of shape [Hq]) or ``TypeError`` (dtypes, sinks not float32) naming the
     offending argument. The case's ``mask`` is ``"custom"`` when a key_padding_mask is given: the
     computation reads the mask tensor itself, never the mask name.
     """
@@ -82,10 +94,23 @@ def call_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                                          or tuple(key_padding_mask.shape) != (b, skv)):
         raise ValueError(f"attention: key_padding_mask must be bool [B={b}, Skv={skv}], got "
                          f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    window = tuple(int(w) for w in window_size)
+    if len(window) != 2 or min(window) < -1:
+        raise ValueError(f"attention: window_size must be (left, right) with each -1 (unbounded) or >= 0, "
+                         f"got {tuple(window_size)}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"attention: softcap must be a finite number > 0 (None: no soft-capping), got {softcap}")
+    sink_values = None
+    if sinks is not None:
+        if sinks.dtype != torch.float32 or tuple(sinks.shape) != (hq,):
+            raise (TypeError if sinks.dtype != torch.float32 else ValueError)(
+                f"attention: sinks must be float32 [Hq={hq}], got {sinks.dtype} {tuple(sinks.shape)}")
+        sink_values = tuple(float(x) for x in sinks.detach().cpu().tolist())
     return Case(id=f"{AD_HOC_FAMILY}/hq{hq}-hkv{hkv}-d{d}-b{b}-sq{sq}-skv{skv}", op="attention",
                 family=AD_HOC_FAMILY, tier="smoke", batch=b, hq=hq, hkv=hkv, d=d, sq=sq, skv=skv,
                 dtype=DTYPE_NAMES[q.dtype], causal=bool(causal), scale=None if scale is None else float(scale),
-                mask="none" if key_padding_mask is None else "custom", dist="normal", seed=0)
+                mask="none" if key_padding_mask is None else "custom", dist="normal", seed=0,
+                window=(window[0], window[1]), softcap=None if softcap is None else float(softcap), sinks=sink_values)
 
 
 def concat_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
@@ -159,17 +184,21 @@ class BuiltinBackend(abc.ABC):
         if reason is not None:
             raise BackendUnavailable(reason)
 
+    variants: tuple[str, ...] = ()  # the attention variants it implements (docs/backends.md)
+
     @abc.abstractmethod
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None) -> AttentionResult:
-        """CONTRACT.md ``attention``; see the module docstring."""
+                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
+                  **variants: Any) -> AttentionResult:
+        """CONTRACT.md ``attention``; see the module docstring (``variants``: window_size, softcap, sinks)."""
 
     def kv_cache_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
                            v_new: torch.Tensor, *, causal: bool = True, scale: float | None = None,
-                           key_padding_mask: torch.Tensor | None = None) -> AttentionResult:
-        """CONTRACT.md: concatenate cache then new keys on the sequence axis, then exactly ``attention``."""
+                           key_padding_mask: torch.Tensor | None = None, **variants: Any) -> AttentionResult:
+        """CONTRACT.md: concatenate cache then new keys on the sequence axis, then exactly ``attention``
+        (the variants' keywords passed on as they are)."""
         k, v = concat_kv_cache(q, k_cache, v_cache, k_new, v_new)
-        return self.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        return self.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, **variants)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} on {self.device}>"

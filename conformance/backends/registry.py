@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from conformance.errors import ConformanceError
-from conformance.spec.case import OPS, Case
+from conformance.spec.case import OPS, VARIANTS, Case
 
 from .builtin import BUILTIN_BACKENDS
-from .contract import Backend, BackendUnavailable, one_line
+from .contract import VARIANT_KEYWORDS, Backend, BackendUnavailable, one_line
 
 ENTRY_POINT_GROUP = "rlk_conform.backends"
 DOCS = "see docs/backends.md"
@@ -160,16 +160,20 @@ def validate_backend(obj: object, spec: str | None = None) -> Backend:
         raise fail(f"output_dtype must be torch.float32 or absent, got {obj.output_dtype!r}")  # type: ignore[attr-defined]
     if not isinstance(getattr(obj, "returns_lse", False), bool):
         raise fail("returns_lse must be True or False")
+    variants = getattr(obj, "variants", ())
+    if not isinstance(variants, tuple | list | frozenset | set) or any(v not in VARIANTS for v in variants):
+        raise fail(f"variants must list some of {', '.join(VARIANTS)}, got {variants!r}")
+    keywords = (*OP_KEYWORDS, *(VARIANT_KEYWORDS[v] for v in VARIANTS if v in variants))
     for op in ops:
-        problem = signature_problem(getattr(obj, op), OP_POSITIONAL[op])
+        problem = signature_problem(getattr(obj, op), OP_POSITIONAL[op], keywords)
         if problem:
             raise fail(f"{op}() {problem}; the harness calls {op}({', '.join(OP_POSITIONAL[op])}, *, "
-                       "causal, scale, key_padding_mask)")
+                       f"{', '.join(keywords)})")
     for op, positional in BACKWARD_POSITIONAL.items():
         backward = getattr(obj, op, None)
         if backward is None:
             continue
-        problem = "is not callable" if not callable(backward) else signature_problem(backward, positional)
+        problem = "is not callable" if not callable(backward) else signature_problem(backward, positional, keywords)
         if problem:
             raise fail(f"{op}() {problem}; the harness calls {op}({', '.join(positional)}, *, causal, scale, "
                        "key_padding_mask) and expects the gradients of the inputs before out")
@@ -228,7 +232,7 @@ def skip_reason(backend: Backend, op: str, case: Case) -> str | None:
     """
     if op not in backend_ops(backend):
         return f"{backend.name} does not implement {op}"
-    return _supports_reason(backend, op, case, "this case")
+    return _supports_reason(backend, op, case, "this case") or variant_skip_reason(backend, case)
 
 
 def _supports_reason(backend: Backend, asked: str, case: Case, what: str) -> str | None:
@@ -345,6 +349,22 @@ def _takes_device(factory: Callable[..., Any]) -> bool:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {one_line(str(exc))}"
+
+
+def declared_variants(backend: Backend) -> tuple[str, ...]:
+    """The attention variants ``backend`` declares (its ``variants``; none when absent)."""
+    return tuple(v for v in VARIANTS if v in tuple(getattr(backend, "variants", ()) or ()))
+
+
+def variant_skip_reason(backend: Backend, case: Case) -> str | None:
+    """Why ``backend`` skips ``case`` for its variants: a variant the case uses and the backend does not
+    declare (it would run without it), or None."""
+    missing = [v for v in case.variants if v not in declared_variants(backend)]
+    if not missing:
+        return None
+    declared = ", ".join(declared_variants(backend)) or "none"
+    return (f"{backend.name} does not support the attention variant(s) {', '.join(missing)} of this case "
+            f"(it declares variants: {declared})")
 
 
 def backward_skip_reason(backend: Backend, op: str, case: Case) -> str | None:

@@ -73,6 +73,8 @@ def mask_requirement(case: Case) -> str | None:
     ``is_causal`` alone), or None."""
     if case.mask != "none":
         return "a key_padding_mask"
+    if case.window != (-1, -1):
+        return f"a sliding window {case.window}"
     if case.causal and 1 < case.sq != case.skv:
         return f"bottom-right causal with Sq={case.sq} != Skv={case.skv} (is_causal is top-left aligned)"
     return None
@@ -134,13 +136,26 @@ class SdpaBackend(BuiltinBackend):
         if reason is not None:
             raise BackendUnavailable(reason)
 
+    # A sliding window is visibility, which the explicit boolean attn_mask expresses exactly; SDPA has
+    # no function of the logits (soft-capping) and no extra denominator term (sinks).
+    variants = ("window",)
+
     def supports(self, op: str, case: Case) -> bool | str:
-        """A reason string when a documented PyTorch limit rules ``case`` out (:func:`kernel_limitation`), else True."""
+        """A reason string when a documented PyTorch limit rules ``case`` out (:func:`kernel_limitation`),
+        or a variant SDPA cannot express (soft-capping, sinks), else True."""
+        if case.softcap is not None:
+            return ("scaled_dot_product_attention cannot soft-cap logits (it applies no function to the scores "
+                    "between the scale and the softmax)")
+        if case.sinks is not None:
+            return ("scaled_dot_product_attention has no attention sinks (no extra softmax denominator term, and "
+                    "it returns no log-sum-exp to add one afterwards)")
         return kernel_limitation(self.kernel, torch.device(self.device).type, case) or True
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None) -> AttentionResult:
-        case = call_case(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
+                  window_size: tuple[int, int] = (-1, -1)) -> AttentionResult:
+        case = call_case(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                         window_size=window_size)
         attn_mask, is_causal = sdpa_mask(case, key_padding_mask, q.device)
         extra: dict[str, Any] = {}
         if case.group > 1:

@@ -31,7 +31,12 @@ from conformance.spec.inputs import CaseInputs
 
 # 2: no refinement counts in the file (they depend on the device's float64 rounding);
 # 3: the exact gradients of cases with grad = 1 (inputs/grad_out, expected/grad_*), attributes grad*.
+# 4: the attention variants (attributes window_left, window_right, softcap, sinks; dataset inputs/sinks).
+# A file is written in the lowest schema that describes it: a case without variants stays schema 3
+# (its bytes unchanged), and a reader of schema 3 refuses a variant case instead of ignoring the variant.
 SCHEMA_VERSION = 3
+VARIANT_SCHEMA_VERSION = 4
+READ_SCHEMA_VERSIONS = (SCHEMA_VERSION, VARIANT_SCHEMA_VERSION)
 FORMAT = "rlk-conform-golden"
 INPUT_GENERATOR = "numpy-pcg64/1"
 INPUT_DATASETS = ("inputs/q", "inputs/k", "inputs/v")
@@ -106,7 +111,7 @@ def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Prov
     with h5py.File(tmp, "w", track_order=False) as f:
         a = f.attrs
         a["format"] = ascii_attr(FORMAT)
-        a["schema_version"] = np.int64(SCHEMA_VERSION)
+        a["schema_version"] = np.int64(VARIANT_SCHEMA_VERSION if case.variants else SCHEMA_VERSION)
         a["case_id"] = ascii_attr(case.id)
         a["op"] = ascii_attr(case.op)
         a["family"] = ascii_attr(case.family)
@@ -135,6 +140,11 @@ def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Prov
         a["grad"] = np.uint8(case.grad)
         a["grad_algorithm"] = ascii_attr(GRAD_ALGORITHM if case.grad else "")
         a["grad_flops"] = np.int64(gradient.flops if gradient is not None else 0)
+        if case.variants:
+            a["window_left"] = np.int64(case.window[0])
+            a["window_right"] = np.int64(case.window[1])
+            a["softcap"] = np.float64(case.softcap or 0.0)
+            a["sinks"] = np.uint8(case.sinks is not None)
         arrays: dict[str, np.ndarray] = {
             "inputs/q": tensor_to_storage(inputs.q),
             "inputs/k": tensor_to_storage(inputs.k),
@@ -146,6 +156,8 @@ def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Prov
         }
         if inputs.key_padding_mask is not None:
             arrays["inputs/key_padding_mask"] = inputs.key_padding_mask.numpy().astype(np.uint8)
+        if case.sinks is not None:
+            arrays["inputs/sinks"] = np.asarray(case.sinks, dtype=np.float32)
         if gradient is not None and inputs.grad_out is not None:
             arrays["inputs/grad_out"] = tensor_to_storage(inputs.grad_out)
             arrays.update({name: getattr(gradient, field) for name, field in _GRADIENT_FIELDS.items()})
@@ -153,7 +165,7 @@ def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Prov
             arr = np.ascontiguousarray(arr)
             ds = f.create_dataset(name, data=arr, track_times=False)
             ds.attrs["sha256"] = ascii_attr(hashlib.sha256(arr.tobytes()).hexdigest())
-            if name.startswith("inputs/") and name != "inputs/key_padding_mask":  # q, k, v, grad_out
+            if name.startswith("inputs/") and name not in ("inputs/key_padding_mask", "inputs/sinks"):  # q, k, v, dO
                 ds.attrs["element_type"] = ascii_attr(case.dtype)
 
 
@@ -170,7 +182,8 @@ _STR_ATTRS = ("case_id", "op", "family", "tier", "preset", "dtype", "scale_mode"
               "input_generator", "algorithm", "generator", "spec_file", "spec_sha256", "grad_algorithm")
 _CASE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _STORAGE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
-_EXPECTED_DTYPES = {"inputs/key_padding_mask": np.uint8, "expected/out": np.float32, "expected/lse": np.float32,
+_EXPECTED_DTYPES = {"inputs/key_padding_mask": np.uint8, "inputs/sinks": np.float32,
+                    "expected/out": np.float32, "expected/lse": np.float32,
                     "expected/error_scale": np.float64, "expected/naive_error": np.float64,
                     **{name: np.float32 for name in ("expected/grad_q", "expected/grad_k", "expected/grad_v")},
                     **{name: np.float64 for name in GRADIENT_DATASETS if name.endswith(("_scale", "_error"))}}
@@ -238,9 +251,9 @@ def read_attrs(path: Path, f: h5py.File) -> dict[str, Any]:
     if out["format"] != FORMAT:
         raise GoldenError(path, f"not an rlk-conform golden (format={out['format']!r})")
     out["schema_version"] = _int_attr(path, f.attrs, "schema_version")
-    if out["schema_version"] != SCHEMA_VERSION:
+    if out["schema_version"] not in READ_SCHEMA_VERSIONS:
         raise GoldenError(path, f"schema_version {out['schema_version']} is not supported "
-                          f"(this rlk-conform reads {SCHEMA_VERSION})")
+                          f"(this rlk-conform reads {', '.join(map(str, READ_SCHEMA_VERSIONS))})")
     for key in _STR_ATTRS:
         out[key] = _str_attr(path, f.attrs, key)
     for key in _INT_ATTRS:
@@ -260,6 +273,18 @@ def read_attrs(path: Path, f: h5py.File) -> dict[str, Any]:
     if split_arr.ndim > 1 or split_arr.dtype.kind not in "iu" or split_arr.size > MAX_SPLIT_POINTS:
         raise GoldenError(path, f"attribute 'split_points' must be a list of integers, found {_type_name(split)}")
     out["split_points"] = tuple(int(x) for x in np.atleast_1d(split_arr))
+    out.update(window_left=-1, window_right=-1, softcap=0.0, sinks=False)
+    if out["schema_version"] >= VARIANT_SCHEMA_VERSION:
+        out["window_left"] = _int_attr(path, f.attrs, "window_left")
+        out["window_right"] = _int_attr(path, f.attrs, "window_right")
+        cap = _attr(path, f.attrs, "softcap")
+        if not isinstance(cap, np.floating | float) or not math.isfinite(float(cap)):
+            raise GoldenError(path, f"attribute 'softcap' must be a finite float, found {_type_name(cap)} {cap}")
+        out["softcap"] = float(cap)
+        out["sinks"] = _int_attr(path, f.attrs, "sinks")
+        if out["sinks"] not in (0, 1):
+            raise GoldenError(path, f"attribute 'sinks' must be 0 or 1, found {out['sinks']}")
+        out["sinks"] = bool(out["sinks"])
     _check_attr_values(path, out)
     return out
 
@@ -278,6 +303,11 @@ def _check_attr_values(path: Path, a: dict[str, Any]) -> None:
             raise bad(key, "must be at least 1")
     if a["hq"] % a["hkv"]:
         raise bad("hkv", f"hq={a['hq']} is not a multiple of it")
+    for key in ("window_left", "window_right"):
+        if a[key] < -1:
+            raise bad(key, "a window side is -1 (unbounded) or a number of keys >= 0")
+    if a["softcap"] < 0:
+        raise bad("softcap", "soft-capping is > 0, or 0 for none")
     if not 0 <= a["seed"] < 2**64:
         raise bad("seed", "must be an unsigned 64-bit integer")
     if not _CASE_ID_RE.match(a["case_id"]) or ".." in a["case_id"].split("/"):
@@ -293,12 +323,14 @@ def _check_attr_values(path: Path, a: dict[str, Any]) -> None:
             raise bad("split_points", f"each must lie in [s_past, skv) = [{a['s_past']}, {a['skv']})")
 
 
-def case_from_attrs(a: dict[str, Any]) -> Case:
+def case_from_attrs(a: dict[str, Any], sinks: tuple[float, ...] | None = None) -> Case:
+    """The case the root attributes describe; ``sinks`` the values of ``inputs/sinks`` (read by the caller)."""
     return Case(id=a["case_id"], op=a["op"], family=a["family"], tier=a["tier"], batch=a["batch"], hq=a["hq"],
                 hkv=a["hkv"], d=a["head_dim"], sq=a["sq"], skv=a["skv"], dtype=a["dtype"], causal=a["causal"],
                 scale=None if a["scale_mode"] == "default" else a["scale"], mask=a["mask"], dist=a["dist"],
                 seed=a["seed"], preset=a["preset"] or None, s_past=None if a["s_past"] < 0 else a["s_past"],
-                split_points=a["split_points"], grad=a["grad"])
+                split_points=a["split_points"], grad=a["grad"], window=(a["window_left"], a["window_right"]),
+                softcap=a["softcap"] or None, sinks=sinks)
 
 
 def _expected_shapes(case: Case) -> dict[str, tuple[int, ...]]:
@@ -314,6 +346,8 @@ def _expected_shapes(case: Case) -> dict[str, tuple[int, ...]]:
     }
     if case.mask != "none":
         shapes["inputs/key_padding_mask"] = (case.batch, case.skv)
+    if case.sinks is not None:
+        shapes["inputs/sinks"] = (case.hq,)
     if case.grad:
         keys = (case.batch, case.hkv, case.skv)
         shapes.update({"inputs/grad_out": (*rows, case.d), "expected/grad_q": (*rows, case.d),
@@ -434,6 +468,21 @@ def read_golden(path: str | Path, check_sha256: bool = True, max_bytes: int = DE
     return gc
 
 
+def _read_sinks(path: Path, f: h5py.File, attrs: dict[str, Any]) -> tuple[float, ...] | None:
+    """The values of ``inputs/sinks`` ([Hq] float32) of a case whose attribute ``sinks`` is 1; its
+    storage and checksum are checked again with the other datasets."""
+    if not attrs["sinks"]:
+        return None
+    with _h5_errors(path, "unreadable dataset", "inputs/sinks"):
+        ds = f.get("inputs/sinks")
+        if not isinstance(ds, h5py.Dataset) or ds.shape != (attrs["hq"],) or ds.dtype != np.float32:
+            raise GoldenError(path, f"missing or not float32 [{attrs['hq']}] (attribute sinks = 1)", "inputs/sinks")
+        values = ds[()]
+    if not np.isfinite(values).all():
+        raise GoldenError(path, "sink logits must be finite", "inputs/sinks")
+    return tuple(float(x) for x in values)
+
+
 def _read_checked(path: Path, file_size: int, check_sha256: bool, max_bytes: int) -> GoldenCase:
     try:
         f = h5py.File(path, "r")
@@ -447,7 +496,7 @@ def _read_checked(path: Path, file_size: int, check_sha256: bool, max_bytes: int
     with f:
         _check_links(path, f)
         attrs = read_attrs(path, f)
-        case = case_from_attrs(attrs)
+        case = case_from_attrs(attrs, _read_sinks(path, f, attrs))
         need = declared_bytes(case)
         if need > max_bytes:
             raise GoldenError(path, f"its attributes declare {_size(need)} of tensors, over the cap of "
@@ -482,6 +531,7 @@ def _read_checked(path: Path, file_size: int, check_sha256: bool, max_bytes: int
         v=storage_to_tensor(arrays["inputs/v"], case.dtype),
         key_padding_mask=None if mask is None else torch.from_numpy(mask.astype(bool)),
         grad_out=None if grad_out is None else storage_to_tensor(grad_out, case.dtype),
+        sinks=None if case.sinks is None else torch.from_numpy(arrays["inputs/sinks"]),
     )
     golden = Golden(out=arrays["expected/out"], lse=arrays["expected/lse"],
                     error_scale=arrays["expected/error_scale"], naive_error=arrays["expected/naive_error"],

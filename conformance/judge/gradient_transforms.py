@@ -103,6 +103,7 @@ def gradient_split_variants(call: OpCall, grad_out: torch.Tensor, case: Case) ->
         first = p - call.s_past  # the row of the case's q at position p
         rows, go = call.q[:, :, first:], grad_out[:, :, first:]
         split = replace(call, q=rows, s_past=p)
-        one_shot = OpCall("attention", rows, call.k, call.v, call.key_padding_mask, call.causal, call.scale)
+        one_shot = OpCall("attention", rows, call.k, call.v, call.key_padding_mask, call.causal, call.scale,
+                          **call.variants())
         yield GradVariant(f"split at S_past={p} against one-shot attention", split, go, _same, _same,
                           against=(one_shot, go))

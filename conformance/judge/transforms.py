@@ -19,7 +19,8 @@ from conformance.spec.case import Case
 
 @dataclass(frozen=True)
 class OpCall:
-    """One call of an op. ``k``/``v`` hold all keys; for the KV-cache op the first ``s_past`` are the cache."""
+    """One call of an op. ``k``/``v`` hold all keys; for the KV-cache op the first ``s_past`` are the cache.
+    ``window``, ``softcap`` and ``sinks`` are the attention variants (CONTRACT terms in docs/backends.md)."""
 
     op: str
     q: torch.Tensor
@@ -29,10 +30,29 @@ class OpCall:
     causal: bool
     scale: float | None
     s_past: int = 0
+    window: tuple[int, int] = (-1, -1)
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # float32 [Hq]
 
     @property
     def skv(self) -> int:
         return self.k.shape[2]
+
+    def variant_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the variants this call uses (none for a plain call, so that a
+        backend without the variant keywords keeps working on plain cases)."""
+        kwargs: dict[str, Any] = {}
+        if self.window != (-1, -1):
+            kwargs["window_size"] = self.window
+        if self.softcap is not None:
+            kwargs["softcap"] = self.softcap
+        if self.sinks is not None:
+            kwargs["sinks"] = self.sinks
+        return kwargs
+
+    def variants(self) -> dict[str, Any]:
+        """The variant fields, to carry into another call of the same case."""
+        return {"window": self.window, "softcap": self.softcap, "sinks": self.sinks}
 
 
 @dataclass(frozen=True)
@@ -94,7 +114,7 @@ def _decode_call(call: OpCall, row: int) -> OpCall:
     last = pos + 1 if call.causal else call.skv
     mask = None if call.key_padding_mask is None else call.key_padding_mask[:, :last]
     return OpCall("kv_cache_attention", call.q[:, :, row:row + 1], call.k[:, :, :last], call.v[:, :, :last], mask,
-                  call.causal, call.scale, s_past=last - 1)
+                  call.causal, call.scale, s_past=last - 1, **call.variants())
 
 
 def sampled_rows(sq: int, limit: int = 4) -> list[int]:
@@ -107,6 +127,8 @@ def prefill_decode_variants(call: OpCall) -> Iterator[Variant]:
     sq = call.q.shape[2]
     if sq > call.skv or (call.op == "kv_cache_attention" and sq == 1):
         return
+    if not call.causal and call.window != (-1, -1):
+        return  # the non-causal decode makes the row the last position: a window would move with it
     for row in sampled_rows(sq):
         yield Variant(f"row {row} as a one-token decode", _decode_call(call, row), _same,
                       lambda o, row=row: o[:, :, row:row + 1])
@@ -121,6 +143,8 @@ def chunk_variants(call: OpCall) -> Iterator[Variant]:
     sq = call.q.shape[2]
     if sq < 2 or sq > call.skv or (call.op == "kv_cache_attention" and not call.causal):
         return
+    if not call.causal and call.window != (-1, -1):
+        return  # a non-causal chunk keeps every key and so moves its rows' diagonal (and window)
     bounds = chunk_boundaries(sq)
     for c0, c1 in itertools.pairwise(bounds):
         if c1 <= c0:
@@ -131,9 +155,10 @@ def chunk_variants(call: OpCall) -> Iterator[Variant]:
             mask = None if call.key_padding_mask is None else call.key_padding_mask[:, :last]
             if call.op == "kv_cache_attention":
                 chunk = OpCall(call.op, rows, call.k[:, :, :last], call.v[:, :, :last], mask, True, call.scale,
-                               s_past=c0 + call.skv - sq)
+                               s_past=c0 + call.skv - sq, **call.variants())
             else:
-                chunk = OpCall(call.op, rows, call.k[:, :, :last], call.v[:, :, :last], mask, True, call.scale)
+                chunk = OpCall(call.op, rows, call.k[:, :, :last], call.v[:, :, :last], mask, True, call.scale,
+                               **call.variants())
         else:
             chunk = replace(call, q=rows)
         yield Variant(f"chunk rows {c0}:{c1} of {sq}", chunk, _same, lambda o, c0=c0, c1=c1: o[:, :, c0:c1])
@@ -153,7 +178,7 @@ def padding_variants(call: OpCall, extra: int = 7) -> Iterator[Variant]:
                   key_padding_mask=torch.cat([pad_mask, mask], 1),
                   s_past=call.s_past + n if call.op == "kv_cache_attention" else 0)
     yield Variant(f"{n} masked keys prepended", pre, _same, _same)
-    if call.op == "attention" and not call.causal:
+    if call.op == "attention" and not call.causal and call.window == (-1, -1):  # appended keys move the diagonal
         post = replace(call, k=torch.cat([call.k, ek], 2), v=torch.cat([call.v, ev], 2),
                        key_padding_mask=torch.cat([mask, pad_mask], 1))
         yield Variant(f"{n} masked keys appended", post, _same, _same)

@@ -32,7 +32,7 @@ from conformance.reference.exact import exact_lse, exact_row
 from conformance.reference.float64 import BLOCK_ELEMENTS, CUDA_BLOCK_ELEMENTS, float64_block
 from conformance.reference.rounding import rounding_interval
 from conformance.spec.case import Case
-from conformance.spec.inputs import CaseInputs, visible
+from conformance.spec.inputs import CaseInputs, key_limit, visible
 
 ALGORITHM = "exact-attention/1"
 
@@ -59,11 +59,11 @@ class Golden:
 def row_blocks(case: Case, block_elements: int) -> Iterator[tuple[int, int, int]]:
     """``(i0, i1, kmax)`` of the blocks of query rows the float64 stages work on: about
     ``block_elements`` scores a block over the batch and heads; ``kmax`` keys are all any row of the
-    block may see (the keys beyond are skipped in causal blocks; 0: the block sees nothing)."""
+    block may see (the keys beyond are skipped in causal and window blocks; <= 0: it sees nothing)."""
     rows = max(1, block_elements // max(1, case.batch * case.hq * case.skv))
     for i0 in range(0, case.sq, rows):
         i1 = min(case.sq, i0 + rows)
-        yield i0, i1, (min(case.skv, i1 - 1 + case.skv - case.sq + 1) if case.causal else case.skv)
+        yield i0, i1, key_limit(case, i1)
 
 
 def compute_reference(case: Case, inputs: CaseInputs, device: str | torch.device = "cpu") -> Golden:
@@ -100,6 +100,8 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     vx = torch.cat([v64, v64.abs(), torch.ones_like(v64[..., :1])], dim=-1)
     kabs = k64.abs()
     vmax = vx[..., d:2 * d].amax(-2, keepdim=True)
+    # Sinks: one logit per query head, as the rows of a KV head's group see them ([1, hkv, g, 1, 1]).
+    sinks = None if inputs.sinks is None else inputs.sinks.to(dev, torch.float64).reshape(1, hkv, g, 1, 1)
 
     out64 = torch.zeros(b, hkv, g, sq, d, dtype=torch.float64)
     bound = torch.zeros_like(out64)
@@ -111,14 +113,17 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
 
     for i0, i1, kmax in row_blocks(case, CUDA_BLOCK_ELEMENTS if dev.type == "cuda" else BLOCK_ELEMENTS):
         n = i1 - i0
-        if kmax <= 0:
-            continue  # every row of the block is fully masked: zeros, lse = -inf
+        if kmax <= 0:  # every row of the block is fully masked: zeros, lse = -inf (or the row's sink)
+            if sinks is not None:
+                lse[:, :, :, i0:i1] = sinks[..., 0].expand(b, hkv, g, n).cpu()
+            continue
         vis = visible(case, kpm, slice(i0, i1))[..., :kmax].to(dev)
         vis = vis[:, None, None].expand(b, 1, g, n, kmax).reshape(b, 1, g * n, kmax)
         flops += int(vis.expand(b, hkv, g * n, kmax).sum()) * 4 * d
         q = q64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
+        sink = None if sinks is None else sinks.expand(1, hkv, g, n, 1).reshape(1, hkv, g * n, 1)
         res = float64_block(q, k64[:, :, :kmax], kabs[:, :, :kmax], v64[:, :, :kmax], vx[:, :, :kmax], vmax, vis,
-                             scale, case.dtype)
+                             scale, case.dtype, case.softcap, sink)
         shape5 = (b, hkv, g, n)
         out64[:, :, :, i0:i1] = res["out"].reshape(*shape5, d).cpu()
         bound[:, :, :, i0:i1] = res["bound"].reshape(*shape5, d).cpu()
@@ -132,6 +137,10 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     mid_lo, mid_hi = rounding_interval(out32)
     bnd = bound.numpy()
     undecided = ~((out - bnd > mid_lo) & (out + bnd < mid_hi))
+    if case.sinks is not None:  # a row that sees only its sink outputs exactly 0: nothing to refine
+        seen_rows = visible(case, inputs.key_padding_mask).any(-1)[:, None, None, :, None].numpy()
+        undecided &= seen_rows
+        out32 = np.where(seen_rows, out32, np.float32(0))
     stats = RefinementStats(float64=int(out.size - undecided.sum()))
     if undecided.any():
         refine(case, inputs, (q64, k64, v64), out32, undecided, stats)
@@ -172,8 +181,14 @@ def certified_lse(case: Case, inputs: CaseInputs, lse64: np.ndarray, bound: np.n
         kpm = inputs.key_padding_mask
         for bi, hi, gi, i in np.argwhere(undecided):
             see = visible(case, None if kpm is None else kpm[bi:bi + 1], slice(int(i), int(i) + 1))[0, 0].numpy()
-            lse32[bi, hi, gi, i] = exact_lse(q[bi, hi, gi, i], k[bi, hi, np.flatnonzero(see)], case)
+            lse32[bi, hi, gi, i] = exact_lse(q[bi, hi, gi, i], k[bi, hi, np.flatnonzero(see)], case,
+                                             row_sink(case, hi * g + gi))
     return lse32
+
+
+def row_sink(case: Case, head: int) -> float | None:
+    """The sink logit of query head ``head`` (None without sinks)."""
+    return None if case.sinks is None else case.sinks[int(head)]
 
 
 def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out32: np.ndarray,
@@ -187,6 +202,7 @@ def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out3
     kpm = inputs.key_padding_mask
     rows = np.argwhere(undecided.any(-1))  # (bi, hi, gi, i), sorted: rows of one KV head are adjacent
     left: dict[tuple[int, ...], list[int]] = {}
+    sinks = None if inputs.sinks is None else inputs.sinks.to(torch.float64).reshape(hkv, g)
     for batch in tier2_batches(case, kpm, rows):
         heads = len(batch)
         r_max = max(len(seg.rows) for seg in batch)
@@ -195,9 +211,12 @@ def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out3
         hi_t = torch.as_tensor([seg.hi for seg in batch], device=q.device)
         qb = q.new_zeros(heads, r_max, d)
         see = torch.zeros(heads, r_max, n, dtype=torch.bool)
+        sink = None if sinks is None else torch.zeros(heads, r_max, 1, dtype=torch.float64)
         er_parts, ec_parts, where = [], [], []
         for j, seg in enumerate(batch):
             qb[j, :len(seg.rows)] = q[seg.bi, seg.hi, seg.rows[:, 2], seg.rows[:, 3]]
+            if sink is not None and sinks is not None:
+                sink[j, :len(seg.rows), 0] = sinks[seg.hi, torch.as_tensor(seg.rows[:, 2])]
             see[j, :len(seg.rows), :seg.kmax] = seg.see
             er, ec = np.nonzero(undecided[seg.bi, seg.hi, seg.rows[:, 2], seg.rows[:, 3]])
             er_parts.append(j * r_max + er)
@@ -206,10 +225,11 @@ def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out3
                                    seg.rows[er, 3], ec], axis=1))
         er, ec, at = np.concatenate(er_parts), np.concatenate(ec_parts), np.concatenate(where)
         kb, vb, see = k[bi_t, hi_t, :n], v[bi_t, hi_t, :n], see.to(q.device)
-        vals, decided = double_double_elements(qb, kb, vb, see, er, ec, case)
+        sink = None if sink is None else sink.to(q.device)
+        vals, decided = double_double_elements(qb, kb, vb, see, er, ec, case, sink=sink)
         if not decided.all():  # the rows with something left, again with the double-double exp
             sub = ~decided
-            vals[sub], decided[sub] = precise_rows(qb, kb, vb, see, er[sub], ec[sub], case)
+            vals[sub], decided[sub] = precise_rows(qb, kb, vb, see, er[sub], ec[sub], case, sink)
         out32[tuple(at[decided].T)] = vals[decided]
         stats.double_double += int(decided.sum())
         for bi, hi, gi, i, c in at[~decided]:
@@ -221,7 +241,8 @@ def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out3
         for (bi, hi, gi, i), cols in left.items():
             see = visible(case, None if kpm is None else kpm[bi:bi + 1], np.array([i]))[0, 0]
             keys = see.nonzero().flatten().numpy()
-            exact = exact_row(qn[bi, hi, gi, i], kn[bi, hi, keys], vn[bi, hi][keys][:, cols], case)
+            exact = exact_row(qn[bi, hi, gi, i], kn[bi, hi, keys], vn[bi, hi][keys][:, cols], case,
+                              row_sink(case, hi * g + gi))
             for c, val in zip(cols, exact):
                 out32[bi, hi, gi, i, c] = val
                 stats.exact += 1

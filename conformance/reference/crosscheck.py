@@ -93,9 +93,13 @@ def _exact_row(case: Case, inputs: CaseInputs, b: int, h: int, i: int, cols: Seq
         scale = 1 / mpmath.sqrt(case.d) if case.scale is None else mpmath.mpf(case.scale)
         logits = [scale * mpmath.fsum(mpmath.mpf(x) * mpmath.mpf(y) for x, y in zip(q, k[j].tolist()))
                   for j in keys]
-        top = max(logits)
+        if case.softcap is not None:  # cap·tanh(s/cap) of the scaled logits
+            logits = [case.softcap * mpmath.tanh(s / case.softcap) for s in logits]
+        sink = None if case.sinks is None else mpmath.mpf(case.sinks[h])
+        top = max(logits) if sink is None else max(max(logits), sink)
         weights = [mpmath.exp(s - top) for s in logits]
-        denominator = mpmath.fsum(weights)
+        # A sink joins the denominator only (it has no value).
+        denominator = mpmath.fsum(weights + ([mpmath.exp(sink - top)] if sink is not None else []))
         results = []
         for d in cols:
             values = v[keys, d].tolist()

@@ -66,7 +66,7 @@ def tier2_batches(case: Case, kpm: torch.Tensor | None, rows: np.ndarray) -> Ite
 
 
 def precise_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
-                  ec: np.ndarray, case: Case) -> tuple[np.ndarray, np.ndarray]:
+                  ec: np.ndarray, case: Case, sink: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`double_double_elements` with the double-double exp for the elements (flat row ``er``, column
     ``ec``) of a batch laid out as q [H, R, D], k/v [H, n, D], see [H, R, n]: each of their rows
     becomes a head of its own (its keys gathered), in groups that keep the gathered keys bounded."""
@@ -85,7 +85,8 @@ def precise_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.T
         head_of = idx // r_max
         vals[mine], decided[mine] = double_double_elements(q.reshape(-1, d)[idx][:, None], k[head_of], v[head_of],
                                                    see.reshape(-1, n)[idx][:, None], slot[er[mine]], ec[mine], case,
-                                                   precise=True)
+                                                   precise=True,
+                                                   sink=None if sink is None else sink.reshape(-1, 1)[idx][:, None])
     return vals, decided
 
 
@@ -205,16 +206,13 @@ _INV_FACTORIAL = [dd_constant(Fraction(1, math.factorial(n))) for n in range(_EX
 EXP_DD_ERROR = 2.0**-88  # relative error of exp_dd (analysis ~2^-93; margin kept)
 
 
-def exp_dd(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """exp(x_hi + x_lo) as a double-double for x ≤ ~0: relative error ≤ EXP_DD_ERROR down to
-    x = −650; below, where the trailing part is subnormal, and below x = −700, where the result is
-    0, the absolute error is < 2^-1000, which the callers' bounds carry (the n·2^-1000 term).
+def _expm1_parts(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """exp(x) = (1 + f)·2^k for x ≥ −700: (f_hi, f_lo, k), f = expm1(r) with relative error ≤ 2^-88.
 
     x = k·ln2 + r with ln2 in three parts (k·ln2₁ exact, the subtraction exact by Sterbenz);
     expm1(r/16) by its Taylor series in double-double (Horner), then four doublings
-    expm1(2a) = 2·expm1(a) + expm1(a)², which keep the relative error of expm1; 1 + expm1; ·2^k.
+    expm1(2a) = 2·expm1(a) + expm1(a)², which keep the relative error of expm1.
     """
-    x_hi = x_hi.clamp(min=-700.0)
     k = torch.round(x_hi / float(_LN2))
     t = x_hi - k * _LN2_1
     p, pe = two_prod(k, _LN2_2)
@@ -230,20 +228,75 @@ def exp_dd(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.
     for _ in range(4):
         sq_hi, sq_lo = dd_mul(f_hi, f_lo, f_hi, f_lo)
         f_hi, f_lo = dd_add(2 * f_hi, 2 * f_lo, sq_hi, sq_lo)
+    return f_hi, f_lo, k
+
+
+def exp_dd(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(x_hi + x_lo) as a double-double for x ≤ ~0: relative error ≤ EXP_DD_ERROR down to
+    x = −650; below, where the trailing part is subnormal, and below x = −700, where the result is
+    0, the absolute error is < 2^-1000, which the callers' bounds carry (the n·2^-1000 term).
+    (1 + expm1(r))·2^k from :func:`_expm1_parts`.
+    """
+    x_hi = x_hi.clamp(min=-700.0)
+    f_hi, f_lo, k = _expm1_parts(x_hi, x_lo)
     e_hi, e_lo = dd_add(f_hi, f_lo, 1.0, 0.0)
     scale = pow2(k.to(torch.int64))
     under = x_hi <= -700.0
     return torch.where(under, 0.0, e_hi * scale), torch.where(under, 0.0, e_lo * scale)
 
 
-def dd_weights(q: torch.Tensor, k: torch.Tensor, see: torch.Tensor, case: Case,
-               precise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+TANH_DD_ERROR = 2.0**-82  # relative error of tanh_dd (analysis ~2^-85; margin kept)
+
+
+def dd_div(ah: torch.Tensor, al: torch.Tensor, bh: torch.Tensor, bl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ah + al) / (bh + bl) as a double-double: one Newton correction, relative error ≤ 8u²."""
+    q = ah / bh
+    r_h, r_l = two_prod(q, bh)
+    return two_sum(q, ((ah - r_h) - r_l + al - q * bl) / bh)
+
+
+def tanh_dd(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tanh(x_hi + x_lo) as a double-double, relative error ≤ TANH_DD_ERROR, for any finite x.
+
+    tanh|x| = −m / (2 + m) with m = expm1(−2|x|) ∈ (−1, 0]: no cancellation for small |x| (m is
+    expm1 itself while k = 0, |2x| < ln2/2) and none for large (|m| ≥ 0.29 once k ≠ 0, where
+    m = (1 + f)·2^k − 1 adds a relative 2.5·2^-88 at most); 2 + m ∈ (1, 2]. Beyond |x| = 350,
+    m = −1 and the result 1 (relative error < 2^-1000). The sign of x is restored at the end.
+    """
+    neg = x_hi < 0
+    a_hi, a_lo = torch.where(neg, -x_hi, x_hi), torch.where(neg, -x_lo, x_lo)
+    y_hi, y_lo = (-2 * a_hi).clamp(min=-700.0), -2 * a_lo
+    f_hi, f_lo, k = _expm1_parts(y_hi, y_lo)
+    e_hi, e_lo = dd_add(f_hi, f_lo, 1.0, 0.0)
+    scale = pow2(k.to(torch.int64))
+    g_hi, g_lo = dd_add(e_hi * scale, e_lo * scale, -1.0, 0.0)
+    m_hi, m_lo = torch.where(k == 0, f_hi, g_hi), torch.where(k == 0, f_lo, g_lo)
+    under = y_hi <= -700.0
+    m_hi, m_lo = torch.where(under, -1.0, m_hi), torch.where(under, 0.0, m_lo)
+    d_hi, d_lo = dd_add(m_hi, m_lo, 2.0, 0.0)
+    t_hi, t_lo = dd_div(-m_hi, -m_lo, d_hi, d_lo)
+    return torch.where(neg, -t_hi, t_hi), torch.where(neg, -t_lo, t_lo)
+
+
+def softcap_dd(s_hi: torch.Tensor, s_lo: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cap·tanh((s_hi + s_lo)/cap) as a double-double: absolute error ≤ TANH_DD_ERROR·|result| +
+    16u²·|s| beyond the argument's own error (which passes unamplified, |tanh'| ≤ 1)."""
+    c = torch.full_like(s_hi, cap)
+    x_hi, x_lo = dd_div(s_hi, s_lo, c, torch.zeros_like(c))
+    t_hi, t_lo = tanh_dd(x_hi, x_lo)
+    return dd_mul(t_hi, t_lo, c, torch.zeros_like(c))
+
+
+def dd_weights(q: torch.Tensor, k: torch.Tensor, see: torch.Tensor, case: Case, precise: bool,
+               sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The softmax weights exp(s_j − m) of the rows ``q`` [H, R, D] against the keys ``k`` [H, n, D]
     (``see`` [H, R, n] the visible keys, m the row's largest double-double logit) as double-doubles
     (hi, lo), with a bound ``eps`` on the relative error of each weight; 0 where a key is not visible.
 
-    The logits are double-double (:func:`dd_dots`, then the scale); the weight is exp(x_hi)·(1 + x_lo)
-    (relative error ≤ 3u + second order) or, with ``precise``, :func:`exp_dd` (≤ EXP_DD_ERROR).
+    The logits are double-double (:func:`dd_dots`, then the scale, then :func:`softcap_dd` for a
+    soft-capped case); the weight is exp(x_hi)·(1 + x_lo) (relative error ≤ 3u + second order) or,
+    with ``precise``, :func:`exp_dd` (≤ EXP_DD_ERROR). With ``sink`` [H, R, 1] (the rows' sink logits)
+    the sink's weight is one more column, after the keys (a key of value 0; m covers it too).
     The tier-2 passes of the forward and of the backward take their weights from here.
     """
     kt = k.transpose(-1, -2).contiguous()
@@ -251,6 +304,17 @@ def dd_weights(q: torch.Tensor, k: torch.Tensor, see: torch.Tensor, case: Case,
     sh, sl = scale_dd(case)
     s_hi, s_lo = two_prod(dh, sh)
     s_hi, s_lo = two_sum(s_hi, s_lo + dh * sl + dl * sh)
+    logit_err = abs(case.effective_scale) * dot_err
+    if case.softcap is not None:
+        raw = s_hi.abs()
+        s_hi, s_lo = softcap_dd(s_hi, s_lo, case.softcap)
+        logit_err = logit_err + TANH_DD_ERROR * s_hi.abs() + 16 * U * U * raw
+    if sink is not None:
+        rows = (*s_hi.shape[:-1], 1)
+        s_hi = torch.cat([s_hi, sink.expand(rows)], -1)
+        s_lo = torch.cat([s_lo, torch.zeros(rows, dtype=s_lo.dtype, device=s_lo.device)], -1)
+        logit_err = torch.cat([logit_err.expand_as(s_lo[..., :-1]), torch.zeros_like(s_lo[..., :1])], -1)
+        see = torch.cat([see, torch.ones(rows, dtype=torch.bool, device=see.device)], -1)
     m = s_hi.masked_fill(~see, -math.inf).amax(-1, keepdim=True)
     x_hi, x_lo = two_sum(s_hi, -m.expand_as(s_hi))
     x_lo = x_lo + s_lo
@@ -264,13 +328,13 @@ def dd_weights(q: torch.Tensor, k: torch.Tensor, see: torch.Tensor, case: Case,
         p, p_lo = torch.where(see, torch.exp(x_hi) * (1.0 + x_lo), zero), zero  # exp(x)·(1 + ε)
         exp_err = 3 * U  # exp (≤ 1 ulp) and the product
     # Relative error of each weight: the exp, then the double-double logit (second order).
-    eps = torch.where(see, exp_err + abs(case.effective_scale) * dot_err
-                      + (5 * s_hi.abs() + 3 * x_hi.abs() + 3 * x_hi * x_hi) * U * U, zero)
+    eps = torch.where(see, exp_err + logit_err + (5 * s_hi.abs() + 3 * x_hi.abs() + 3 * x_hi * x_hi) * U * U, zero)
     return p, p_lo, eps
 
 
 def double_double_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
-                           ec: np.ndarray, case: Case, precise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                           ec: np.ndarray, case: Case, precise: bool = False,
+                           sink: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tier 2 for the elements (row ``er[e]`` of the flattened [H·R] rows, column ``ec[e]``) of the
     query rows ``q`` [H, R, D] (float64, exact; H KV heads) against keys/values ``k``/``v``
     [H, n, D], ``see`` [H, R, n] the visible keys (padding rows see none).
@@ -281,16 +345,19 @@ def double_double_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     the second-order sum and division terms decides the float32 rounding of most elements.
     With ``precise`` the weights come from :func:`exp_dd` instead (relative error ≤ 2^-88 rather
     than 3u), which decides all but the elements within ~2^-80 of a rounding boundary.
+    ``sink`` [H, R, 1]: the rows' sink logits (a weight in the denominator, value 0).
     Returns (float32 values, decided mask) per element.
     """
-    p, p_lo, eps = dd_weights(q, k, see, case, precise)
+    p, p_lo, eps = dd_weights(q, k, see, case, precise, sink)
     den_h, den_l, _ = dd_sum(p, p_lo)
-    n = k.shape[-2]  # the rows of all heads, flattened: er indexes them
+    n = p.shape[-1]  # the rows of all heads, flattened: er indexes them
     p, p_lo, eps = p.reshape(-1, n), p_lo.reshape(-1, n), eps.reshape(-1, n)
     den_h, den_l = den_h.reshape(-1), den_l.reshape(-1)
     er_t = torch.as_tensor(er, device=q.device)
     pe = p[er_t]
     vc = v[er_t // q.shape[-2], :, torch.as_tensor(ec, device=q.device)]  # [E, n]: each element's value column
+    if sink is not None:
+        vc = torch.cat([vc, torch.zeros_like(vc[:, :1])], -1)  # the sink's value: 0
     ph, pl = two_prod(pe, vc)
     if precise:
         pl = pl + p_lo[er_t] * vc  # two roundings, ≤ 2u²·|p·v|: inside the second-order term below

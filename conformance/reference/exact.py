@@ -18,8 +18,15 @@ from conformance.spec.case import Case
 EXACT_SHIFT = 149  # every float32 / bfloat16 / float16 value is an integer multiple of 2**-149
 
 
-def exact_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case) -> list[np.float32]:
-    """Tier 3 for one row: exact logits, rational degenerate results, else Ziv intervals."""
+def exact_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case, sink: float | None = None) -> list[np.float32]:
+    """Tier 3 for one row: exact logits, rational degenerate results, else Ziv intervals.
+
+    Keys of equal dot products have equal logits (soft-capping is monotone). When every group of
+    equal logits has the same mean value the output is that mean, whatever the weights; with a sink
+    (value 0 in the denominator) only a mean of 0 is exact. Everything else goes to intervals, with
+    the soft-capped logits and the sink's weight in them."""
+    if not len(k):  # a row that sees no key (only its sink, if any): 0 by the contract
+        return [np.float32(0.0)] * v.shape[1]
     dots = exact_dots(q, k)
     scale = case.effective_scale
     groups: dict[int, list[int]] = {}
@@ -29,11 +36,20 @@ def exact_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, case: Case) -> list[n
     for c in range(v.shape[1]):
         vc = [float(x) for x in v[:, c]]
         means = {sum((Fraction(vc[j]) for j in js), Fraction(0)) / len(js) for js in groups.values()}
-        if len(means) == 1:  # all groups share their mean: the output is exactly that rational
-            results.append(round_fraction_to_f32(means.pop()))
+        if len(means) == 1 and (sink is None or means == {Fraction(0)}):
+            results.append(round_fraction_to_f32(means.pop()))  # all groups share their mean: exactly it
             continue
-        results.append(ziv_intervals(dots, vc, case))
+        results.append(ziv_intervals(dots, vc, case, sink))
     return results
+
+
+def capped(iv: Any, x: Any, case: Case) -> Any:
+    """The soft-capped logit cap·tanh(x/cap) in interval arithmetic (x itself without soft-capping):
+    tanh(y) = 1 − 2/(exp(2y) + 1), each operation an enclosure (mpmath.iv has no tanh)."""
+    if case.softcap is None:
+        return x
+    cap = iv.mpf(case.softcap)
+    return cap * (1 - 2 / (iv.exp(2 * x / cap) + 1))
 
 
 def exact_dots(q: np.ndarray, k: np.ndarray) -> list[int]:
@@ -50,14 +66,19 @@ def rational_scale(case: Case) -> Fraction | None:
     return Fraction(1, root) if root * root == case.d else None
 
 
-def exact_lse(q: np.ndarray, k: np.ndarray, case: Case) -> np.float32:
-    """Correctly rounded float32 of log Σ_j exp(scale·q·k_j). With one visible key it is the
-    logit itself (rational when the scale is); otherwise transcendental, decided by intervals."""
+def exact_lse(q: np.ndarray, k: np.ndarray, case: Case, sink: float | None = None) -> np.float32:
+    """Correctly rounded float32 of log(Σ_j exp(s_j) + exp(sink)) (s_j = scale·q·k_j, soft-capped
+    when the case is; no sink term without sinks). With one visible key and no sink it is the logit
+    itself (rational when the scale is and the logit is not capped, or 0); with no key, the sink;
+    otherwise transcendental, decided by intervals."""
     dots = exact_dots(q, k)
     rational = rational_scale(case)
-    if len(dots) == 1 and rational is not None:
+    if not dots and sink is not None:
+        return np.float32(sink)
+    if len(dots) == 1 and sink is None and rational is not None and (case.softcap is None or dots[0] == 0):
         return round_fraction_to_f32(Fraction(dots[0], 2 ** (2 * EXACT_SHIFT)) * rational)
     def lse(iv: Any, logits: list[Any]) -> Any:
+        logits = [capped(iv, x, case) for x in logits] + ([iv.mpf(sink)] if sink is not None else [])
         ref = iv.mpf(max(float(x.mid) for x in logits))
         total = iv.mpf(0)
         for x in logits:
@@ -67,8 +88,9 @@ def exact_lse(q: np.ndarray, k: np.ndarray, case: Case) -> np.float32:
     return decide_by_intervals(dots, case, lse, "a log-sum-exp")
 
 
-def ziv_intervals(dots: list[int], vc: list[float], case: Case) -> np.float32:
+def ziv_intervals(dots: list[int], vc: list[float], case: Case, sink: float | None = None) -> np.float32:
     def output(iv: Any, logits: list[Any]) -> Any:
+        logits = [capped(iv, x, case) for x in logits]
         ref = max(float(x.mid) for x in logits)
         num = iv.mpf(0)
         den = iv.mpf(0)
@@ -76,6 +98,8 @@ def ziv_intervals(dots: list[int], vc: list[float], case: Case) -> np.float32:
             w = iv.exp(x - ref)
             num += w * iv.mpf(val)
             den += w
+        if sink is not None:
+            den += iv.exp(iv.mpf(sink) - ref)
         return num / den
 
     return decide_by_intervals(dots, case, output, "an output element")

@@ -24,14 +24,46 @@ def round_like_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return x.to(torch.float32).to(TORCH_DTYPES[dtype]).to(torch.float64)
 
 
+# Extra logit error (in units of u·w_j, w_j ≥ |s_j|) of soft-capping cap·tanh(s/cap): the division
+# (u), tanh (≤ 4 ulp of |t|, conservatively: libm's and SLEEF's tanh are within 1-2 ulp, not correctly
+# rounded) and the product (u); the argument's error passes through unamplified (|tanh'| ≤ 1).
+SOFTCAP_LOGIT_TERMS = 6
+
+
+def softcap64(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Tier 1's soft-capped logits ``cap·tanh(s/cap)`` (``s`` itself when ``softcap`` is None)."""
+    return s if softcap is None else torch.tanh(s / softcap).mul_(softcap)
+
+
+def with_sink_key(sink: torch.Tensor, vis: torch.Tensor, *keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The sink as one more key, after the real ones: visible to every row (``vis`` [b,1|h,r,n] gets a
+    True column, broadcast to ``sink``'s rows) and 0 in each of ``keys`` ([b,h,n,x] tensors: k, v and
+    their derived operands). Its logit is the sink itself (set by the caller): a key with value 0
+    adds exp(sink − m) to the denominator and nothing to the numerator, which is the sink's rule."""
+    shape = (*vis.shape[:-1], 1)
+    vis = torch.cat([vis, torch.ones(shape, dtype=torch.bool, device=vis.device)], -1)
+    return (vis, *(torch.cat([x, x.new_zeros(*x.shape[:-2], 1, x.shape[-1])], -2) for x in keys))
+
+
 def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch.Tensor, vx: torch.Tensor,
-                   vmax: torch.Tensor, vis: torch.Tensor, scale: float, dtype: str) -> dict[str, torch.Tensor]:
+                   vmax: torch.Tensor, vis: torch.Tensor, scale: float, dtype: str, softcap: float | None = None,
+                   sink: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Float64 attention of one block with its error bound. q [b,h,r,d], k/v [b,h,n,d], ``kabs`` |k|,
-    ``vx`` [v, |v|, 1] [b,h,n,2d+1], ``vmax`` [b,h,1,d] ≥ max|v| over the keys, vis [b,1,r,n]."""
-    d, n = q.shape[-1], k.shape[-2]
-    all_visible = bool(vis.all())  # no mask to apply (non-causal or decode blocks without padding)
+    ``vx`` [v, |v|, 1] [b,h,n,2d+1], ``vmax`` [b,h,1,d] ≥ max|v| over the keys, vis [b,1,r,n];
+    ``softcap`` caps the scaled logits, ``sink`` [1,h,r,1] the rows' sink logits (a key of value 0)."""
+    d = q.shape[-1]
+    naive_vis = vis
     dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
-    s = dots * scale
+    s = softcap64(dots * scale, softcap)
+    w = abs(scale) * (q.abs() @ kabs.transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
+    if sink is not None:
+        rows = (*q.shape[:-1], 1)
+        vis, vx = with_sink_key(sink, vis.expand(*q.shape[:-1], vis.shape[-1]), vx)
+        vx[..., -1, -1] = 1.0  # the ones column: the sink's weight joins Σp
+        s = torch.cat([s, sink.expand(rows)], -1)
+        w = torch.cat([w, sink.abs().expand(rows)], -1)  # ≥ |sink|, which the shift's rounding sees
+    n = s.shape[-1]
+    all_visible = bool(vis.all())  # no mask to apply (non-causal or decode blocks without padding)
     s_masked = s if all_visible else s.masked_fill_(~vis, -math.inf)
     m = s_masked.amax(-1, keepdim=True)
     seen = torch.isfinite(m)
@@ -42,7 +74,6 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
     l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
     out = pv[..., :d] / l_safe
     mean_abs_v = pv[..., d:] / l_safe  # Σ_j p_j |v_j|
-    w = abs(scale) * (q.abs() @ kabs.transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
     pw = w.mul_(p)
     pw_sums = (pw @ vx[..., d:]) / l_safe
     pw_v, pw_sum = pw_sums[..., :d], pw_sums[..., d:]  # Σ_j p_j w_j |v_j| and Σ_j p_j w_j
@@ -50,15 +81,16 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
     sensitivity = pw_v + ao * pw_sum  # ≥ Σ_j p_j w_j |v_j − o|
     error_scale = sensitivity + mean_abs_v
     # Rigorous first-order bound of this block's float64 error: logit error (d+3)·u·w_j from the
-    # dot product and the scale, u·|s_j−m| from the shift, ≤4u from exp; kb+2 roundings in the
-    # blocked sums (see blocked_sums) and the division.
-    total = (d + 4) * sensitivity + (m.abs() + 4) * (mean_abs_v + ao) + (kb + 3) * (mean_abs_v + ao)
+    # dot product and the scale (+ SOFTCAP_LOGIT_TERMS·u·w_j soft-capped), u·|s_j−m| from the shift,
+    # ≤4u from exp; kb+2 roundings in the blocked sums (see blocked_sums) and the division.
+    logit_terms = d + 4 + (SOFTCAP_LOGIT_TERMS if softcap is not None else 0)
+    total = logit_terms * sensitivity + (m.abs() + 4) * (mean_abs_v + ao) + (kb + 3) * (mean_abs_v + ao)
     bound = 2 * U * total + n * 2.0**-1000 * vmax
     # The log-sum-exp m + log(l): relative error of l from the logits, exp and the sums, then log and +.
     lse = m + torch.log(l_safe)
-    lse_bound = 2 * U * ((d + 4) * pw_sum + m.abs() + kb + 8 + lse.abs() + torch.log(l_safe).abs())
+    lse_bound = 2 * U * (logit_terms * pw_sum + m.abs() + kb + 8 + lse.abs() + torch.log(l_safe).abs())
 
-    naive = naive_same_dtype(dots, None if all_visible else vis, scale, v, dtype)
+    naive = naive_same_dtype(dots, None if bool(naive_vis.all()) else naive_vis, scale, v, dtype, softcap, sink)
     seen_rows = seen.squeeze(-1)
     zero = torch.zeros_like(out)
     return {
@@ -100,22 +132,36 @@ def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def naive_same_dtype(dots: torch.Tensor, vis: torch.Tensor | None, scale: float, v: torch.Tensor,
-                      dtype: str) -> torch.Tensor:
+                      dtype: str, softcap: float | None = None, sink: torch.Tensor | None = None) -> torch.Tensor:
     """The seed's naive attention in the case dtype, modelled deterministically: scores, scaled
     scores, softmax probabilities and the output are each rounded to the dtype (accumulation inside
     a stage in float32 or better, as PyTorch does on CPU and CUDA). Fully masked rows give 0.
     ``vis`` None means every key is visible."""
-    return round_like_dtype(naive_probs(dots, vis, scale, dtype) @ v, dtype)
+    return round_like_dtype(naive_probs(dots, vis, scale, dtype, softcap, sink)[0] @ v, dtype)
 
 
-def naive_probs(dots: torch.Tensor, vis: torch.Tensor | None, scale: float, dtype: str) -> torch.Tensor:
+def naive_probs(dots: torch.Tensor, vis: torch.Tensor | None, scale: float, dtype: str, softcap: float | None = None,
+                sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The naive path's softmax probabilities (rounded to ``dtype``) from the exact ``dots``; 0 where
-    a key is not visible and on rows that see no key. The backward's naive model starts from them."""
+    a key is not visible and on rows that see no key. The backward's naive model starts from them.
+
+    Soft-capping rounds s/cap, tanh and the product to the dtype; the sink (rounded to the dtype)
+    is one more score column, dropped after the softmax. Returns the probabilities of the real keys
+    and, soft-capped, the derivative 1 − tanh² rounded to the dtype (else None)."""
     scores = round_like_dtype(round_like_dtype(dots, dtype).mul_(scale), dtype)
+    dcap = None
+    if softcap is not None:
+        t = round_like_dtype(torch.tanh(round_like_dtype(scores / softcap, dtype)), dtype)
+        dcap = round_like_dtype(1 - round_like_dtype(t * t, dtype), dtype)
+        scores = round_like_dtype(t * softcap, dtype)
     if vis is not None:
         scores.masked_fill_(~vis, -math.inf)
+    n = scores.shape[-1]
+    if sink is not None:
+        scores = torch.cat([scores, round_like_dtype(sink, dtype).expand(*scores.shape[:-1], 1)], -1)
     m = scores.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp_(scores.sub_(m))
     denom = e.sum(-1, keepdim=True)
-    return round_like_dtype(e.div_(torch.where(denom > 0, denom, torch.ones_like(denom))), dtype)
+    probs = round_like_dtype(e.div_(torch.where(denom > 0, denom, torch.ones_like(denom))), dtype)
+    return probs[..., :n], dcap

@@ -181,6 +181,11 @@ def _compute(case: Case, inputs: CaseInputs, g64: torch.Tensor, dev: torch.devic
     kappa = k64.median(dim=-2, keepdim=True).values
     _, kerr = two_sum(k64, -kappa)
     kappa = torch.where((kerr == 0).all(-2, keepdim=True), kappa, torch.zeros_like(kappa))
+    if case.softcap is not None or case.sinks is not None:
+        # Σ_j dS_j·c_j ≠ 0 with soft-capping, and Σ_j dS_j = −dS_sink with a sink: no shift.
+        kappa = torch.zeros_like(kappa)
+    sinks = None if inputs.sinks is None else inputs.sinks.to(dev, torch.float64).reshape(1, hkv, g, 1, 1)
+    has_sink = int(sinks is not None)
     kshift = k64 - kappa
     ones = torch.ones(skv, 1, dtype=torch.float64, device=dev)
 
@@ -213,11 +218,13 @@ def _compute(case: Case, inputs: CaseInputs, g64: torch.Tensor, dev: torch.devic
         q = q64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
         do = do64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
         do_nz = (do != 0).any(-1)
-        blk_active = do_nz & (n_vis >= 2) & (scale != 0)
+        # With a sink every row that sees a key has two weights (P < 1): none is single.
+        blk_active = do_nz & (n_vis + has_sink >= 2) & (n_vis >= 1) & (scale != 0)
         blk_seen = do_nz & (n_vis >= 1)
-        blk_single = (n_vis == 1).expand(b, hkv, g * n)
+        blk_single = ((n_vis == 1) & (not has_sink)).expand(b, hkv, g * n)
+        sink = None if sinks is None else sinks.expand(1, hkv, g, n, 1).reshape(1, hkv, g * n, 1)
         res = backward_block(q, do, k64[:, :, :kmax], kabs[:, :, :kmax], kshift[:, :, :kmax], v64[:, :, :kmax],
-                             vabs[:, :, :kmax], ones[:kmax], vis, blk_active, blk_single, case)
+                             vabs[:, :, :kmax], ones[:kmax], vis, blk_active, blk_single, case, sink)
         shape5 = (b, hkv, g, n)
         dq64[:, :, :, i0:i1] = res["dq"].reshape(*shape5, d).cpu()
         dq_bnd[:, :, :, i0:i1] = res["dq_bound"].reshape(*shape5, d).cpu()
@@ -282,7 +289,9 @@ def _refine(case: Case, ops: Operands, out32: dict[str, np.ndarray], undecided: 
     b, hkv, g, sq, d = out32["dq"].shape
     dq_view = out32["dq"].reshape(b, hkv, g, sq, d)
     prior: dict[str, list[torch.Tensor]] | None = None
-    for precise in (False, True):
+    # Soft-capping and sinks have no double-double backward yet: tier 1 hands them to the exact tier.
+    passes = (False, True) if case.softcap is None and case.sinks is None else ()
+    for precise in passes:
         if not any(x.any() for x in undecided.values()):
             return
         elements = {name: np.argwhere(undecided[name]) for name in WHICH}

@@ -110,11 +110,16 @@ class _Evaluator:
         return int(np.ceil(span / np.log(10))) + 10
 
     def keys(self, b: int, i: int) -> list[int]:
-        """CONTRACT.md: bottom-right causal (j ≤ i + Skv − Sq) and the padding mask (True = keep)."""
+        """CONTRACT.md: bottom-right causal (j ≤ i + Skv − Sq), the window (left, right) around that
+        diagonal (-1: unbounded) and the padding mask (True = keep)."""
         case = self.case
+        diag = i + case.skv - case.sq
+        left, right = case.window
         out = []
         for j in range(case.skv):
-            if case.causal and j > i + case.skv - case.sq:
+            if case.causal and j > diag:
+                continue
+            if (left >= 0 and j < diag - left) or (right >= 0 and j > diag + right):
                 continue
             if self.kpm is not None and not self.kpm[b, j]:
                 continue
@@ -134,14 +139,19 @@ class _Evaluator:
             if not keys:
                 self.rows[key] = ([], [], [])
                 return self.rows[key]
-            logits = [self.scale() * _dot(q, self.k[b, kv, j].tolist()) for j in keys]
-            top = max(logits)
+            raw = [self.scale() * _dot(q, self.k[b, kv, j].tolist()) for j in keys]
+            cap = self.case.softcap
+            # Soft-capped: logits cap·tanh(s/cap), and dS of the scaled dot carries 1 − tanh².
+            logits = raw if cap is None else [cap * mpmath.tanh(s / cap) for s in raw]
+            dcap = [1] * len(raw) if cap is None else [1 - mpmath.tanh(s / cap) ** 2 for s in raw]
+            sink = None if self.case.sinks is None else mpmath.mpf(self.case.sinks[h])
+            top = max(logits) if sink is None else max(max(logits), sink)
             weights = [mpmath.exp(s - top) for s in logits]
-            total = mpmath.fsum(weights)
+            total = mpmath.fsum(weights + ([mpmath.exp(sink - top)] if sink is not None else []))
             p = [w / total for w in weights]
             dp = [_dot(do, self.v[b, kv, j].tolist()) for j in keys]
-            dsum = mpmath.fsum(pj * x for pj, x in zip(p, dp))
-            self.rows[key] = (keys, p, [pj * (x - dsum) for pj, x in zip(p, dp)])
+            dsum = mpmath.fsum(pj * x for pj, x in zip(p, dp))  # the sink has no value: dP = 0
+            self.rows[key] = (keys, p, [pj * (x - dsum) * c for pj, x, c in zip(p, dp, dcap)])
         return self.rows[key]
 
     def element(self, which: str, index: Index) -> np.float32:

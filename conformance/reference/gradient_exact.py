@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from conformance.reference.compute import RefinementStats
-from conformance.reference.exact import EXACT_SHIFT, decide_by_intervals, exact_dots, rational_scale
+from conformance.reference.exact import EXACT_SHIFT, capped, decide_by_intervals, exact_dots, rational_scale
 from conformance.reference.gradient_float64 import Operands
 from conformance.reference.rounding import round_fraction_to_f32
 from conformance.spec.case import Case
@@ -31,13 +31,14 @@ class _ExactRow:
     # The row's weights, their sum and D in intervals, per precision (shared by every element of the
     # row's dQ and by every dK, dV element the row contributes to: the same bits at each precision).
     intervals: dict[int, tuple[list[Any], Any, Any]] = field(default_factory=dict)
+    sink: float | None = None  # the row's sink logit
 
 
 _SHIFT = Fraction(1, 2 ** 298)  # exact_dots gives value·2^298
 
 
 def _exact_row(case: Case, q: np.ndarray, do: np.ndarray, k: np.ndarray, v: np.ndarray,
-               keys: np.ndarray) -> _ExactRow:
+               keys: np.ndarray, sink: float | None = None) -> _ExactRow:
     dots = exact_dots(q, k[keys]) if len(keys) else []
     dps = exact_dots(do, v[keys]) if len(keys) else []
     index: dict[int, int] = {}
@@ -52,7 +53,8 @@ def _exact_row(case: Case, q: np.ndarray, do: np.ndarray, k: np.ndarray, v: np.n
             group_dots.append(dot)
         groups[index[key]].append(pos)
         group_of.append(index[key])
-    return _ExactRow(keys, dots, dps, group_of, groups, group_dots, [sum(dps[j] for j in grp) for grp in groups])
+    return _ExactRow(keys, dots, dps, group_of, groups, group_dots, [sum(dps[j] for j in grp) for grp in groups],
+                     sink=sink)
 
 
 def exact_tier(case: Case, ops: Operands, left: dict[str, np.ndarray], out32: dict[str, np.ndarray],
@@ -69,7 +71,7 @@ def exact_tier(case: Case, ops: Operands, left: dict[str, np.ndarray], out32: di
         if key not in cache:
             see = visible(case, None if kpm is None else kpm[bi:bi + 1], np.array([i]))[0, 0].numpy()
             cache[key] = _exact_row(case, qn[bi, hi, gi, i], don[bi, hi, gi, i], kn[bi, hi], vn[bi, hi],
-                                    np.flatnonzero(see))
+                                    np.flatnonzero(see), None if case.sinks is None else case.sinks[hi * g + gi])
         return cache[key]
 
     dq_view = out32["dq"].reshape(b, hkv, g, sq, d)
@@ -160,6 +162,13 @@ def _exact_dq(case: Case, er: _ExactRow, k_col: list[int], what: str) -> np.floa
                 acc += dsj * kj
         return _away_from_zero(iv, scale * acc * iv.mpf(2) ** -149)
 
+    if case.softcap is not None or case.sinks is not None:
+        # The formal check assumes integer logits; capped logits and sinks break that. An all-zero key
+        # column is exactly 0; any other value is decided by intervals (an exact zero or rounding
+        # boundary reached by cancellation would raise ArithmeticError naming the element).
+        if not any(k_col):
+            return np.float32(0.0)
+        return decide_by_intervals([2 ** 298], case, value, what)
     try:
         return decide_by_intervals([2 ** 298], case, value, what, QUICK_PREC)
     except ArithmeticError:
@@ -182,6 +191,14 @@ def _exact_column(case: Case, name: str, contributions: list[tuple[_ExactRow, in
     rest = []
     for er, pos, x in contributions:
         if x == 0:
+            continue
+        if er.sink is not None or (case.softcap is not None and name == "dk"):
+            # A sink's weight (transcendental) is in every P; soft-capping multiplies dS by
+            # c = 1 − tanh², irrational unless the logit is 0: intervals, but for dS ≡ 0 without a sink.
+            grp_dps = er.group_dps
+            if er.sink is None and all(len(g) * er.dps[pos] == sm for g, sm in zip(er.groups, grp_dps)):
+                continue
+            rest.append((er, pos, x))
             continue
         grp = er.groups[er.group_of[pos]]
         if name == "dv":
@@ -219,11 +236,13 @@ def _row_intervals(iv: Any, case: Case, er: _ExactRow, scale: Any) -> tuple[list
     hit = er.intervals.get(iv.prec)
     if hit is None:
         unit = iv.mpf(2) ** -298
-        hit = er.intervals[iv.prec] = _iv_row(iv, [iv.mpf(dot) * unit * scale for dot in er.dots], er.dps)
+        hit = er.intervals[iv.prec] = _iv_row(iv, [iv.mpf(dot) * unit * scale for dot in er.dots], er.dps, case,
+                                              er.sink)
     return hit
 
 
-def _iv_row(iv: Any, logits: list[Any], dps: list[int]) -> tuple[list[Any], Any, list[Any]]:
+def _iv_row(iv: Any, logits: list[Any], dps: list[int], case: Case | None = None,
+            sink: float | None = None) -> tuple[list[Any], Any, list[Any]]:
     """A row's weights w_j = exp(s_j − ref), their sum W and dS_j = P_j (dP_j − D) in intervals.
 
     dP_j − D = Σ_l w_l (dP_j − dP_l) / W is the difference that cancels (when one weight dominates,
@@ -231,9 +250,17 @@ def _iv_row(iv: Any, logits: list[Any], dps: list[int]) -> tuple[list[Any], Any,
     logit: F = Σ_l w_l (dP_l − dP_m) and W (dP_j − D) = (dP_j − dP_m) W − F, where every dP
     difference is an exact integer. Then dS_m = −w_m F / W² has no cancellation at all and the others
     cancel only when the value itself is small against its terms, so the intervals stay tight at the
-    working precision instead of needing as many bits as the weights span."""
+    working precision instead of needing as many bits as the weights span.
+
+    Soft-capped (``case.softcap``): the weights are those of the capped logits and dS_j is the gradient
+    of the scaled dot, times c_j = 1 − tanh²; a ``sink`` adds its weight to W and, with dP = 0, its
+    term −w_sink·dP_m to F."""
+    raw = logits
+    if case is not None and case.softcap is not None:
+        logits = [capped(iv, x, case) for x in logits]
     m = max(range(len(logits)), key=lambda j: float(logits[j].mid))
-    ref = iv.mpf(float(logits[m].mid))
+    top = float(logits[m].mid) if sink is None else max(float(logits[m].mid), sink)
+    ref = iv.mpf(top)
     unit = iv.mpf(2) ** -298
     w = [iv.exp(x - ref) for x in logits]
     total = iv.mpf(0)
@@ -242,9 +269,19 @@ def _iv_row(iv: Any, logits: list[Any], dps: list[int]) -> tuple[list[Any], Any,
         total += wj
         if dpj != dps[m]:
             f += wj * (dpj - dps[m])
+    if sink is not None:
+        w_sink = iv.exp(iv.mpf(sink) - ref)
+        total += w_sink
+        if dps[m]:
+            f -= w_sink * dps[m]
     f *= unit
     inv2 = 1 / (total * total)
     ds = [wj * (((dpj - dps[m]) * unit) * total - f) * inv2 for wj, dpj in zip(w, dps)]
+    if case is not None and case.softcap is not None:
+        cap = iv.mpf(case.softcap)
+        for j, x in enumerate(raw):
+            t = 1 - 2 / (iv.exp(2 * x / cap) + 1)
+            ds[j] = ds[j] * (1 - t * t)
     return w, total, ds
 
 

@@ -13,7 +13,14 @@ import torch
 from conformance.reference.double_double import (
     U,
 )
-from conformance.reference.float64 import blocked_sums, naive_probs, pairwise_sum, round_like_dtype
+from conformance.reference.float64 import (
+    SOFTCAP_LOGIT_TERMS,
+    blocked_sums,
+    naive_probs,
+    pairwise_sum,
+    round_like_dtype,
+    with_sink_key,
+)
 from conformance.reference.rounding import rounding_interval
 from conformance.spec.case import Case
 
@@ -63,19 +70,42 @@ def logits64(dots: torch.Tensor, scale: float, vis: torch.Tensor, all_visible: b
 
 def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, kshift: torch.Tensor,
                    v: torch.Tensor, vabs: torch.Tensor, ones: torch.Tensor, vis: torch.Tensor, active: torch.Tensor,
-                   single: torch.Tensor, case: Case) -> dict[str, torch.Tensor]:
+                   single: torch.Tensor, case: Case, sink: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Float64 backward of one block of rows with its error bounds (module docstring, tier 1).
 
     q, do [b, h, r, d] (r = g·rows: a KV head's group), k/v [b, h, n, d] with ``kabs``/``vabs`` their
     absolute values, ``kshift`` k less a per-column constant (exact; dQ is contracted with it),
-    ``ones`` [n, 1], vis [b, 1, r, n], active/single [b, h|1, r]. Returns dQ of the
+    ``ones`` [n, 1], vis [b, 1, r, n], active/single [b, h|1, r]; ``sink`` [1, h, r, 1] the rows' sink
+    logits (one more key of value 0, after the real ones; ``kshift`` is then k itself). Returns dQ of the
     rows (with bound, error scale and naive model) and this block's contributions to unscaled dK, to dV,
-    to their bounds (without the final 4u·|value| term) and scales, and to the per-head naive dK/dV."""
-    d, n, r = q.shape[-1], k.shape[-2], q.shape[-2]
+    to their bounds (without the final 4u·|value| term) and scales, and to the per-head naive dK/dV.
+
+    Soft-capped logits s = cap·tanh(x/cap) (x the scaled dot) multiply dS by c = 1 − tanh²(x/cap)
+    before the contractions; c is off by Δc ≤ 2|t|·Δt + 2u with Δt ≤ ((d+4)·u·w)/cap + 4u (the
+    argument's error, the division, tanh's 4 ulp), and the product adds u·|dS·c|."""
+    d, n_real, r = q.shape[-1], k.shape[-2], q.shape[-2]
     scale = case.effective_scale
+    naive_vis = vis
     all_visible = bool(vis.all())
     dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
-    s = logits64(dots, scale, vis, all_visible)
+    w = abs(scale) * (q.abs() @ kabs.transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
+    tanh_t = None
+    if case.softcap is None:
+        s = logits64(dots, scale, vis, all_visible)
+    else:
+        tanh_t = torch.tanh(dots * scale / case.softcap)
+        s = tanh_t * case.softcap
+        s = s if all_visible else s.masked_fill_(~vis, -math.inf)
+    if sink is not None:
+        rows = (*q.shape[:-1], 1)
+        vis, k, kabs, kshift, v, vabs = with_sink_key(sink, vis.expand(*q.shape[:-1], n_real), k, kabs, kshift, v,
+                                                      vabs)
+        ones = torch.cat([ones, torch.ones_like(ones[:1])], 0)
+        s = torch.cat([s, sink.expand(rows)], -1)
+        w = torch.cat([w, sink.abs().expand(rows)], -1)
+        if tanh_t is not None:
+            tanh_t = torch.cat([tanh_t, torch.zeros(rows, dtype=tanh_t.dtype, device=tanh_t.device)], -1)
+    n = k.shape[-2]
     m = s.amax(-1, keepdim=True)
     has_key = torch.isfinite(m)
     m = torch.where(has_key, m, torch.zeros_like(m))
@@ -83,8 +113,8 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     kb_l, l_sum = blocked_sums(p, ones)
     kb_l = min(kb_l, n)  # one block of n < kb terms: n − 1 additions
     p.div_(torch.where(has_key, l_sum, torch.ones_like(l_sum)))
-    w = abs(scale) * (q.abs() @ kabs.transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
-    h = w * (d + 4) + (m.abs() + 4)  # the weights' relative error / u (forward's logit analysis)
+    logit_terms = d + 4 + (SOFTCAP_LOGIT_TERMS if case.softcap is not None else 0)
+    h = w * logit_terms + (m.abs() + 4)  # the weights' relative error / u (forward's logit analysis)
     dp = do @ v.transpose(-1, -2)
     a = do.abs() @ vabs.transpose(-1, -2)  # ≥ |dP| and the scale of dP's rounding
     # dP − D = (dP − dP_ref) − Σ_i P_i (dP_i − dP_ref) with ref the row's largest weight: when that key
@@ -110,6 +140,12 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     gerr = (p * (adiff * (U * (h + kb + 5) + lam) + U * (d * a2 + adelta) + delta_d)
             + TINY * adiff * visf)
     gerr = torch.where(active[..., None], gerr, torch.zeros_like(gerr))
+    if tanh_t is not None:  # dS of the capped logits times c = 1 − t² gives dS of the scaled dots
+        c = 1 - tanh_t * tanh_t
+        dc = U * (2 * (logit_terms * w / case.softcap + 4) + 2)
+        gerr = gerr * c + (p * adiff + gerr) * dc + U * ds.abs() * c
+        ds = ds * c
+        gerr = torch.where(active[..., None], gerr, torch.zeros_like(gerr))
     herr = p * (U * (h + kb + 2) + lam) + TINY * visf
     herr = torch.where(single[..., None], torch.zeros_like(herr), herr)  # P = 1 exactly
     dsum = dsum + dp.gather(-1, ref)  # D itself, for the error scale
@@ -132,16 +168,21 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     res["dv_bound"], res["dv_scale"] = hyv[..., :n, :], hyv[..., n:, :]
     del gerr, yscale, herr, yv, gyk, hyv
 
-    # The naive same-dtype backward, modelled stage by stage.
+    # The naive same-dtype backward, modelled stage by stage (the real keys only).
     dtype = case.dtype
-    probs = naive_probs(dots, None if all_visible else vis, scale, dtype)
-    dprobs = round_like_dtype(dp, dtype)
+    probs, dcap = naive_probs(dots, None if bool(naive_vis.all()) else naive_vis, scale, dtype, case.softcap, sink)
+    dprobs = round_like_dtype(dp[..., :n_real], dtype)
     # rowsum(dprobs ∘ probs) cancels against dprobs, so its last float64 bit can move the rounded
     # dscores: summed in a fixed order (the products are exact), the model is the same on every device.
     dscores = round_like_dtype(probs * (dprobs - pairwise_sum(dprobs * probs)), dtype)
+    if dcap is not None:
+        dscores = round_like_dtype(dscores * dcap, dtype)
     gd = round_like_dtype(dscores.mul_(scale), dtype)
-    res["dq_naive"] = round_like_dtype(gd @ k, dtype)
+    res["dq_naive"] = round_like_dtype(gd @ k[..., :n_real, :], dtype)
     per_head = (*q.shape[:2], case.group, r // case.group)  # the block's rows, query head by query head
-    res["dk_naive"] = gd.reshape(*per_head, n).transpose(-1, -2) @ q.reshape(*per_head, d)
-    res["dv_naive"] = probs.reshape(*per_head, n).transpose(-1, -2) @ do.reshape(*per_head, d)
+    res["dk_naive"] = gd.reshape(*per_head, n_real).transpose(-1, -2) @ q.reshape(*per_head, d)
+    res["dv_naive"] = probs.reshape(*per_head, n_real).transpose(-1, -2) @ do.reshape(*per_head, d)
+    if sink is not None:  # the sink's key row of dK and dV is not a gradient of the op's inputs
+        for name in ("dk", "dk_bound", "dk_scale", "dv", "dv_bound", "dv_scale"):
+            res[name] = res[name][..., :n_real, :]
     return res

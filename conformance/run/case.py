@@ -52,7 +52,8 @@ def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
     requested = [c for c in requested if c not in GRADIENT_CHECKS or gc.gradient is not None]
     invoker.violations = []
     call = invoker.to_device(OpCall(case.op, gc.inputs.q, gc.inputs.k, gc.inputs.v, gc.inputs.key_padding_mask,
-                                    case.causal, case.scale, case.s_past or 0))
+                                    case.causal, case.scale, case.s_past or 0, case.window, case.softcap,
+                                    gc.inputs.sinks))
     records: list[Record] = []
     try:
         out, lse = invoker(call)

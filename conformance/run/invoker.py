@@ -53,8 +53,9 @@ class Invoker:
     def to_device(self, call: OpCall) -> OpCall:
         with self.timer.phase("transfer"):
             mask = None if call.key_padding_mask is None else call.key_padding_mask.to(self.device)
+            sinks = None if call.sinks is None else call.sinks.to(self.device)
             return OpCall(call.op, call.q.to(self.device), call.k.to(self.device), call.v.to(self.device), mask,
-                          call.causal, call.scale, call.s_past)
+                          call.causal, call.scale, call.s_past, call.window, call.softcap, sinks)
 
     def to_device_tensor(self, t: torch.Tensor) -> torch.Tensor:
         with self.timer.phase("transfer"):
@@ -67,7 +68,8 @@ class Invoker:
 
     def __call__(self, call: OpCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         fn = getattr(self.backend, call.op)
-        kwargs = {"causal": call.causal, "scale": call.scale, "key_padding_mask": call.key_padding_mask}
+        kwargs = {"causal": call.causal, "scale": call.scale, "key_padding_mask": call.key_padding_mask,
+                  **call.variant_kwargs()}
         args = self._args(call)
         watched = [*args, *([call.key_padding_mask] if call.key_padding_mask is not None else [])]
         before = [t.clone() for t in watched]
@@ -89,7 +91,8 @@ class Invoker:
         names = ["q", "k", "v"] if call.op == "attention" else ["q", "k_cache", "v_cache", "k_new", "v_new"]
         grad_out = self.to_device_tensor(grad_out)
         args = self._args(call)
-        kwargs = {"causal": call.causal, "scale": call.scale, "key_padding_mask": call.key_padding_mask}
+        kwargs = {"causal": call.causal, "scale": call.scale, "key_padding_mask": call.key_padding_mask,
+                  **call.variant_kwargs()}
         backward = getattr(self.backend, BACKWARD[call.op], None)
         watched = [*args, grad_out, *([call.key_padding_mask] if call.key_padding_mask is not None else [])]
         before = [t.clone() for t in watched]

@@ -157,7 +157,8 @@ class Property:
 def own_call(subject: Subject) -> OpCall:
     """The case's own call: its op on its inputs."""
     c, x = subject.case, subject.inputs
-    return OpCall(c.op, x.q, x.k, x.v, x.key_padding_mask, c.causal, c.scale, c.s_past or 0)
+    return OpCall(c.op, x.q, x.k, x.v, x.key_padding_mask, c.causal, c.scale, c.s_past or 0, c.window, c.softcap,
+                  x.sinks)
 
 
 def rows_call(call: OpCall, r0: int, r1: int, op: str) -> OpCall:
@@ -173,7 +174,7 @@ def rows_call(call: OpCall, r0: int, r1: int, op: str) -> OpCall:
     mask = None if call.key_padding_mask is None else call.key_padding_mask[:, :last]
     s_past = last - (r1 - r0) if op == "kv_cache_attention" else 0
     return OpCall(op, call.q[:, :, r0:r1], call.k[:, :, :last], call.v[:, :, :last], mask, call.causal, call.scale,
-                  s_past=s_past)
+                  s_past=s_past, **call.variants())
 
 
 def call_backend(ctx: PropertyContext, call: OpCall) -> torch.Tensor:
@@ -313,10 +314,14 @@ def padding_limit(case: Case) -> int:
     anywhere without the causal rule; under it (bottom-right) only before keys every row sees;
     for the KV-cache op only inside the cache (the new tokens stay last)."""
     if case.op == "kv_cache_attention":
-        return case.s_past or 0
-    if not case.causal:
-        return case.skv
-    return min(case.skv, max(0, case.skv - case.sq + 1))
+        limit = case.s_past or 0
+    elif not case.causal:
+        limit = case.skv
+    else:
+        limit = min(case.skv, max(0, case.skv - case.sq + 1))
+    if case.window[0] >= 0:  # a left window counts key positions: only before every row's window
+        limit = min(limit, max(0, case.skv - case.sq - case.window[0]))
+    return limit
 
 
 def _draw_padding(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:

@@ -4,10 +4,13 @@ parameters' vocabulary and its id.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 OPS = ("attention", "kv_cache_attention")
 TIERS = ("smoke", "standard", "full")
@@ -18,6 +21,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 MASK_SHORT = {"none": "", "right_pad": "rightpad", "left_pad": "leftpad", "holes": "holes",
               "all_masked": "allmasked"}
+VARIANTS = ("window", "softcap", "sinks")
 DIST_SHORT = {"normal": "", "uniform": "uniform", "large_logits": "largelogits", "near_ties": "neartie"}
 
 
@@ -30,6 +34,11 @@ class Case:
     lengths (S_past values) the case is also meant to be run at, ``s_past`` first. ``grad``: the
     golden also holds the exact gradients dQ, dK, dV for a seeded upstream gradient, and the
     gradient checks run on it.
+
+    The attention variants (docs/backends.md, the terms table): ``window`` (left, right) in keys
+    relative to the bottom-right aligned diagonal, -1 unbounded; ``softcap`` > 0 caps the scaled
+    logits to ``softcap·tanh(s/softcap)`` (None: off); ``sinks`` one float32 logit per query head
+    that joins every row's softmax denominator (None: no sinks).
     """
 
     id: str
@@ -52,6 +61,16 @@ class Case:
     s_past: int | None = None
     split_points: tuple[int, ...] = ()
     grad: bool = False
+    window: tuple[int, int] = (-1, -1)
+    softcap: float | None = None
+    sinks: tuple[float, ...] | None = None
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The attention variants this case uses, in VARIANTS order ("window", "softcap", "sinks")."""
+        used = {"window": self.window != (-1, -1), "softcap": self.softcap is not None,
+                "sinks": self.sinks is not None}
+        return tuple(v for v in VARIANTS if used[v])
 
     @property
     def group(self) -> int:
@@ -72,7 +91,7 @@ class Case:
         q = self.batch * self.hq * self.sq * self.d
         kv = 2 * self.batch * self.hkv * self.skv * self.d
         rows = self.batch * self.hq * self.sq
-        forward = (q + kv) * el + q * 4 + self.batch * self.skv + rows * (4 + 8 + 8)
+        forward = (q + kv) * el + q * 4 + self.batch * self.skv + rows * (4 + 8 + 8) + 4 * len(self.sinks or ())
         if not self.grad:
             return forward
         keys = self.batch * self.hkv * self.skv
@@ -101,18 +120,47 @@ def scale_tag(scale: float) -> str:
 
 def case_id(op: str, family: str, *, model: str, batch: int, sq: int, skv: int, s_past: int | None, dtype: str,
             causal: bool, mask: str, dist: str, scale: float | None, seed: int | None = None,
-            grad: bool = False) -> str:
+            grad: bool = False, window: tuple[int, int] = (-1, -1), softcap: float | None = None,
+            sinks: tuple[float, ...] | None = None, sinks_drawn: bool = True) -> str:
     """The id of a case (docs/golden-format.md): ``<op>/<family>/<model>-b<B>-<shape>-<dtype>-<causal|noncausal>``
-    then the mask, distribution and scale when they are not the defaults, ``-grad`` for a case with
+    then the mask, distribution and scale when they are not the defaults, the variants
+    (``win<left>.<right>`` with ``inf`` for -1, ``softcap<tag>``, ``sinks`` or ``sinks<hash>`` for
+    values given in the spec rather than drawn), ``-grad`` for a case with
     gradients, and ``-seed<seed>`` for a drawn
     case (its seed is not derived from the id, so it must be part of the key). ``model`` is a preset
     name or ``hq<Hq>-hkv<Hkv>-d<D>``; the shape ``sq<Sq>-skv<Skv>``, or ``past<S_past>-new<Sq>`` for the
     KV-cache op. Ids depend on the parameters only, so adding cases never renames existing ones."""
     shape = f"sq{sq}-skv{skv}" if op == "attention" else f"past{s_past}-new{sq}"
     parts = [model, f"b{batch}", shape, DTYPE_SHORT[dtype], "causal" if causal else "noncausal", MASK_SHORT[mask],
-             DIST_SHORT[dist], "" if scale is None else f"scale{scale_tag(scale)}", "grad" if grad else "",
-             "" if seed is None else f"seed{seed}"]
+             DIST_SHORT[dist], "" if scale is None else f"scale{scale_tag(scale)}", window_tag(window),
+             "" if softcap is None else f"softcap{scale_tag(softcap)}", sinks_tag(sinks, sinks_drawn),
+             "grad" if grad else "", "" if seed is None else f"seed{seed}"]
     return f"{op}/{family}/" + "-".join(x for x in parts if x)
+
+
+def window_tag(window: tuple[int, int]) -> str:
+    if window == (-1, -1):
+        return ""
+    return "win" + ".".join("inf" if w < 0 else str(w) for w in window)
+
+
+def drawn_sinks(seed: int, hq: int) -> tuple[float, ...]:
+    """The seeded sink logits of a case whose spec says ``sinks: true`` (docs/golden-format.md):
+    ``numpy.random.Generator(numpy.random.PCG64([seed, 2])).normal(0.5, 2.0, hq)`` rounded to float32."""
+    rng = np.random.Generator(np.random.PCG64([seed, 2]))
+    return tuple(float(x) for x in rng.normal(SINK_MEAN, SINK_STD, hq).astype(np.float32))
+
+
+SINK_MEAN, SINK_STD = 0.5, 2.0  # drawn sinks: comparable to normal logits, some dominating a row
+
+
+def sinks_tag(sinks: tuple[float, ...] | None, drawn: bool = True) -> str:
+    if sinks is None:
+        return ""
+    if drawn:
+        return "sinks"
+    digest = hashlib.sha256(np.asarray(sinks, dtype=np.float32).tobytes()).hexdigest()[:8]
+    return f"sinks{digest}"
 
 
 _ID_RE = re.compile(r"^(?P<model>.+?)-b(?P<batch>\d+)-"
@@ -133,7 +181,8 @@ def parse_case_id(cid: str) -> dict[str, Any] | None:
     dtype = {short: name for name, short in DTYPE_SHORT.items()}[m["dtype"]]
     params: dict[str, Any] = {"op": op, "family": family, "model": m["model"], "batch": int(m["batch"]),
                               "dtype": dtype, "causal": m["causal"] == "causal", "mask": "none", "dist": "normal",
-                              "scale": "default", "grad": False}
+                              "scale": "default", "grad": False, "window": (-1, -1), "softcap": None,
+                              "sinks": False}
     if m["sq"] is not None:
         params.update(sq=int(m["sq"]), skv=int(m["skv"]))
     else:
@@ -147,6 +196,12 @@ def parse_case_id(cid: str) -> dict[str, Any] | None:
             params["dist"] = dists[token]
         elif token == "grad":
             params["grad"] = True
+        elif token.startswith("win") and token.count(".") == 1:
+            params["window"] = tuple(-1 if w == "inf" else int(w) for w in token[3:].split("."))
+        elif token.startswith("softcap"):
+            params["softcap"] = token.removeprefix("softcap")
+        elif token.startswith("sinks"):
+            params["sinks"] = True
         elif token.startswith("scale"):
             params["scale"] = token.removeprefix("scale")
         elif token.startswith("seed") and token[4:].isdigit():

@@ -31,6 +31,7 @@ class CaseInputs:
     v: torch.Tensor
     key_padding_mask: torch.Tensor | None  # bool [batch, skv], True = keep
     grad_out: torch.Tensor | None = None  # the upstream gradient dO [batch, hq, sq, d] of a case with gradients
+    sinks: torch.Tensor | None = None  # float32 [hq]: the sink logit of each query head (case.sinks)
 
 
 def round_to_dtype(x: np.ndarray, dtype: str) -> torch.Tensor:
@@ -61,7 +62,13 @@ def make_inputs(case: Case) -> CaseInputs:
         raise ValueError(f"unknown distribution {case.dist!r}")
     mask = make_key_padding_mask(rng, case)
     return CaseInputs(round_to_dtype(q, case.dtype), round_to_dtype(k, case.dtype), round_to_dtype(v, case.dtype),
-                      None if mask is None else torch.from_numpy(mask), make_grad_out(case) if case.grad else None)
+                      None if mask is None else torch.from_numpy(mask), make_grad_out(case) if case.grad else None,
+                      sink_tensor(case))
+
+
+def sink_tensor(case: Case) -> torch.Tensor | None:
+    """``case.sinks`` as the float32 [Hq] tensor the op takes (None without sinks)."""
+    return None if case.sinks is None else torch.tensor(case.sinks, dtype=torch.float32)
 
 
 def make_key_padding_mask(rng: np.random.Generator, case: Case) -> np.ndarray | None:
@@ -89,17 +96,37 @@ def make_key_padding_mask(rng: np.random.Generator, case: Case) -> np.ndarray | 
 
 def visible(case: Case, key_padding_mask: torch.Tensor | None,
             rows: slice | np.ndarray | None = None) -> torch.Tensor:
-    """Bool [batch or 1, rows, skv] of which key each query row sees (padding and causal rule);
-    ``rows`` is a slice of the query rows (all by default) or an array of row indices."""
+    """Bool [batch or 1, rows, skv] of which key each query row sees (padding, causal and window rules);
+    ``rows`` is a slice of the query rows (all by default) or an array of row indices.
+
+    Row ``i``'s diagonal is key ``i + Skv - Sq`` (bottom-right aligned); causal keeps keys up to it,
+    a window (left, right) keeps keys in [diagonal - left, diagonal + right] (-1: unbounded side)."""
     rows = rows if rows is not None else slice(0, case.sq)
     i = (torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long))
-    i = i[:, None]
+    diag = i[:, None] + (case.skv - case.sq)
     j = torch.arange(case.skv)[None, :]
-    see = (j <= i + (case.skv - case.sq)) if case.causal else torch.ones(i.shape[0], case.skv, dtype=torch.bool)
+    see = (j <= diag) if case.causal else torch.ones(diag.shape[0], case.skv, dtype=torch.bool)
+    left, right = case.window
+    if left >= 0:
+        see = see & (j >= diag - left)
+    if right >= 0:
+        see = see & (j <= diag + right)
     see = see[None]
     if key_padding_mask is not None:
         see = see & key_padding_mask.cpu()[:, None, :]
     return see
+
+
+def key_limit(case: Case, row_end: int) -> int:
+    """How many leading keys the rows before ``row_end`` may see at most (causal and the window's right
+    side): the keys beyond are skipped by the reference's blocks. May be <= 0 (no row sees a key)."""
+    limit = case.skv
+    diag = row_end - 1 + case.skv - case.sq
+    if case.causal:
+        limit = min(limit, diag + 1)
+    if case.window[1] >= 0:
+        limit = min(limit, diag + case.window[1] + 1)
+    return limit
 
 
 def make_grad_out(case: Case) -> torch.Tensor:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conformance import locations
 from conformance.errors import SpecError
-from conformance.spec.case import OPS, TIERS, Case, Preset, case_id
+from conformance.spec.case import OPS, TIERS, Case, Preset, case_id, drawn_sinks
 from conformance.spec.yamlsource import Loc, YamlDocument, dotted, load_yaml
 
 DEFAULT_MEMORY_CAP_BYTES = 8 * 1024**3
@@ -81,6 +82,10 @@ class CaseParams(BaseModel):
     mask: Literal["none", "right_pad", "left_pad", "holes", "all_masked"] = "none"
     dist: Literal["normal", "uniform", "large_logits", "near_ties"] = "normal"
     grad: bool = False  # also the exact gradients dQ, dK, dV (and the gradient checks)
+    window_left: int = Field(default=-1, ge=-1, le=1 << 20)  # keys before the diagonal a row sees; -1: all
+    window_right: int = Field(default=-1, ge=-1, le=1 << 20)  # keys after the diagonal a row sees; -1: all
+    softcap: float | None = None  # cap·tanh(s/cap) of the scaled logits; > 0
+    sinks: bool | list[float] = False  # true: seeded per-head sink logits; or the Hq values themselves
 
 
 LIST_VALUED = {"split_offsets"}
@@ -198,7 +203,7 @@ def _expand(doc: YamlDocument, base: dict[str, Any], base_loc: Loc, grid: dict[s
         value, loc = merged[key]
         if key not in CaseParams.model_fields:
             raise SpecError(doc.path, doc.line_of(loc), dotted(loc), "unknown key")
-        if isinstance(value, list) and key not in LIST_VALUED:
+        if isinstance(value, list) and key not in LIST_VALUED and not _sink_values(key, value):
             if not value:
                 raise SpecError(doc.path, doc.line_of(loc), dotted(loc), "an axis must list at least one value")
             axes.append([(v, (*loc, i)) for i, v in enumerate(value)])
@@ -210,6 +215,13 @@ def _expand(doc: YamlDocument, base: dict[str, Any], base_loc: Loc, grid: dict[s
                         f"this grid expands to {size} cases; a grid may declare at most {MAX_GRID_CASES}")
     for combo in itertools.product(*axes):
         yield ({k: v for k, (v, _) in zip(keys, combo)}, {k: loc for k, (_, loc) in zip(keys, combo)})
+
+
+def _sink_values(key: str, value: list[Any]) -> bool:
+    """``sinks: [0.5, -1.0, ...]`` is one value (the logits of the query heads), not an axis; an axis of
+    sinks lists booleans or lists."""
+    return key == "sinks" and bool(value) and all(isinstance(x, int | float) and not isinstance(x, bool)
+                                                  for x in value)
 
 
 def _make_case(doc: YamlDocument, model: OpSpecFile, presets: dict[str, Preset], family: str, tier: str,
@@ -270,13 +282,29 @@ def _make_case(doc: YamlDocument, model: OpSpecFile, presets: dict[str, Preset],
     scale = None if p.scale == "default" else float(p.scale)
     if scale is not None and not math.isfinite(scale):
         raise fail("scale", f"scale must be finite, got {scale}")
+    softcap = p.softcap
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise fail("softcap", f"softcap must be a finite number > 0 (leave it out for no soft-capping), got {softcap}")
+    window = (p.window_left, p.window_right)
+    sinks: tuple[float, ...] | None = None
+    drawn = p.sinks is True
+    if isinstance(p.sinks, list):
+        if len(p.sinks) != hq:
+            raise fail("sinks", f"sinks lists {len(p.sinks)} logits; the case has Hq={hq} query heads (one each)")
+        if not all(math.isfinite(x) for x in p.sinks):
+            raise fail("sinks", "every sink logit must be finite")
+        sinks = tuple(float(x) for x in np.asarray(p.sinks, dtype=np.float32))
 
     cid = case_id(model.op, family, model=p.preset or f"hq{hq}-hkv{hkv}-d{d}", batch=p.batch, sq=sq, skv=skv,
-                  s_past=s_past, dtype=p.dtype, causal=p.causal, mask=p.mask, dist=p.dist, scale=scale, grad=p.grad)
+                  s_past=s_past, dtype=p.dtype, causal=p.causal, mask=p.mask, dist=p.dist, scale=scale, grad=p.grad,
+                  window=window, softcap=softcap, sinks=() if drawn else sinks, sinks_drawn=drawn)
     seed = int.from_bytes(hashlib.sha256(f"{model.seed}:{cid}".encode()).digest()[:8], "little") >> 1
+    if drawn:
+        sinks = drawn_sinks(seed, hq)
     case = Case(id=cid, op=model.op, family=family, tier=tier, batch=p.batch, hq=hq, hkv=hkv, d=d, sq=sq,
                 skv=skv, dtype=p.dtype, causal=p.causal, scale=scale, mask=p.mask, dist=p.dist, seed=seed,
-                preset=p.preset, s_past=s_past, split_points=split_points, grad=p.grad)
+                preset=p.preset, s_past=s_past, split_points=split_points, grad=p.grad, window=window,
+                softcap=softcap, sinks=sinks)
     need = case.working_bytes
     if need > memory_cap_bytes:
         raise fail(None, f"case {cid} needs {need / 2**20:.0f} MiB, over the memory cap of "

@@ -133,10 +133,10 @@ def test_every_single_bit_flip_anywhere_is_refused_against_the_manifest(golden: 
 
 def test_other_schema_version_is_refused_before_anything_else(golden: Path) -> None:
     def future(f: h5py.File) -> None:
-        f.attrs["schema_version"] = np.int64(4)
+        f.attrs["schema_version"] = np.int64(5)
         del f.attrs["batch"]  # a later schema may lay the file out differently: the version speaks first
     edit(golden, future)
-    assert refusal(golden).reason == "schema_version 4 is not supported (this rlk-conform reads 3)"
+    assert refusal(golden).reason == "schema_version 5 is not supported (this rlk-conform reads 3, 4)"
 
 
 @pytest.mark.parametrize("attribute", ["format", "schema_version", "case_id", "dtype", "batch", "hq", "scale",

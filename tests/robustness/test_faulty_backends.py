@@ -18,12 +18,15 @@ import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import faulty_backends as fb
 import pytest
-from conftest import run_backend
+from conftest import is_variant_case, run_backend
 
+from conformance.backends.registry import skip_reason
 from conformance.errors import ConformanceError
+from conformance.golden.format import read_golden
 from conformance.golden.manifest import select_cases
 from conformance.judge.records import Record
 from conformance.processes import Terminated
@@ -183,6 +186,11 @@ def test_backend_that_crashes_while_loading_is_one_clear_error() -> None:
 # --- the command line --------------------------------------------------------------------------------
 
 
+def _op_and_case(case_id: str) -> tuple[str, Any]:
+    case = read_golden(SMOKE / f"{case_id}.h5").case
+    return case.op, case
+
+
 def test_isolated_smoke_run_with_one_crash_in_ten_reports_those_cases_as_errors_and_the_rest_normally(
         tmp_path: Path) -> None:
     report = tmp_path / "report.json"
@@ -194,7 +202,9 @@ def test_isolated_smoke_run_with_one_crash_in_ten_reports_those_cases_as_errors_
     data = json.loads(report.read_text())
     assert data["complete"] is True
     records = [Record(**r) for r in data["records"]]
-    crashed = {c for c in case_ids("*") if fb.crashes_on(c)}
+    # A case the backend skips (soft-capping, sinks: SDPA cannot express them) never reaches the crash.
+    crashed = {c for c in case_ids("*") if fb.crashes_on(c) and not (
+        is_variant_case(c) and skip_reason(fb.Tracking(), *_op_and_case(c)))}
     assert 5 <= len(crashed) <= 30 and data["isolation"]["worker_restarts"] == len(crashed)
     cases = by_case(records)
     assert list(cases) == case_ids("*")  # every case of the tier, in order
