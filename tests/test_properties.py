@@ -42,7 +42,7 @@ from conformance.search.properties import (
 from conformance.search.replay import replay
 from conformance.search.strategies import Needs, SpecSpace, draw_case, make_case, space_from_specs
 from conformance.spec.case import DTYPES, MASKS, Case
-from conformance.spec.checks import CHECKS, GRADIENT_CHECKS
+from conformance.spec.checks import CHECKS, GRADIENT_CHECKS, LAYOUT_INVARIANCE_CHECKS
 from conformance.spec.inputs import make_inputs
 from conformance.spec.load import OpSpec
 from conformance.spec.tolerances import load_tolerances
@@ -128,7 +128,8 @@ def test_every_property_is_a_check_of_the_report() -> None:
     assert ", ".join(PROPERTY_NAMES) + " (default: all)" == PROPERTY_HELP  # check --help lists each once
     assert CHECKS[:11] == ("accuracy", "batch", "split", "prefill_decode", "chunk", "padding",
                            "determinism", "contract", "parity", "gqa", "nan_padding")  # appended, never reordered
-    assert CHECKS[11:] == GRADIENT_CHECKS
+    assert CHECKS[11:11 + len(GRADIENT_CHECKS)] == GRADIENT_CHECKS
+    assert CHECKS[11 + len(GRADIENT_CHECKS):] == LAYOUT_INVARIANCE_CHECKS == ("pack", "page")
 
 
 def test_properties_are_chosen_by_name() -> None:

@@ -247,5 +247,6 @@ class FlexBackend(BuiltinBackend):
     def supports(self, op: str, case: Any) -> bool | str:
         """Gradients through autograd of compiled FlexAttention, except on the CPU, where it has no backward."""
         if op.endswith("_backward") and torch.device(self.device).type == "cpu":
-            return f"FlexAttention has no backward on the CPU (torch {torch.__version__}); run flex on a GPU for gradients"
+            return (f"FlexAttention has no backward on the CPU (torch {torch.__version__}); run flex on a GPU for "
+                    "gradients")
         return True
