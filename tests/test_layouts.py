@@ -174,3 +174,33 @@ def test_each_planted_layout_defect_is_caught_by_its_check(backend: object, caug
     found = failing(run_layouts(backend))
     assert caught <= set(found), found
     assert not never & set(found), found
+
+
+# --- the real packed and paged kernels (judged on a GPU; their pure pieces here) ---------------------
+
+REAL_KERNELS = ("torch-varlen", "torch-varlen-nosplit", "flashinfer-decode", "flashinfer-decode-fixed-split",
+                "flashinfer-prefill", "flashinfer-prefill-no-split")
+
+
+def test_real_layout_kernels_are_listed_and_refuse_cleanly_without_their_library_or_gpu() -> None:
+    from conformance.backends import list_backends
+
+    infos = {i.name: i for i in list_backends()}
+    for name in REAL_KERNELS:
+        assert name in infos
+        if not torch.cuda.is_available():
+            assert not infos[name].available and infos[name].reason
+            with pytest.raises(ConformanceError, match=f"backend '{name}' is unavailable"):
+                load_backend(name)
+
+
+def test_flashinfer_csr_pages_name_each_sequences_pages_and_last_page_length() -> None:
+    from conformance.backends.flashinfer import csr_pages
+
+    s = seqs([(1, 9), (1, 16), (1, 1)])
+    call = paged_call(s, True, None, 4, torch.randperm(page_count(s, 4), generator=torch.Generator().manual_seed(1))
+                      .tolist())
+    _, _, table, lens, _ = call.tensors
+    indptr, indices, last = csr_pages(table, lens, 4)
+    assert indptr.tolist() == [0, 3, 7, 8] and last.tolist() == [1, 4, 1]
+    assert indices.tolist() == table[0, :3].tolist() + table[1, :4].tolist() + table[2, :1].tolist()
