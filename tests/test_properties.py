@@ -41,7 +41,7 @@ from conformance.search.properties import (
 )
 from conformance.search.replay import replay
 from conformance.search.strategies import Needs, SpecSpace, draw_case, make_case, space_from_specs
-from conformance.spec.case import DTYPES, MASKS, Case
+from conformance.spec.case import DTYPES, LAYOUT_OPS, MASKS, Case
 from conformance.spec.checks import CHECKS, GRADIENT_CHECKS, LAYOUT_INVARIANCE_CHECKS
 from conformance.spec.inputs import make_inputs
 from conformance.spec.load import OpSpec
@@ -213,7 +213,8 @@ def test_a_property_needing_the_kv_op_is_skipped_with_the_reason(repo_specs: lis
 @pytest.mark.parametrize("planted", PLANTED, ids=lambda cls: cls.name)
 def test_planted_defects_pass_every_check_of_the_smoke_golden_run(planted: type) -> None:
     records = run_backend(planted(), select_cases(SMOKE_GOLDENS), RunSettings(tolerances=TOLERANCES, reruns=2)).records
-    assert [(r.case_id, r.check) for r in records if r.status != "pass" and r.check not in GRADIENT_CHECKS] == []
+    assert [(r.case_id, r.check) for r in records if r.status != "pass" and r.check not in GRADIENT_CHECKS
+            and r.op not in LAYOUT_OPS] == []  # forward-only dense backends: the layouts are skipped
     assert {r.status for r in records if r.check in GRADIENT_CHECKS} == {"skip"}  # forward-only backends
 
 
