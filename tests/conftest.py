@@ -24,7 +24,8 @@ REPO = Path(conformance.__file__).resolve().parents[1]
 SPEC_DIR = REPO / "specs"
 SMOKE_GOLDENS = REPO / "goldens" / "smoke"
 #: How many cases the committed smoke tier holds, in all and per op directory (tests count, never hard-code).
-SMOKE_CASES = len(list(SMOKE_GOLDENS.rglob("*.h5")))
+# Goldens (.h5) and packed/paged layout files (.json, the manifest aside).
+SMOKE_CASES = len(list(SMOKE_GOLDENS.rglob("*.h5"))) + len(list(SMOKE_GOLDENS.rglob("*_attention/**/*.json")))
 SMOKE_ATTENTION_CASES = len(list((SMOKE_GOLDENS / "attention").rglob("*.h5")))
 DATA = Path(__file__).resolve().parent / "data"
 TINY_SPECS = ("tiny_attention.yaml", "tiny_kv_cache.yaml")

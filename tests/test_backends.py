@@ -393,7 +393,7 @@ def test_module_on_pythonpath_loads(tmp_path: Path, module_dir: Path, monkeypatc
     ("no-such-backend", "unknown backend 'no-such-backend'; known backends: reference, naive,"),
     ("no_such_module_xyz:Backend", "no module named 'no_such_module_xyz'"),
     ("vendor_backend:Nope", "has no attribute 'Nope'; it defines: ANSWER, Missing, NoDevice, NoOps, Vendor"),
-    ("vendor_backend:NoOps", "implements neither attention() nor kv_cache_attention()"),
+    ("vendor_backend:NoOps", "implements none of attention(), kv_cache_attention(), varlen_attention()"),
     ("vendor_backend:ANSWER", "names an object of type int, which is neither a backend class"),
     ("vendor_backend:Missing", "unavailable on this machine: libvendor.so not found"),
     ("broken_backend:Backend", "importing module 'broken_backend' failed: RuntimeError: vendor SDK missing"),

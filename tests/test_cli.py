@@ -57,7 +57,9 @@ def test_bad_usage_exits_two(args: list[str]) -> None:
 
 def test_specs_ids_lists_the_smoke_cases_of_the_default_specs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # the default spec paths are relative to the working directory
-    expected = [c.id for path in default_spec_paths(SPEC_DIR) for c in load_spec(path).cases_for_tier("smoke")]
+    specs = [load_spec(path) for path in default_spec_paths(SPEC_DIR)]
+    expected = [c.id for s in specs for c in s.cases_for_tier("smoke")]
+    expected += [c.id for s in specs for c in s.layouts_for_tier("smoke")]
     result = invoke("specs", "--tier", "smoke", "--ids")
     assert result.exit_code == EXIT_OK
     assert result.stdout.splitlines() == expected

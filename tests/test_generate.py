@@ -156,7 +156,7 @@ COMMITTED = [
     "attention/dtypes/hq2-hkv2-d64-b1-sq65-skv65-bf16-causal.h5",
     "attention/dtypes/hq2-hkv2-d64-b1-sq65-skv65-fp16-noncausal.h5",
     "attention/scale/hq2-hkv1-d64-b1-sq17-skv33-fp32-causal-scale0p0.h5",
-    "attention/padding/hq2-hkv1-d64-b3-sq17-skv17-bf16-causal-allmasked.h5",
+    "attention/padding/hq2-hkv1-d64-b2-sq17-skv17-bf16-causal-allmasked.h5",
     "attention/presets/qwen2.5-0.5b-b1-sq5-skv17-bf16-causal.h5",
     "kv_cache_attention/chunked-prefill/hq4-hkv2-d64-b2-past17-new16-bf16-causal.h5",
     "kv_cache_attention/distributions/hq2-hkv1-d64-b1-past63-new2-fp32-causal-neartie.h5",

@@ -191,7 +191,7 @@ SMOKE_CROSSCHECK = [
     "attention/distributions/hq2-hkv2-d64-b1-sq33-skv33-fp32-causal-neartie",
     "attention/distributions/hq2-hkv2-d64-b1-sq1-skv129-bf16-causal-neartie",
     "attention/dtypes/hq2-hkv2-d64-b1-sq65-skv65-fp32-noncausal",
-    "attention/padding/hq2-hkv1-d64-b3-sq17-skv17-fp16-causal-holes",
+    "attention/padding/hq2-hkv1-d64-b2-sq17-skv17-fp16-causal-holes",
     "attention/presets/qwen2.5-7b-b1-sq5-skv17-bf16-causal",
     "kv_cache_attention/distributions/hq2-hkv1-d64-b1-past63-new2-fp32-causal-neartie",
 ]

@@ -16,6 +16,12 @@ from conformance.reference.gradient import compute_gradient_reference
 from conformance.spec.inputs import CaseInputs
 
 from .contract import AttentionResult, BuiltinBackend, call_case, concat_kv_cache, visible_keys, zero_unseen_rows
+from .flashinfer import (
+    FlashInferDecodeBackend,
+    FlashInferDecodeFixedSplitBackend,
+    FlashInferPrefillBackend,
+    FlashInferPrefillNoSplitBackend,
+)
 from .flex import FlexBackend
 from .sdpa import (
     CudaBackend,
@@ -25,6 +31,7 @@ from .sdpa import (
     SdpaFlashBackend,
     SdpaMathBackend,
 )
+from .varlen import TorchVarlenBackend, TorchVarlenNoSplitBackend
 
 
 class ReferenceBackend(BuiltinBackend):
@@ -146,8 +153,9 @@ class NaiveFp32Backend(NaiveBackend):
     compute_dtype = torch.float32
 
 
-# Order is the listing order. Each class takes one optional argument, ``device``.
-BUILTIN_BACKENDS: tuple[type[BuiltinBackend], ...] = (
+# Order is the listing order. Each class takes one optional argument, ``device``. The last ones are
+# the real packed and paged kernels (layouts only; unavailable, with the reason, without CUDA).
+BUILTIN_BACKENDS: tuple[type, ...] = (
     ReferenceBackend,
     NaiveBackend,
     NaiveFp32Backend,
@@ -158,4 +166,10 @@ BUILTIN_BACKENDS: tuple[type[BuiltinBackend], ...] = (
     SdpaCudnnBackend,
     CudaBackend,
     FlexBackend,
+    TorchVarlenBackend,
+    TorchVarlenNoSplitBackend,
+    FlashInferDecodeBackend,
+    FlashInferDecodeFixedSplitBackend,
+    FlashInferPrefillBackend,
+    FlashInferPrefillNoSplitBackend,
 )

@@ -30,6 +30,8 @@ import torch
 from conformance.spec.case import Case
 from conformance.spec.inputs import TORCH_DTYPES, visible
 
+from .layouts import DenseLayouts
+
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 AD_HOC_FAMILY = "backend-call"  # family of the Case built for one backend call (not from a spec)
 
@@ -167,8 +169,9 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-class BuiltinBackend(abc.ABC):
-    """Base of the built-ins: holds ``device`` and implements ``kv_cache_attention`` through ``attention``.
+class BuiltinBackend(DenseLayouts, abc.ABC):
+    """Base of the built-ins: holds ``device`` and implements ``kv_cache_attention`` through ``attention``,
+    and the packed and paged layouts through it too (:class:`~conformance.backends.layouts.DenseLayouts`).
 
     Subclasses set ``name`` and ``description`` and implement ``attention``. The constructor raises
     :class:`BackendUnavailable` when ``device`` is not usable on this machine.

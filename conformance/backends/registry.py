@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from conformance.errors import ConformanceError
-from conformance.spec.case import OPS, VARIANTS, Case
+from conformance.spec.case import LAYOUT_OPS, OPS, VARIANTS, Case
 
 from .builtin import BUILTIN_BACKENDS
 from .contract import VARIANT_KEYWORDS, Backend, BackendUnavailable, one_line
+from .layouts import LAYOUT_KEYWORDS, LAYOUT_POSITIONAL
 
 ENTRY_POINT_GROUP = "rlk_conform.backends"
 DOCS = "see docs/backends.md"
@@ -151,9 +152,11 @@ def validate_backend(obj: object, spec: str | None = None) -> Backend:
     except (RuntimeError, TypeError):
         raise fail(f"device {device!r} is not a torch device string") from None
     ops = [op for op in OPS if hasattr(obj, op)]
-    if not ops:
-        raise fail("it implements neither attention() nor kv_cache_attention()")
-    for member in (*ops, "supports"):
+    layouts = [op for op in LAYOUT_OPS if hasattr(obj, op)]
+    if not ops and not layouts:
+        raise fail("it implements none of attention(), kv_cache_attention(), varlen_attention(), "
+                   "paged_kv_attention()")
+    for member in (*ops, *layouts, "supports"):
         if hasattr(obj, member) and not callable(getattr(obj, member)):
             raise fail(f"its '{member}' is not callable")
     if getattr(obj, "output_dtype", None) not in (None, torch.float32):
@@ -169,6 +172,11 @@ def validate_backend(obj: object, spec: str | None = None) -> Backend:
         if problem:
             raise fail(f"{op}() {problem}; the harness calls {op}({', '.join(OP_POSITIONAL[op])}, *, "
                        f"{', '.join(keywords)})")
+    for op in layouts:
+        problem = signature_problem(getattr(obj, op), LAYOUT_POSITIONAL[op], LAYOUT_KEYWORDS)
+        if problem:
+            raise fail(f"{op}() {problem}; the harness calls {op}({', '.join(LAYOUT_POSITIONAL[op])}, *, "
+                       f"{', '.join(LAYOUT_KEYWORDS)})")
     for op, positional in BACKWARD_POSITIONAL.items():
         backward = getattr(obj, op, None)
         if backward is None:
@@ -224,13 +232,22 @@ def backend_ops(backend: Backend) -> tuple[str, ...]:
     return tuple(op for op in OPS if callable(getattr(backend, op, None)))
 
 
-def skip_reason(backend: Backend, op: str, case: Case) -> str | None:
-    """Why ``backend`` skips ``case`` of ``op``, or None when it runs it.
+def layout_ops(backend: Backend) -> tuple[str, ...]:
+    """The packed and paged layouts ``backend`` implements, in ``conformance.spec.LAYOUT_OPS`` order."""
+    return tuple(op for op in LAYOUT_OPS if callable(getattr(backend, op, None)))
+
+
+def skip_reason(backend: Backend, op: str, case: Any) -> str | None:
+    """Why ``backend`` skips ``case`` of ``op`` (a dense op's :class:`Case` or a layout op's
+    :class:`~conformance.spec.layouts.LayoutCase`), or None when it runs it.
 
     The op missing, ``supports`` returning False, or ``supports`` returning a reason string all
     mean skipped; ``True`` (or no ``supports``) means run. Any other answer is a ConformanceError.
     """
-    if op not in backend_ops(backend):
+    if op not in backend_ops(backend) + layout_ops(backend):
+        if op in LAYOUT_OPS:
+            return (f"{backend.name} does not implement {op} (a backend with only the dense ops is not judged on "
+                    "the packed and paged layouts; see docs/backends.md#layouts)")
         return f"{backend.name} does not implement {op}"
     return _supports_reason(backend, op, case, "this case") or variant_skip_reason(backend, case)
 
@@ -335,7 +352,7 @@ def _create(target: Any, device: str | None, spec: str) -> Any:
 def _is_instance(target: Any) -> bool:
     """A ready backend object (not a class, not a factory): it already has name, device and an op."""
     return (not inspect.isclass(target) and hasattr(target, "name") and hasattr(target, "device")
-            and any(hasattr(target, op) for op in OPS))
+            and any(hasattr(target, op) for op in (*OPS, *LAYOUT_OPS)))
 
 
 def _takes_device(factory: Callable[..., Any]) -> bool:

@@ -135,8 +135,9 @@ def list_specs(
     """Validate the specs and list the cases of a tier."""
     specs = load_spec_option(spec, memory_cap_mib)
     cases = [c for s in specs for c in s.cases_for_tier(tier.value)]
+    layouts = [c for s in specs for c in s.layouts_for_tier(tier.value)]
     if ids_only:
-        for c in cases:
+        for c in [*cases, *layouts]:
             out.print(c.id, markup=False, highlight=False, soft_wrap=True)
         return
     table = Table(title=f"{len(cases)} cases in tier '{tier.value}'")
@@ -147,6 +148,14 @@ def list_specs(
     out.print(table)
     total = sum(c.tensor_bytes for c in cases)
     out.print(f"{len(cases)} cases, {fmt_bytes(total)} of tensors; tiers are cumulative ({' ⊂ '.join(TIERS)})")
+    if layouts:
+        packed = Table(title=f"{len(layouts)} packed and paged cases in tier '{tier.value}' (views of the cases above)")
+        for col in ("case id", "sequences", "Hq/Hkv", "D", "page", "dtype", "tier"):
+            packed.add_column(col, overflow="fold")
+        for lc in layouts:
+            packed.add_row(lc.id, str(lc.batch), f"{lc.hq}/{lc.hkv}", str(lc.d), str(lc.page_size or "-"), lc.dtype,
+                           lc.tier)
+        out.print(packed)
 
 @app.command("release")
 @user_errors

@@ -28,6 +28,7 @@ from conformance.environment import GENERATOR
 from conformance.errors import ConformanceError, GoldenError
 from conformance.files import sha256_file
 from conformance.golden.format import INPUT_GENERATOR, Provenance, case_path, read_golden, write_golden
+from conformance.golden.layouts import layout_path, write_layout
 from conformance.golden.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from conformance.processes import exit_with_parent
 from conformance.reference.compute import ALGORITHM, Golden, compute_reference
@@ -267,6 +268,21 @@ def remove_stale_temp_files(out_dir: Path) -> int:
     return removed
 
 
+def write_layouts(specs: Sequence[OpSpec], tier: str, out_dir: Path) -> list[dict[str, Any]]:
+    """Write the layout file of every packed and paged case of ``tier`` (no computation: each one
+    names the dense goldens it is composed of) and return their manifest entries."""
+    entries = []
+    for spec in specs:
+        prov = Provenance(spec_file=spec.path.name, spec_sha256=spec.sha256, spec_seed=spec.seed)
+        for case in spec.layouts_for_tier(tier):
+            path = layout_path(out_dir, case.id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_layout(path, case, prov)
+            entries.append({"case_id": case.id, "path": path.relative_to(out_dir).as_posix(),
+                            "sha256": sha256_file(path), "bytes": path.stat().st_size})
+    return entries
+
+
 def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int = 1, device: str = "cpu",
              on_start: Callable[[list[Job]], None] | None = None,
              on_done: Callable[[Job, CaseResult], None] | None = None, resume: bool = False) -> GenerateSummary:
@@ -325,6 +341,11 @@ def _generate_locked(specs: Sequence[OpSpec], tier: str, out_dir: Path, jobs: li
     spec_info: dict[str, Any] = {s.path.name: {"op": s.op, "sha256": s.sha256, "seed": s.seed} for s in specs}
     files = [{"case_id": r.case_id, "path": r.path.relative_to(out_dir).as_posix(), "sha256": r.sha256,
               "bytes": r.bytes} for r in summary.results]
+    try:
+        files += write_layouts(specs, tier, out_dir)
+    except OSError as exc:
+        raise ConformanceError(f"{out_dir}: writing layout files failed ({os_reason(exc)}); {MANIFEST_NAME} is "
+                               "unchanged") from None
     try:
         summary.manifest = write_manifest(out_dir, build_manifest(tier, spec_info, files))
     except OSError as exc:

@@ -16,7 +16,7 @@ from conformance.environment import environment_provenance
 from conformance.errors import GoldenError
 from conformance.files import atomic_path
 from conformance.golden.format import SCHEMA_VERSION
-from conformance.spec.case import OPS
+from conformance.spec.case import LAYOUT_OPS, OPS
 
 MANIFEST_FORMAT = "rlk-conform-manifest"
 MANIFEST_NAME = "manifest.json"
@@ -102,9 +102,9 @@ def select_cases(root: Path, pattern: str | None = None, shard: tuple[int, int] 
 
 
 def case_id_of(path: Path) -> str:
-    """The case id a golden path stands for (``<op>/<family>/<variant>``), before the file is read."""
-    parts = path.with_suffix("").parts
-    starts = [i for i, part in enumerate(parts) if part in OPS]
+    """The case id a golden or layout path stands for (``<op>/<family>/<variant>``), before the file is read."""
+    parts = (path.with_suffix("") if path.suffix in (".h5", ".json") else path).parts
+    starts = [i for i, part in enumerate(parts) if part in OPS or part in LAYOUT_OPS]
     return "/".join(parts[starts[-1]:]) if starts else path.with_suffix("").as_posix()
 
 

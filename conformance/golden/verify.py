@@ -15,6 +15,7 @@ from conformance.errors import ConformanceError, GoldenError
 from conformance.files import sha256_file
 from conformance.golden.format import DEFAULT_MAX_CASE_BYTES, GoldenCase, Provenance, read_golden
 from conformance.golden.generate import compute_case, write_case
+from conformance.golden.layouts import is_layout_path, layout_bytes, layout_root, read_layout
 from conformance.golden.manifest import MANIFEST_NAME, dataset_sha256, read_manifest
 
 
@@ -127,6 +128,8 @@ def _verify_entry(result: VerifyResult, path: Path, entry: dict[str, Any], regen
         except GoldenError as exc:
             return golden_problem(exc, prefix)
         return problem(prefix.rstrip("; "))
+    if is_layout_path(path):
+        return _verify_layout(path, entry, regenerate, problem)
     try:
         gc = read_golden(path, max_bytes=max_case_bytes, expected_sha256=entry["sha256"])
     except GoldenError as exc:
@@ -141,4 +144,25 @@ def _verify_entry(result: VerifyResult, path: Path, entry: dict[str, Any], regen
         result.regenerated += 1
         if diff:
             return problem(diff)
+    return True
+
+
+def _verify_layout(path: Path, entry: dict[str, Any], regenerate: bool, problem: Callable[[str], bool]) -> bool:
+    """A layout file: its SHA-256, its fields, its id, that every golden it names is listed, and (with
+    ``regenerate``) that writing its case again gives the same bytes."""
+    if sha256_file(path) != entry["sha256"]:
+        return problem("SHA-256 does not match the manifest (file changed or damaged)")
+    try:
+        case, prov = read_layout(path)
+    except GoldenError as exc:
+        return problem(exc.reason)
+    if case.id != entry["case_id"]:
+        return problem(f"holds case {case.id}, the manifest says {entry['case_id']}")
+    root = layout_root(path, case.id)
+    listed = {e["case_id"] for e in read_manifest(root)["files"]} if (root / MANIFEST_NAME).is_file() else set()
+    missing = [m for m in case.members if m not in listed]
+    if missing:
+        return problem(f"names the golden {missing[0]}, which the manifest does not list")
+    if regenerate and layout_bytes(case, prov) != path.read_bytes():
+        return problem("file bytes differ from the layout written again from its own fields")
     return True

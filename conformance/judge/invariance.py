@@ -122,17 +122,17 @@ def determinism_reruns(tolerances: Tolerances, override: int | None = None) -> i
 
 
 def compare_outputs(tolerances: Tolerances, check: str, label: str, got: torch.Tensor, want: torch.Tensor,
-                    metrics: dict[str, Any] | None = None) -> Verdict | None:
+                    metrics: dict[str, Any] | None = None, axes: tuple[str, ...] = OUTPUT_AXES) -> Verdict | None:
     """The one invariance comparison of runs and property searches: None when ``got`` equals ``want``
     bit for bit (:func:`bitwise_mismatch`), or within the check's tolerance when tolerances.yaml gives
     it a non-zero one. A failing verdict names the variant (``label``); its metrics start with
-    ``metrics`` (default ``{"variant": label}``)."""
+    ``metrics`` (default ``{"variant": label}``); ``axes`` name the dimensions of the first mismatch."""
     head = metrics if metrics is not None else {"variant": label}
     rule = tolerances.invariance_rule(check)
     if rule is not None and (rule.atol > 0 or rule.rtol > 0):
         v = judge_elementwise(got, want.detach().to("cpu", torch.float64).numpy(), rule, label)
         return None if v.status == "pass" else Verdict("fail", {**head, **v.metrics}, v.message)
-    mismatch = bitwise_mismatch(got, want)
+    mismatch = bitwise_mismatch(got, want, axes)
     if mismatch is None:
         return None
     return Verdict("fail", {**head, **mismatch.metrics()}, f"{label}: {mismatch.describe()}")

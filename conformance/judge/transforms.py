@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from conformance.judge.layout_calls import LayoutCall
 from conformance.spec.case import Case
 
 
@@ -58,7 +59,7 @@ class OpCall:
 @dataclass(frozen=True)
 class Variant:
     label: str
-    call: OpCall
+    call: OpCall | LayoutCall  # a dense op's call, or a packed or paged layout's
     taken: Callable[[torch.Tensor], torch.Tensor]  # variant output → rows to compare
     expected: Callable[[torch.Tensor], torch.Tensor]  # original output → the same rows
     metrics: dict[str, Any] | None = None  # what a failure's metrics name the variant by; None: {"variant": label}

@@ -4,7 +4,7 @@ contract) through one :class:`~conformance.run.invoker.Invoker`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,9 @@ from conformance.backends.contract import one_line
 from conformance.backends.registry import skip_reason
 from conformance.errors import ConformanceError, GoldenError
 from conformance.golden.format import DEFAULT_MAX_CASE_BYTES, GoldenCase, declared_bytes, read_golden
+from conformance.golden.layouts import LayoutGolden, is_layout_path, read_layout_golden
 from conformance.golden.manifest import case_id_of
-from conformance.judge.invariance import compare_outputs, determinism_reruns
+from conformance.judge.invariance import determinism_reruns
 from conformance.judge.records import Record
 from conformance.judge.transforms import (
     OpCall,
@@ -30,10 +31,11 @@ from conformance.judge.transforms import (
 from conformance.judge.verdicts import Verdict, judge_accuracy, judge_elementwise
 from conformance.run.gradients import gradient_checks
 from conformance.run.invoker import BackendCallError, ContractViolation, Invoker, KernelSkipped
+from conformance.run.layout_case import run_layout_case
 from conformance.run.profiling import NO_TIMER, PhaseTimer
 from conformance.run.settings import RunSettings
+from conformance.run.variants import compare_variants
 from conformance.spec.checks import GRADIENT_CHECKS
-from conformance.spec.tolerances import Tolerances
 
 
 def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
@@ -137,41 +139,6 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-@dataclass
-class VariantsOutcome:
-    """How a set of variants compared with the case's own output: the verdict and, for the variant
-    that differed or could not be called, its label, its output and the exception."""
-
-    verdict: Verdict
-    label: str = ""
-    output: torch.Tensor | None = None
-    exception: Exception | None = None
-
-
-def compare_variants(invoker: Invoker, check: str, variants: Iterable[Variant], base: torch.Tensor,
-                     tolerances: Tolerances, passed: Verdict | None = None) -> VariantsOutcome:
-    """Call each variant through ``invoker`` and compare the rows it must reproduce with ``base`` (the
-    case's own output) by :func:`~conformance.judge.invariance.compare_outputs`; the first that
-    differs fails the check. A variant the backend declines (KernelUnavailable) gives a ``skip``
-    verdict, one it cannot answer (an exception, a contract violation) an ``error`` verdict; both keep
-    the exception. All equal: ``passed``, by default ``{n} variants bit-identical``."""
-    n = 0
-    for variant in variants:
-        n += 1
-        label = variant.label
-        try:
-            got, _ = invoker(invoker.to_device(variant.call))
-        except KernelSkipped as exc:
-            return VariantsOutcome(Verdict("skip", {"variant": label}, f"{label}: {exc}"), label, exception=exc)
-        except (BackendCallError, ContractViolation) as exc:
-            return VariantsOutcome(Verdict("error", {"variant": label}, f"{label}: {exc}"), label, exception=exc)
-        verdict = compare_outputs(tolerances, check, label, invoker.to_host(variant.taken(got)),
-                                  invoker.to_host(variant.expected(base)), variant.metrics)
-        if verdict is not None:
-            return VariantsOutcome(verdict, label, got)
-    return VariantsOutcome(passed or Verdict("pass", {"variants": n}, f"{n} variants bit-identical"))
-
-
 def _parity(other: Invoker, call: OpCall, out_host: torch.Tensor, gc: GoldenCase, settings: RunSettings) -> Verdict:
     case = gc.case
     reason = skip_reason(other.backend, case.op, case)
@@ -216,11 +183,14 @@ def case_error_record(case: dict[str, Any] | None, path: Path, settings: RunSett
     return Record(case["case_id"], case["op"], check, "error", case["dtype"], case["family"], metrics, message)
 
 
-def judge_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings, compare_to: Invoker | None = None
-               ) -> list[Record]:
-    """:func:`run_case`, except that an unexpected exception (a backend's ``supports`` raising, say)
-    becomes one error record of this case instead of ending the run. ConformanceError propagates."""
+def judge_case(invoker: Invoker, gc: GoldenCase | LayoutGolden, settings: RunSettings,
+               compare_to: Invoker | None = None) -> list[Record]:
+    """:func:`run_case` (or, for a packed or paged layout, :func:`~conformance.run.layout_case.run_layout_case`),
+    except that an unexpected exception (a backend's ``supports`` raising, say) becomes one error
+    record of this case instead of ending the run. ConformanceError propagates."""
     try:
+        if isinstance(gc, LayoutGolden):
+            return run_layout_case(invoker, gc, settings)
         return run_case(invoker, gc, settings, compare_to)
     except ConformanceError:
         raise
@@ -230,16 +200,26 @@ def judge_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings, compare_
                                   f"{one_line(str(exc))}", {})]
 
 
+def read_case(path: Path, max_case_bytes: int = DEFAULT_MAX_CASE_BYTES, sha256: str | None = None
+              ) -> GoldenCase | LayoutGolden:
+    """A golden file (``.h5``) or a layout file (``.json``, with the dense goldens it names), with every
+    guard of :func:`read_golden`; GoldenError when it is refused."""
+    if is_layout_path(path):
+        return read_layout_golden(path, max_case_bytes, expected_sha256=sha256)
+    return read_golden(path, max_bytes=max_case_bytes, expected_sha256=sha256)
+
+
 def read_and_judge(path: Path, invoker: Invoker, settings: RunSettings, compare_to: Invoker | None = None,
                    timer: PhaseTimer = NO_TIMER, max_case_bytes: int = DEFAULT_MAX_CASE_BYTES,
                    sha256: str | None = None) -> CaseOutcome:
-    """One golden file: read it (refused when :func:`read_golden` refuses it), then :func:`judge_case`."""
+    """One golden or layout file: read it (refused when :func:`read_case` refuses it), then :func:`judge_case`."""
     with timer.phase("read"):
         try:
-            gc = read_golden(path, max_bytes=max_case_bytes, expected_sha256=sha256)
+            gc = read_case(path, max_case_bytes, sha256)
         except GoldenError as exc:
             return refused_outcome(path, str(exc))
-    timer.note_case(gc.case.id, declared_bytes(gc.case))
+    if isinstance(gc, GoldenCase):
+        timer.note_case(gc.case.id, declared_bytes(gc.case))
     with timer.phase("judge"):
         return CaseOutcome(judge_case(invoker, gc, settings, compare_to))
 

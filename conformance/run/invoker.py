@@ -10,6 +10,7 @@ import torch
 from conformance.backends.contract import KernelUnavailable, one_line
 from conformance.judge.gradient_transforms import Grads
 from conformance.judge.invariance import bit_view
+from conformance.judge.layout_calls import LayoutCall
 from conformance.judge.transforms import OpCall
 from conformance.run.profiling import NO_TIMER, PhaseTimer
 
@@ -50,8 +51,10 @@ class Invoker:
     def has(self, op: str) -> bool:
         return callable(getattr(self.backend, op, None))
 
-    def to_device(self, call: OpCall) -> OpCall:
+    def to_device(self, call: OpCall | LayoutCall) -> OpCall | LayoutCall:
         with self.timer.phase("transfer"):
+            if isinstance(call, LayoutCall):
+                return call.to(self.device)
             mask = None if call.key_padding_mask is None else call.key_padding_mask.to(self.device)
             sinks = None if call.sinks is None else call.sinks.to(self.device)
             return OpCall(call.op, call.q.to(self.device), call.k.to(self.device), call.v.to(self.device), mask,
@@ -66,7 +69,9 @@ class Invoker:
         with self.timer.phase("transfer"):
             return t.detach().cpu()
 
-    def __call__(self, call: OpCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, call: OpCall | LayoutCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(call, LayoutCall):
+            return self._layout(call), None
         fn = getattr(self.backend, call.op)
         kwargs = {"causal": call.causal, "scale": call.scale, "key_padding_mask": call.key_padding_mask,
                   **call.variant_kwargs()}
@@ -79,6 +84,35 @@ class Invoker:
             if not torch.equal(bit_view(t), bit_view(t0)):
                 self.violations.append(f"{call.op} modified its input '{name}'")
         return self._check_result(call, result)
+
+    def _layout(self, call: LayoutCall) -> torch.Tensor:
+        """A packed or paged call (docs/backends.md#layouts), its contract checked: ``out [total_q, Hq,
+        D]`` in the output dtype on the device (ContractViolation otherwise); finite, and no input
+        modified (``self.violations``). The layouts return the output only, whatever ``returns_lse``."""
+        fn = getattr(self.backend, call.op)
+        args = call.args()
+        before = [t.clone() for t in args]
+        result = self._backend_call(lambda: fn(*args, **call.kwargs()))
+        for name, t, t0 in zip(call.names(), args, before):
+            if not torch.equal(bit_view(t), bit_view(t0)):
+                self.violations.append(f"{call.op} modified its input '{name}'")
+        if not isinstance(result, torch.Tensor):
+            raise ContractViolation(f"{call.op} returned {type(result).__name__}, not a torch.Tensor (the layouts "
+                                    "return the output only)")
+        want_dtype = self.output_dtype or call.q.dtype
+        problems = []
+        if tuple(result.shape) != tuple(call.q.shape):
+            problems.append(f"output shape {tuple(result.shape)}, expected {tuple(call.q.shape)} [total_q, Hq, D]")
+        if result.dtype != want_dtype:
+            problems.append(f"output dtype {result.dtype}, expected {want_dtype}")
+        if result.device.type != self.device.type:
+            problems.append(f"output on {result.device}, expected {self.device}")
+        if problems:
+            raise ContractViolation(f"{call.op}: " + "; ".join(problems))
+        if not bool(torch.isfinite(result).all()):
+            n = int((~torch.isfinite(result)).sum())
+            self.violations.append(f"{call.op} returned {n} NaN/Inf elements")
+        return result
 
     def gradients(self, call: OpCall, grad_out: torch.Tensor) -> Grads:
         """``(dq, dk, dv)`` of ``call`` for the upstream gradient ``grad_out`` (dk, dv of the concatenated

@@ -34,13 +34,14 @@ from types import TracebackType
 from typing import Any
 
 from conformance.errors import ConformanceError, GoldenError
-from conformance.golden.format import DEFAULT_MAX_CASE_BYTES, declared_bytes, read_golden
+from conformance.golden.format import DEFAULT_MAX_CASE_BYTES, declared_bytes
 from conformance.processes import describe_exit, exit_with_parent
 from conformance.run import wire
-from conformance.run.case import CaseJudge, CaseOutcome, case_error_record, judge_case, refused_outcome
+from conformance.run.case import CaseJudge, CaseOutcome, case_error_record, judge_case, read_case, refused_outcome
 from conformance.run.invoker import Invoker
 from conformance.run.profiling import NO_TIMER, PhaseTimer
 from conformance.run.settings import RunSettings
+from conformance.spec.case import Case
 
 DEFAULT_START_TIMEOUT_S = 300.0  # loading a GPU backend can take a while (CUDA init, JIT)
 STOP_GRACE_S = 5.0
@@ -93,7 +94,7 @@ def isolated_worker(conn: multiprocessing.connection.Connection, backend_spec: s
         loaded, refusal = None, ""
         with timer.phase("read"):
             try:
-                loaded = read_golden(request.path, max_bytes=request.max_case_bytes, expected_sha256=request.sha256)
+                loaded = read_case(request.path, request.max_case_bytes, request.sha256)
             except GoldenError as exc:
                 refusal = str(exc)
         snapshot = timer.snapshot if timer.enabled else dict
@@ -102,7 +103,8 @@ def isolated_worker(conn: multiprocessing.connection.Connection, backend_spec: s
                                           profile=snapshot() or None))
             continue
         case = loaded.case
-        timer.note_case(case.id, declared_bytes(case))
+        if isinstance(case, Case):
+            timer.note_case(case.id, declared_bytes(case))
         wire.send(conn, wire.Started({"case_id": case.id, "op": case.op, "dtype": case.dtype, "family": case.family}))
         try:
             with timer.phase("judge"):

@@ -45,9 +45,10 @@ from conformance.judge.transforms import OpCall, Variant
 from conformance.judge.verdicts import Verdict
 from conformance.reference.compute import Golden, compute_reference
 from conformance.reference.gradient import GradientGolden, compute_gradient_reference
-from conformance.run.case import compare_variants, run_case
+from conformance.run.case import run_case
 from conformance.run.invoker import BackendCallError, ContractViolation, Invoker, KernelSkipped
 from conformance.run.settings import RunSettings
+from conformance.run.variants import compare_variants
 from conformance.search.strategies import MAX_SEED, Needs, SpecSpace, companion_case, draw_case
 from conformance.spec.case import Case
 from conformance.spec.inputs import CaseInputs, make_inputs

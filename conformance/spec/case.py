@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 OPS = ("attention", "kv_cache_attention")
+#: The layouts of those ops that real kernels use (conformance.spec.layouts): packed and paged.
+LAYOUT_OPS = ("varlen_attention", "paged_kv_attention")
 TIERS = ("smoke", "standard", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 MASKS = ("none", "right_pad", "left_pad", "holes", "all_masked")

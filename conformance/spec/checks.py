@@ -11,20 +11,25 @@ INVARIANCE_CHECKS = ("batch", "split", "prefill_decode", "chunk", "padding", "de
 GRADIENT_INVARIANCE_CHECKS = ("gradient_batch", "gradient_split", "gradient_padding", "gradient_determinism")
 #: The gradient judgments: accuracy against the exact gradients, invariance, and the backward's contract.
 GRADIENT_CHECKS = ("gradient_accuracy", *GRADIENT_INVARIANCE_CHECKS, "gradient_contract")
+#: The bitwise invariance checks of the packed and paged layouts (varlen_attention, paged_kv_attention):
+#: ``pack`` (a sequence alone, elsewhere in the pack, among other neighbours) and ``page`` (another page
+#: size, a permuted block table, other garbage in the unused page slots).
+LAYOUT_INVARIANCE_CHECKS = ("pack", "page")
 #: The checks a golden run makes by default: accuracy, every invariance check and the op contract, on
-#: the forward and (for cases with gradients) on the backward.
-GOLDEN_CHECKS = ("accuracy", *INVARIANCE_CHECKS, "contract", *GRADIENT_CHECKS)
+#: the forward and (for cases with gradients) on the backward, and the layouts' invariance checks.
+GOLDEN_CHECKS = ("accuracy", *INVARIANCE_CHECKS, "contract", *GRADIENT_CHECKS, *LAYOUT_INVARIANCE_CHECKS)
 DEFAULT_CHECKS = GOLDEN_CHECKS
 #: Checks that only the property search makes (``rlk-conform check``).
 PROPERTY_ONLY_CHECKS = ("gqa", "nan_padding")
 #: Every check name a record can carry, in report order (new names are appended, never reordered:
 #: dashboards key on the position); ``parity`` needs a second backend (``--compare-to``).
-CHECKS = ("accuracy", *INVARIANCE_CHECKS, "contract", "parity", *PROPERTY_ONLY_CHECKS, *GRADIENT_CHECKS)
+CHECKS = ("accuracy", *INVARIANCE_CHECKS, "contract", "parity", *PROPERTY_ONLY_CHECKS, *GRADIENT_CHECKS,
+          *LAYOUT_INVARIANCE_CHECKS)
 #: The four judgments of the users' numerical contract (CONTRACT.md §2), each reported apart, and
 #: the contract checks beside them: judgment → its checks.
 JUDGMENTS = {
     "forward accuracy": ("accuracy", "parity"),
-    "forward invariance": (*INVARIANCE_CHECKS, *PROPERTY_ONLY_CHECKS),
+    "forward invariance": (*INVARIANCE_CHECKS, *PROPERTY_ONLY_CHECKS, *LAYOUT_INVARIANCE_CHECKS),
     "forward contract": ("contract",),
     "gradient accuracy": ("gradient_accuracy",),
     "gradient invariance": GRADIENT_INVARIANCE_CHECKS,

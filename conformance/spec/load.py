@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from conformance import locations
 from conformance.errors import SpecError
 from conformance.spec.case import OPS, TIERS, Case, Preset, case_id, drawn_sinks
+from conformance.spec.layouts import LAYOUT_NAMES, MAX_PACK_SEQUENCES, LayoutCase, compose, layout_group, parse_token
 from conformance.spec.yamlsource import Loc, YamlDocument, dotted, load_yaml
 
 DEFAULT_MEMORY_CAP_BYTES = 8 * 1024**3
@@ -31,11 +32,21 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 Strict = ConfigDict(extra="forbid", strict=True)
 
 
+class LayoutSpec(BaseModel):
+    """One ``layouts`` entry of a family (conformance.spec.layouts): packs of its cases, paged or not."""
+
+    model_config = Strict
+    layout: Literal["varlen", "paged"]
+    packs: list[list[str]] = Field(min_length=1)
+    page_sizes: list[int] | None = None
+
+
 class FamilySpec(BaseModel):
     model_config = Strict
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
     tiers: dict[Literal["smoke", "standard", "full"], list[dict[str, Any]]]
+    layouts: dict[Literal["smoke", "standard", "full"], list[LayoutSpec]] = Field(default_factory=dict)
 
 
 class PresetSpec(BaseModel):
@@ -100,10 +111,15 @@ class OpSpec:
     seed: int
     sha256: str
     cases: list[Case] = field(default_factory=list)
+    layouts: list[LayoutCase] = field(default_factory=list)  # packed and paged compositions of the cases
 
     def cases_for_tier(self, tier: str) -> list[Case]:
         level = TIERS.index(tier)
         return [c for c in self.cases if TIERS.index(c.tier) <= level]
+
+    def layouts_for_tier(self, tier: str) -> list[LayoutCase]:
+        level = TIERS.index(tier)
+        return [c for c in self.layouts if TIERS.index(c.tier) <= level]
 
 
 def pydantic_error(doc: YamlDocument, err: ValidationError, prefix: Loc = ()) -> SpecError:
@@ -187,7 +203,73 @@ def load_spec(path: str | Path, memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES
     if not by_id:
         raise SpecError(path, doc.line_of(("families",)), "families", "the spec declares no cases")
     spec.cases = sorted((c for c, _ in by_id.values()), key=lambda c: c.id)
+    layouts: dict[str, LayoutCase] = {}
+    for name, fam in model.families.items():
+        for lc in _layout_cases(doc, model, name, fam, spec.cases):
+            layouts.setdefault(lc.id, lc)  # a pack declared again by a higher tier keeps its first tier
+    spec.layouts = sorted(layouts.values(), key=lambda c: c.id)
     return spec
+
+
+def _layout_cases(doc: YamlDocument, model: OpSpecFile, family: str, fam: FamilySpec,
+                  cases: list[Case]) -> Iterable[LayoutCase]:
+    """The layout cases a family declares (conformance.spec.layouts): for every tier, every entry of
+    ``layouts``, every group of the family's cases without a key_padding_mask that share model, dtype,
+    causal flag, scale and distribution, and every pack (and page size). Each pack token must name a
+    ``(sq, skv)`` the group has in that tier (cumulative); a SpecError names the token otherwise."""
+    for tier in TIERS:
+        entries = fam.layouts.get(tier, [])
+        level = TIERS.index(tier)
+        eligible = [c for c in cases if c.family == family and TIERS.index(c.tier) <= level and c.mask == "none"]
+        groups: dict[tuple[object, ...], dict[tuple[int, int], Case]] = {}
+        for c in eligible:
+            members = groups.setdefault(layout_group(c), {})
+            prev = members.get((c.sq, c.skv))
+            if prev is None or (c.batch, c.id) > (prev.batch, prev.id):  # the largest batch: most distinct sequences
+                members[(c.sq, c.skv)] = c
+        for ei, entry in enumerate(entries):
+            loc: Loc = ("families", family, "layouts", tier, ei)
+
+            def fail(where: Loc, reason: str) -> SpecError:
+                return SpecError(doc.path, doc.line_of(where), dotted(where), reason)
+
+            if not groups:
+                raise fail(loc, f"family {family} declares no case without a key_padding_mask in tier {tier} "
+                                "for its layouts to pack")
+            op = LAYOUT_NAMES[entry.layout]
+            sizes = tuple(entry.page_sizes or ())
+            if entry.layout == "paged" and not sizes:
+                raise fail(loc, "a paged layout needs page_sizes (e.g. [16, 1, 5])")
+            if entry.layout == "varlen" and entry.page_sizes is not None:
+                raise fail((*loc, "page_sizes"), "page_sizes belong to a paged layout")
+            for si, size in enumerate(sizes):
+                if not 1 <= size <= 1 << 16:
+                    raise fail((*loc, "page_sizes", si), f"page size {size} must lie in [1, 65536]")
+            if len(set(sizes)) != len(sizes):
+                raise fail((*loc, "page_sizes"), f"page sizes {list(sizes)} repeat a value")
+            for pi, pack in enumerate(entry.packs):
+                pack_loc: Loc = (*loc, "packs", pi)
+                if not pack:
+                    raise fail(pack_loc, "a pack lists at least one token")
+                try:
+                    tokens = tuple(parse_token(t) for t in pack)
+                except ValueError as exc:
+                    raise fail(pack_loc, str(exc)) from None
+                if sum(t.count for t in tokens) > MAX_PACK_SEQUENCES:
+                    raise fail(pack_loc, f"a pack holds at most {MAX_PACK_SEQUENCES} sequences")
+                for members in groups.values():
+                    for ti, t in enumerate(tokens):
+                        if (t.sq, t.skv) not in members:
+                            model_, dtype, causal, _, _ = layout_group(next(iter(members.values())))
+                            raise fail((*pack_loc, ti), f"pack token {t.text}: family {family} has no case with "
+                                       f"Sq={t.sq} and Skv={t.skv} for {model_} {dtype} "
+                                       f"{'causal' if causal else 'non-causal'} in tier {tier} (without a mask); "
+                                       "add one to a grid of the family")
+                    for size in sizes or (None,):
+                        draft = compose(op, family, tier, tokens, members, 0, size, sizes)
+                        seed = int.from_bytes(hashlib.sha256(f"{model.seed}:{draft.id}".encode()).digest()[:8],
+                                              "little") >> 1
+                        yield compose(op, family, tier, tokens, members, seed, size, sizes)
 
 
 def _expand(doc: YamlDocument, base: dict[str, Any], base_loc: Loc, grid: dict[str, Any],

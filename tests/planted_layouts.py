@@ -1,0 +1,103 @@
+"""Backends for the layout checks' own tests: one correct, and each of the others with one planted
+layout defect of the kind users hit (issue 14), each caught by the check named in its docstring.
+
+The correct one is the shared dense adapter (``DenseLayouts``) over :class:`planted_backends.Correct`
+(float64 per (batch, head), rounded once): accurate and invariant by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from planted_backends import Correct, attend64
+from planted_gradients import ulp_up
+
+from conformance.backends.layouts import DenseLayouts, check_offsets, gather_pages, unpack_paged, unpack_varlen
+
+
+def attend_sequences(sequences, causal, scale, nudge: bool = False) -> torch.Tensor:
+    """``out [total_q, Hq, D]``: each ``(q [sq, Hq, D], k, v)`` by :func:`attend64`; ``nudge`` moves every
+    element one ulp of its dtype up (another reduction order's last bit, well inside every tolerance)."""
+    outs = []
+    for q, k, v in sequences:
+        o = attend64(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal, scale, None)
+        o = o.to(q.dtype)
+        outs.append((ulp_up(o) if nudge else o)[0].transpose(0, 1))
+    return torch.cat(outs).contiguous()
+
+
+class LayoutCorrect(DenseLayouts, Correct):
+    name = "layout-correct"
+
+
+class TileFromPackMax(LayoutCorrect):
+    """The tile size is chosen from the pack's longest sequence (FlashInfer #2424: cta_tile_q 64 when
+    batched, 128 alone), so a sequence's bits depend on its neighbours: ``pack``."""
+
+    name = "layout-tile-from-pack-max"
+
+    def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k, causal, scale):
+        return attend_sequences(unpack_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k), causal, scale, max_seqlen_k >= 64)
+
+    def paged_kv_attention(self, q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q,
+                           max_seqlen_k, causal, scale):
+        return attend_sequences(unpack_paged(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q), causal, scale,
+                                max_seqlen_k >= 64)
+
+
+class SplitsFromSequenceCount(LayoutCorrect):
+    """The split-KV count is chosen from the number of sequences (vLLM #58131, SGLang #26412): ``pack``."""
+
+    name = "layout-splits-from-count"
+
+    def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k, causal, scale):
+        return attend_sequences(unpack_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k), causal, scale,
+                                cu_seqlens_q.numel() - 1 >= 3)
+
+    def paged_kv_attention(self, q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q,
+                           max_seqlen_k, causal, scale):
+        return attend_sequences(unpack_paged(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q), causal, scale,
+                                seq_lens.numel() >= 3)
+
+
+class ReadsUnusedTail(LayoutCorrect):
+    """Loads whole last pages and gives their unused tail weight 0, so ``0 · NaN`` leaks: ``page``."""
+
+    name = "layout-reads-unused-tail"
+
+    def paged_kv_attention(self, q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q,
+                           max_seqlen_k, causal, scale):
+        out = attend_sequences(unpack_paged(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q), causal, scale)
+        cq = check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+        p = k_pages.shape[1]
+        for i, n in enumerate(seq_lens.tolist()):
+            whole = gather_pages(v_pages, block_table[i], -(-n // p) * p)  # the tail slots included
+            leak = (whole[n:].double().sum() * 0).to(out.dtype)
+            out[cq[i]:cq[i + 1]] += leak
+        return out
+
+
+class BlockTableOffByOne(LayoutCorrect):
+    """When seq_len is a multiple of the page size its last page counts as empty (SGLang #22819): ``accuracy``."""
+
+    name = "layout-block-table-off-by-one"
+
+    def paged_kv_attention(self, q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q,
+                           max_seqlen_k, causal, scale):
+        p = k_pages.shape[1]
+        used = torch.tensor([(-(-n // p) - 1) * p + n % p for n in seq_lens.tolist()], dtype=torch.int32)
+        keep = used >= torch.diff(cu_seqlens_q)  # a sequence left with fewer keys than queries keeps them all
+        used = torch.where(keep, used, seq_lens)
+        return attend_sequences(unpack_paged(q, k_pages, v_pages, block_table, used, cu_seqlens_q), causal, scale)
+
+
+class AttendsIntoNeighbour(LayoutCorrect):
+    """cu_seqlens_k misread: each sequence's keys run one key into the next sequence's: ``accuracy``, ``pack``."""
+
+    name = "layout-attends-into-neighbour"
+
+    def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k, causal, scale):
+        ck = check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+        ends = [min(e + 1, k.shape[0]) for e in ck[1:]]
+        sequences = [(sq, k[a:b], v[a:b]) for (sq, _, _), a, b in
+                     zip(unpack_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k), ck, ends)]
+        return attend_sequences(sequences, causal, scale)
