@@ -68,12 +68,12 @@ def test_smoke_layouts_mix_one_long_sequence_with_short_ones_and_cover_every_pag
     spec = load_spec(REPO / "specs" / "kv_cache_attention.yaml")
     layouts = spec.layouts_for_tier("smoke")
     ids = {c.id for c in layouts}
-    assert "varlen_attention/layouts-prefill/hq4-hkv2-d64-bf16-causal-1x129+7x17" in ids
+    assert "varlen_attention/layouts-prefill/hq2-hkv1-d64-bf16-causal-1x129+7x17" in ids
     assert {c.page_size for c in layouts if c.op == "paged_kv_attention"} == {1, 5, 16}
     assert {c.dtype for c in layouts} == {"bfloat16", "float32", "float16"}
     mixed = next(c for c in layouts if c.id.endswith("1x129+7x17"))
     assert [s.skv for s in mixed.sequences] == [129] + [17] * 7
-    assert len({(s.case_id, s.batch_index) for s in mixed.sequences}) == 5  # 7 short ones cycle a batch of 4
+    assert len({(s.case_id, s.batch_index) for s in mixed.sequences}) == 3  # 7 short ones cycle a batch of 2
     standard = {c.id for c in spec.layouts_for_tier("standard")}
     assert "paged_kv_attention/layouts-presets/qwen3-8b-bf16-causal-page16-1x1of32768+31x1of128" in standard
 
@@ -104,14 +104,14 @@ def test_a_bad_layout_is_one_spec_error_naming_file_line_and_field(tmp_path: Pat
 
 
 def test_a_layout_file_reads_back_its_sequences_from_the_dense_goldens() -> None:
-    path = SMOKE / "varlen_attention/layouts-prefill/hq4-hkv2-d64-bf16-causal-1x129+7x17.json"
+    path = SMOKE / "varlen_attention/layouts-prefill/hq2-hkv1-d64-bf16-causal-1x129+7x17.json"
     lg = read_layout_golden(path)
-    assert [s.q.shape for s in lg.sequences][:2] == [torch.Size([129, 4, 64]), torch.Size([17, 4, 64])]
-    assert lg.sequences[0].golden.out.shape == (1, 4, 129, 64)
+    assert [s.q.shape for s in lg.sequences][:2] == [torch.Size([129, 2, 64]), torch.Size([17, 2, 64])]
+    assert lg.sequences[0].golden.out.shape == (1, 2, 129, 64)
 
 
 def test_a_damaged_layout_file_is_refused_naming_the_file_and_field(tmp_path: Path) -> None:
-    src = SMOKE / "varlen_attention/layouts-prefill/hq4-hkv2-d64-bf16-causal-1x129+7x17.json"
+    src = SMOKE / "varlen_attention/layouts-prefill/hq2-hkv1-d64-bf16-causal-1x129+7x17.json"
     data = json.loads(src.read_text())
     data["hq"] = "four"
     bad = tmp_path / src.relative_to(SMOKE)

@@ -35,7 +35,7 @@ from conformance.run.layout_case import run_layout_case
 from conformance.run.profiling import NO_TIMER, PhaseTimer
 from conformance.run.settings import RunSettings
 from conformance.run.variants import compare_variants
-from conformance.spec.checks import GRADIENT_CHECKS
+from conformance.spec.checks import GRADIENT_CHECKS, LAYOUT_INVARIANCE_CHECKS
 
 
 def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
@@ -46,12 +46,14 @@ def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
     def rec(check: str, verdict: Verdict) -> Record:
         return Record(case.id, case.op, check, verdict.status, case.dtype, case.family, verdict.metrics,
                       verdict.message)
-    requested = [c for c in settings.checks if c != "parity" or compare_to is not None]
+    # The checks that apply to a dense case: parity only against another backend, the gradient
+    # checks only with gradients in the golden, the layout checks never (run/layout_case.py).
+    requested = [c for c in settings.checks if (c != "parity" or compare_to is not None)
+                 and (c not in GRADIENT_CHECKS or gc.gradient is not None) and c not in LAYOUT_INVARIANCE_CHECKS]
     reason = skip_reason(invoker.backend, case.op, case)
     if reason:
         return [rec(c, Verdict("skip", {}, reason)) for c in requested]
 
-    requested = [c for c in requested if c not in GRADIENT_CHECKS or gc.gradient is not None]
     invoker.violations = []
     call = invoker.to_device(OpCall(case.op, gc.inputs.q, gc.inputs.k, gc.inputs.v, gc.inputs.key_padding_mask,
                                     case.causal, case.scale, case.s_past or 0, case.window, case.softcap,

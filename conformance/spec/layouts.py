@@ -97,6 +97,14 @@ class LayoutCase:
     mask: str = "none"
     s_past: int | None = None
     grad: bool = False
+    # The attention variants do not compose with the layouts yet: a layout case uses none of them.
+    window: tuple[int, int] = (-1, -1)
+    softcap: float | None = None
+    sinks: tuple[float, ...] | None = None
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return ()
 
     @property
     def batch(self) -> int:

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "goldens" / "smoke"
 TOLERANCES = load_tolerances(REPO / "specs" / "tolerances.yaml")
 # Small committed goldens: an attention case with a padding mask, a KV-cache case, a decode case.
-MASKED = "attention/padding/hq2-hkv1-d64-b3-sq17-skv17-bf16-causal-allmasked.h5"
+MASKED = "attention/padding/hq2-hkv1-d64-b2-sq17-skv17-bf16-causal-allmasked.h5"
 KV = "kv_cache_attention/decode/hq4-hkv1-d64-b2-past63-new1-bf16-causal.h5"
 DECODE_FILTER = "attention/decode/*"
 DATASETS = ("inputs/q", "inputs/k", "inputs/v", "inputs/key_padding_mask", "expected/out", "expected/lse",
@@ -240,9 +240,9 @@ def test_declared_shape_over_the_cap_is_refused_before_allocating(golden: Path,
 
 
 def test_cap_is_configurable(golden: Path) -> None:
-    assert read_golden(golden, max_bytes=1024**2).case.batch == 3
+    assert read_golden(golden, max_bytes=1024**2).case.batch == 2
     err = refusal(golden, max_bytes=1024)
-    b, hq, hkv, s, d = 3, 2, 1, 17, 64  # bf16 q, k, v; uint8 mask; fp32 out, lse; fp64 error scales
+    b, hq, hkv, s, d = 2, 2, 1, 17, 64  # bf16 q, k, v; uint8 mask; fp32 out, lse; fp64 error scales
     declared = 2 * (b * hq * s * d + 2 * b * hkv * s * d) + b * s + 4 * (b * hq * s * d + b * hq * s) + 16 * b * hq * s
     assert err.reason == (f"its attributes declare {declared} bytes of tensors, over the cap of 1024 bytes per case "
                           "(raise it with --max-case-mib)")
@@ -255,7 +255,7 @@ def test_external_link_is_refused_and_never_followed(golden: Path, tmp_path: Pat
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     outside = tmp_path / "outside.h5"
     with h5py.File(outside, "w") as g:
-        g["data"] = np.zeros((3, 2, 17, 64), np.float32)
+        g["data"] = np.zeros((2, 2, 17, 64), np.float32)
     opened = []
     real_file = h5py.File
 
@@ -281,11 +281,11 @@ def test_soft_link_is_refused(golden: Path) -> None:
 def test_virtual_dataset_pointing_outside_is_refused(golden: Path, tmp_path: Path) -> None:
     outside = tmp_path / "passwords.h5"
     with h5py.File(outside, "w") as g:
-        g["secret"] = np.ones((3, 2, 17, 64), np.float32)
+        g["secret"] = np.ones((2, 2, 17, 64), np.float32)
 
     def virtual(f: h5py.File) -> None:
-        layout = h5py.VirtualLayout(shape=(3, 2, 17, 64), dtype=np.float32)
-        layout[...] = h5py.VirtualSource(str(outside), "secret", shape=(3, 2, 17, 64))
+        layout = h5py.VirtualLayout(shape=(2, 2, 17, 64), dtype=np.float32)
+        layout[...] = h5py.VirtualSource(str(outside), "secret", shape=(2, 2, 17, 64))
         attrs = dict(f["expected/out"].attrs)
         del f["expected/out"]
         ds = f.create_virtual_dataset("expected/out", layout)
@@ -299,8 +299,8 @@ def test_virtual_dataset_pointing_outside_is_refused(golden: Path, tmp_path: Pat
 
 def test_external_raw_storage_is_refused(golden: Path, tmp_path: Path) -> None:
     outside = tmp_path / "raw.bin"
-    outside.write_bytes(b"\0" * (3 * 2 * 17 * 4))
-    edit(golden, lambda f: replace_dataset(f, "expected/lse", shape=(3, 2, 17), dtype=np.float32,
+    outside.write_bytes(b"\0" * (2 * 2 * 17 * 4))
+    edit(golden, lambda f: replace_dataset(f, "expected/lse", shape=(2, 2, 17), dtype=np.float32,
                                            external=[(str(outside), 0, h5py.h5f.UNLIMITED)]))
     err = refusal(golden)
     assert (err.dataset, err.reason) == ("expected/lse", "external raw-data storage refused (a golden file must be "
