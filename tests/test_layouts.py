@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_backend
+from conftest import REPO, build_case, run_backend
 from planted_layouts import (
     AttendsIntoNeighbour,
     BlockTableOffByOne,
@@ -204,3 +204,46 @@ def test_flashinfer_csr_pages_name_each_sequences_pages_and_last_page_length() -
     indptr, indices, last = csr_pages(table, lens, 4)
     assert indptr.tolist() == [0, 3, 7, 8] and last.tolist() == [1, 4, 1]
     assert indices.tolist() == table[0, :3].tolist() + table[1, :4].tolist() + table[2, :1].tolist()
+
+
+# --- the torch varlen_attn adapter follows the installed signature ----------------------------------
+
+
+def _fake_varlen(keywords: str):  # noqa: ANN202 - a stand-in with one torch release's signature
+    calls: list[dict] = []
+    namespace: dict = {"calls": calls}
+    exec(f"def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, {keywords}):\n"  # noqa: S102
+         "    calls.append(dict(locals()))\n"
+         "    return query\n", namespace)
+    return namespace["varlen_attn"], calls
+
+
+@pytest.mark.parametrize("release", ["2.11", "2.13"])
+def test_the_varlen_adapter_passes_only_what_the_installed_varlen_attn_takes(release: str, monkeypatch) -> None:
+    from conformance.backends import varlen
+    from conformance.backends.contract import BackendUnavailable
+
+    keywords = {"2.11": "return_aux=None, scale=None, is_causal=False",
+                "2.13": "return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None, "
+                        "block_table=None, num_splits=None"}[release]
+    fn, calls = _fake_varlen(keywords)
+    monkeypatch.setattr(varlen, "varlen_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(varlen, "_varlen_attn", lambda: fn)
+    backend = varlen.TorchVarlenBackend("cuda")
+    q, k = torch.zeros(9, 4, 8), torch.arange(9 * 2 * 8, dtype=torch.float32).reshape(9, 2, 8)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    backend.varlen_attention(q, k, k, cu, cu, max_seqlen_q=5, max_seqlen_k=5, causal=True, scale=0.5)
+    (call,) = calls
+    paged = backend.supports("paged_kv_attention", build_case(dtype="bfloat16"))
+    if release == "2.11":
+        assert call["is_causal"] is True and call["key"].shape == (9, 4, 8)  # K/V heads repeated, h // group
+        assert torch.equal(call["key"][:, 1], k[:, 0]) and torch.equal(call["key"][:, 2], k[:, 1])
+        assert paged == f"torch {torch.__version__}'s varlen_attn takes no block_table: no paged KV cache"
+        with pytest.raises(BackendUnavailable, match="has no num_splits"):
+            varlen.TorchVarlenNoSplitBackend("cuda")
+    else:
+        assert call["window_size"] == (-1, 0) and call["enable_gqa"] is True and call["key"] is k
+        assert call["num_splits"] is None and paged is True
+        varlen.TorchVarlenNoSplitBackend("cuda").varlen_attention(q, k, k, cu, cu, max_seqlen_q=5, max_seqlen_k=5,
+                                                                  causal=False, scale=None)
+        assert calls[-1]["num_splits"] == 1 and calls[-1]["window_size"] == (-1, -1)

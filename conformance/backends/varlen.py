@@ -6,6 +6,12 @@
 - causal is ``window_size=(-1, 0)`` (FlashAttention aligns it bottom-right when Sq != Skv), GQA
   ``enable_gqa``; ``scale`` is passed through.
 
+The keywords follow the installed torch's ``varlen_attn`` (its signature is read once): torch 2.11
+has no ``enable_gqa`` (K/V heads are then repeated to the query heads, the contract's
+``h // (Hq/Hkv)`` mapping) and may lack ``window_size`` (then ``is_causal``), ``block_table``
+(paged cases are declined with the reason) and ``num_splits`` (``torch-varlen-nosplit`` is then
+unavailable with the reason: it would otherwise run PyTorch's own split choice under its name).
+
 ``torch-varlen`` lets the kernel choose its split-KV count (``num_splits=None``), which it bases
 on the longest sequence of the batch; ``torch-varlen-nosplit`` passes ``num_splits=1``, the
 setting PyTorch documents as batch invariant. Neither has dense ops: the dense cases are skipped.
@@ -13,6 +19,9 @@ setting PyTorch documents as batch invariant. Neither has dense ops: the dense c
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +40,18 @@ def varlen_unavailable_reason(device: str) -> str | None:
     return cuda_unavailable_reason(device)
 
 
+def _varlen_attn() -> Callable[..., Any]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+@functools.cache
+def varlen_keywords(fn: Callable[..., Any] | None = None) -> frozenset[str]:
+    """The parameter names of the installed ``varlen_attn`` (or of ``fn``)."""
+    return frozenset(inspect.signature(fn or _varlen_attn()).parameters)
+
+
 class TorchVarlenBackend:
     """``varlen_attn`` for both layouts, with PyTorch's own split-KV choice."""
 
@@ -43,18 +64,34 @@ class TorchVarlenBackend:
         reason = varlen_unavailable_reason(device)
         if reason is not None:
             raise BackendUnavailable(reason)
+        self._fn = _varlen_attn()
+        self._keywords = varlen_keywords(self._fn)
+        if self.num_splits is not None and "num_splits" not in self._keywords:
+            raise BackendUnavailable(f"torch {torch.__version__}'s varlen_attn has no num_splits: split-KV cannot be "
+                                     f"set to {self.num_splits}")
 
     def supports(self, op: str, case: Any) -> bool | str:
         if case.dtype == "float32":
             return "varlen_attn (FlashAttention) runs float16 and bfloat16 only, not float32"
+        if op == "paged_kv_attention" and not {"block_table", "seqused_k"} <= self._keywords:
+            return f"torch {torch.__version__}'s varlen_attn takes no block_table: no paged KV cache"
         return True
 
     def _call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor | None,
               max_q: int, max_k: int, causal: bool, scale: float | None, **extra: Any) -> torch.Tensor:
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0) if causal else (-1, -1),
-                           enable_gqa=q.shape[1] != k.shape[-2], num_splits=self.num_splits, **extra)
+        kw: dict[str, Any] = {"scale": scale, **extra}
+        if "window_size" in self._keywords:
+            kw["window_size"] = (-1, 0) if causal else (-1, -1)
+        else:
+            kw["is_causal"] = causal
+        group = q.shape[1] // k.shape[-2]
+        if group > 1 and "enable_gqa" in self._keywords:
+            kw["enable_gqa"] = True
+        elif group > 1:  # query head h reads KV head h // group
+            k, v = k.repeat_interleave(group, dim=-2), v.repeat_interleave(group, dim=-2)
+        if self.num_splits is not None:
+            kw["num_splits"] = self.num_splits
+        return self._fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
     def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
