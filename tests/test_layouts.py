@@ -209,10 +209,10 @@ def test_flashinfer_csr_pages_name_each_sequences_pages_and_last_page_length() -
 # --- the torch varlen_attn adapter follows the installed signature ----------------------------------
 
 
-def _fake_varlen(keywords: str):  # noqa: ANN202 - a stand-in with one torch release's signature
+def _fake_varlen(keywords: str):
     calls: list[dict] = []
     namespace: dict = {"calls": calls}
-    exec(f"def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, {keywords}):\n"  # noqa: S102
+    exec(f"def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, {keywords}):\n"
          "    calls.append(dict(locals()))\n"
          "    return query\n", namespace)
     return namespace["varlen_attn"], calls
