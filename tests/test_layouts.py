@@ -247,3 +247,15 @@ def test_the_varlen_adapter_passes_only_what_the_installed_varlen_attn_takes(rel
         varlen.TorchVarlenNoSplitBackend("cuda").varlen_attention(q, k, k, cu, cu, max_seqlen_q=5, max_seqlen_k=5,
                                                                   causal=False, scale=None)
         assert calls[-1]["num_splits"] == 1 and calls[-1]["window_size"] == (-1, -1)
+
+
+def test_a_layout_op_the_backend_declines_skips_the_cross_layout_variants_with_its_reason() -> None:
+    class NoPagedCache(LayoutCorrect):
+        def supports(self, op, case):
+            return "no paged KV cache in this build" if op == "paged_kv_attention" else True
+
+    paths = [p for p in select_cases(SMOKE, "varlen_attention/*") if p.suffix == ".json"]
+    records = run_backend(NoPagedCache(), paths, RunSettings(tolerances=TOLERANCES, reruns=2)).records
+    cross = [r for r in records if r.check == "prefill_decode"]
+    assert cross and {(r.status, r.message) for r in cross} == {("skip", "no paged KV cache in this build")}
+    assert not failing(records)

@@ -79,7 +79,7 @@ def run_layout_case(invoker: Invoker, lg: LayoutGolden, settings: RunSettings) -
     }
     for check, make in transforms.items():
         if check in requested:
-            verdict = layout_invariance(invoker, check, list(make()), out, settings.tolerances)
+            verdict = layout_invariance(invoker, check, list(make()), out, settings.tolerances, case)
             if verdict is not None:
                 records.append(rec(check, verdict))
     if "contract" in requested:
@@ -94,14 +94,19 @@ def run_layout_case(invoker: Invoker, lg: LayoutGolden, settings: RunSettings) -
 
 
 def layout_invariance(invoker: Invoker, check: str, variants: Sequence[Variant], out: torch.Tensor,
-                      tolerances: Tolerances) -> Verdict | None:
+                      tolerances: Tolerances, case: LayoutCase) -> Verdict | None:
     """The variants against the case's own output (:func:`~conformance.run.case.compare_variants`);
-    None when the check does not apply, ``skip`` naming the layout op a variant needs and the backend lacks."""
+    None when the check does not apply, ``skip`` naming the layout op a variant needs and the backend
+    lacks, or its reason when the backend's ``supports`` declines that op for this case."""
     if not variants:
         return None
     missing = sorted({v.call.op for v in variants if not invoker.has(v.call.op)})
     if missing:
         return Verdict("skip", {}, f"needs {', '.join(missing)}, which backend {invoker.backend.name} lacks")
+    declined = sorted({r for op in {v.call.op for v in variants} if op != case.op
+                       and (r := skip_reason(invoker.backend, op, case))})
+    if declined:
+        return Verdict("skip", {}, "; ".join(declined))
     verdict = compare_variants(invoker, check, variants, out, tolerances).verdict
     if check == "determinism" and verdict.status == "pass":
         return Verdict("pass", {"reruns": len(variants) + 1}, f"{len(variants) + 1} runs bit-identical")
