@@ -260,3 +260,15 @@ def test_piped_output_is_not_cut_at_80_columns() -> None:
                           check=True, env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
     row = next(line for line in done.stdout.splitlines() if "hq14-hkv2-d64-b1-sq17-skv17-bf16-causal" in line)
     assert "attention/gqa/hq14-hkv2-d64-b1-sq17-skv17-bf16-causal" in row  # the whole id on one line
+
+
+def test_generate_names_goldens_its_specs_no_longer_declare(spec_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke("generate", "--spec", spec_dir / TINY_SPECS[1], "--out", out, "--jobs", "1").exit_code == EXIT_OK
+    stray = out / "kv_cache_attention" / "gone" / "old-case.h5"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"")
+    result = invoke("generate", "--spec", spec_dir / TINY_SPECS[1], "--out", out, "--jobs", "1")
+    assert result.exit_code == EXIT_OK
+    assert "1 golden file(s)" in result.stdout and "kv_cache_attention/gone/old-case.h5" in result.stdout
+    assert stray.exists()  # never deleted: the user decides

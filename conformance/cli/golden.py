@@ -26,6 +26,15 @@ from conformance.spec.case import TIERS
 from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES
 
 
+def unlisted_goldens(root: Path) -> list[Path]:
+    """Golden files (``*.h5``, layout ``*.json``) under ``root`` that its manifest does not list."""
+    from conformance.golden.manifest import MANIFEST_NAME, read_manifest
+
+    listed = {root / e["path"] for e in read_manifest(root)["files"]}
+    return sorted(p for p in root.rglob("*") if p.suffix in (".h5", ".json") and p.name != MANIFEST_NAME
+                  and p.is_file() and p not in listed)
+
+
 @app.command()
 @user_errors
 def generate(
@@ -80,6 +89,11 @@ def generate(
     table.add_row("refined elements", f"{refined_dd} double-double, {refined_exact} exact (cases computed in this run)")
     table.add_row("manifest", str(summary.manifest))
     out.print(table)
+    stale = unlisted_goldens(target)
+    if stale:
+        shown = ", ".join(str(p.relative_to(target)) for p in stale[:3]) + (", …" if len(stale) > 3 else "")
+        out.print(f"[yellow]note[/]: {len(stale)} golden file(s) in {target} are no case of these specs any more "
+                  f"(left in place; verify reports them until they are removed): {shown}", soft_wrap=True)
 
 
 @app.command()
