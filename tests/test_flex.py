@@ -13,12 +13,14 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, SMOKE_GOLDENS
 from torch.nn.attention.flex_attention import create_block_mask
 
 import conformance.backends.flex as flex
 from conformance.backends import BackendUnavailable, list_backends, load_backend
+from conformance.backends.builtin import ReferenceBackend
 from conformance.backends.contract import visible_keys
+from conformance.golden.format import GoldenCase, case_path, read_golden
 from conformance.spec.case import Case
 from conformance.spec.tolerances import load_tolerances
 
@@ -99,18 +101,52 @@ def keep_patterns(b: int, skv: int) -> Iterator[torch.Tensor]:
     yield holes
 
 
+def assert_block_masks_equal(got: object, want: object, where: object) -> None:
+    assert got.seq_lengths == want.seq_lengths and got.BLOCK_SIZE == want.BLOCK_SIZE  # type: ignore[attr-defined]
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices", "full_q_num_blocks", "full_q_indices"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert g.dtype == w.dtype and torch.equal(g, w), (name, where)
+
+
+def case_of(sq: int, skv: int, causal: bool, window: tuple[int, int] = (-1, -1)) -> Case:
+    return Case(id="t", op="attention", family="t", tier="smoke", batch=2, hq=HQ, hkv=HKV, d=D, sq=sq, skv=skv,
+                dtype="float32", causal=causal, scale=None, mask="none", dist="normal", seed=0, window=window)
+
+
+def want_block_mask(keep: torch.Tensor, lo: int, hi: int, sq: int, skv: int, sink: int = -1) -> object:
+    mask_mod = flex.contract_mask_mod(keep, *(torch.tensor(x) for x in (lo, hi, sink)))
+    return create_block_mask(mask_mod, keep.shape[0], None, sq, skv, device="cpu")
+
+
 @pytest.mark.parametrize(("sq", "skv"), [(1, 16), (16, 128), (127, 129), (128, 256), (300, 512), (256, 128)])
 def test_analytic_block_mask_equals_create_block_mask(sq: int, skv: int) -> None:
     for keep, (real_sq, real_skv), causal in itertools.product(keep_patterns(2, skv), [(1, 1), (sq, skv), (
             max(1, sq // 2), max(1, skv - 3))], [True, False]):
-        offset = real_skv - real_sq if causal else real_skv
-        want = create_block_mask(flex.contract_mask_mod(keep, torch.tensor(offset)), 2, None, sq, skv, device="cpu")
-        got = flex.contract_block_mask(keep, offset, sq, skv)
-        assert got.seq_lengths == want.seq_lengths and got.BLOCK_SIZE == want.BLOCK_SIZE
-        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
-                     "q_indices", "full_q_num_blocks", "full_q_indices"):
-            g, w = getattr(got, name), getattr(want, name)
-            assert g.dtype == w.dtype and torch.equal(g, w), (name, real_sq, real_skv, causal)
+        lo, hi = flex.key_bounds(case_of(real_sq, real_skv, causal), sq)
+        assert_block_masks_equal(flex.contract_block_mask(keep, lo, hi, sq, skv),
+                                 want_block_mask(keep, lo, hi, sq, skv), (real_sq, real_skv, causal))
+
+
+@pytest.mark.parametrize(("sq", "skv"), [(1, 256), (200, 384)])
+def test_analytic_block_mask_with_windows_and_a_sink_equals_create_block_mask(sq: int, skv: int) -> None:
+    """Windows empty the tiles outside them; the sink slot (after the real keys) is seen by every row."""
+    shapes = [(sq, skv - 1), (max(1, sq // 2), skv - 129), (sq, skv - 128)]  # the sink mid-tile, last, first
+    windows = [(0, -1), (130, -1), (3, 7), (200, 130), (-1, 3)]
+    for (real_sq, real_skv), window, causal, with_sink in itertools.product(shapes, windows, [True, False],
+                                                                            [False, True]):
+        if causal and window[1] > 0:
+            continue
+        keep = torch.zeros(2, skv, dtype=torch.bool)
+        keep[:, :real_skv] = torch.rand(2, real_skv, generator=torch.Generator().manual_seed(real_skv)) < 0.9
+        keep[0, :real_skv] = True
+        sink = real_skv if with_sink else -1
+        if with_sink:
+            keep[:, sink] = True
+        lo, hi = flex.key_bounds(case_of(real_sq, real_skv, causal, window), sq)
+        where = (real_sq, real_skv, window, causal, sink)
+        assert_block_masks_equal(flex.contract_block_mask(keep, lo, hi, sq, skv, sink),
+                                 want_block_mask(keep, lo, hi, sq, skv, sink), where)
 
 
 # --- availability (no compile) -------------------------------------------------------------------
@@ -158,7 +194,8 @@ def test_compile_failure_is_a_clear_error_remembered_per_bucket(monkeypatch: pyt
     monkeypatch.setattr(flex, "_FAILED", {})
     q, k, v = make(3, 5, 20)
     for _ in range(2):
-        with pytest.raises(flex.FlexCompileError, match=r"B=4 Hq=4 Hkv=2 Sq=128 Skv=128 D=16 \(bucket of B=3 Sq=5 "
+        with pytest.raises(flex.FlexCompileError, match=r"B=4 Hq=4 Hkv=2 Sq=128 Skv=128 D=16 without score_mod "
+                                                          r"\(bucket of B=3 Sq=5 "
                                                           r"Skv=20\): RuntimeError: C\+\+ compile error line two"):
             backend.attention(q, k, v, causal=True)
     assert calls == [torch.Size([4, HQ, 128, D])]  # tried once, at the bucketed shape; the second call failed at once
@@ -216,3 +253,66 @@ def test_multi_tile_prefill_with_holes_matches_naive_fp32(backend: flex.FlexBack
     mask[1, 140:] = False
     for causal in (True, False):
         check_against_naive(backend, naive, q, k, v, causal, mask)
+
+
+# --- the attention variants (window in the mask_mod, softcap and sinks in one score_mod) ------------
+
+VARIANT_GOLDENS = (  # float32, two compiles: (Hq 2, Hkv 1, D 64) and (Hq 4, Hkv 2, D 64) with a score_mod
+    "attention/softcap/hq2-hkv1-d64-b1-sq17-skv17-fp32-causal-softcap1p0",
+    "attention/sinks/hq4-hkv2-d64-b1-sq17-skv17-fp32-causal-sinks",
+    "attention/variants-combined/hq4-hkv2-d64-b2-sq17-skv17-fp32-causal-rightpad-win5.inf-softcap20p0-sinks",
+)
+
+
+def golden_call(backend: flex.FlexBackend, gc: GoldenCase, **changes: object) -> torch.Tensor:
+    c, x = gc.case, gc.inputs
+    call = {"causal": c.causal, "scale": c.scale, "key_padding_mask": x.key_padding_mask, "window_size": c.window,
+            "softcap": c.softcap, "sinks": x.sinks, **changes}
+    return backend.attention(x.q, x.k, x.v, **call)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case_id", VARIANT_GOLDENS)
+def test_flex_matches_the_variant_golden_within_the_dtype_tolerance(backend: flex.FlexBackend, case_id: str) -> None:
+    gc = read_golden(case_path(SMOKE_GOLDENS, case_id))
+    assert gc.case.dtype == "float32" and gc.case.variants
+    out = golden_call(backend, gc)
+    torch.testing.assert_close(out, torch.from_numpy(gc.golden.out), atol=RULE.atol, rtol=RULE.rtol)
+
+
+def test_a_row_that_sees_no_key_but_a_sink_is_exactly_zero(backend: flex.FlexBackend) -> None:
+    gc = read_golden(case_path(SMOKE_GOLDENS, VARIANT_GOLDENS[-1]))
+    mask = gc.inputs.key_padding_mask.clone()
+    mask[1] = False  # entry 1 sees no key: only its sinks
+    out = golden_call(backend, gc, key_padding_mask=mask)
+    want, _ = ReferenceBackend().attention(gc.inputs.q, gc.inputs.k, gc.inputs.v, causal=True, scale=None,
+                                           key_padding_mask=mask, window_size=gc.case.window,
+                                           softcap=gc.case.softcap, sinks=gc.inputs.sinks)
+    assert torch.all(out[1] == 0)
+    torch.testing.assert_close(out, want, atol=RULE.atol, rtol=RULE.rtol)
+
+
+def test_window_tiles_outside_the_window_are_skipped_and_the_result_matches_naive_fp32(
+        backend: flex.FlexBackend, naive: object) -> None:
+    q, k, v = make(2, 150, 200)  # the 256 × 256 bucket: with a 20-key window the far tiles are empty
+    for causal, window in ((True, (20, -1)), (False, (3, 40))):
+        out = backend.attention(q, k, v, causal=causal, scale=None, key_padding_mask=None, window_size=window)
+        want = naive.attention(q, k, v, causal=causal, scale=None, key_padding_mask=None,  # type: ignore[attr-defined]
+                               window_size=window)
+        torch.testing.assert_close(out, want, atol=RULE.atol, rtol=RULE.rtol)
+    case = case_of(150, 200, True, (20, -1))  # rows 128.. see keys 158.. only: key tile 0 is empty for q tile 1
+    keep = torch.ones(1, 256, dtype=torch.bool)
+    keep[:, 200:] = False
+    block_mask = flex.contract_block_mask(keep, *flex.key_bounds(case, 256), 256, 256)
+    assert block_mask.kv_num_blocks[0, 0].tolist() == [2, 1] and block_mask.full_kv_num_blocks.sum() == 0
+
+
+def test_two_softcap_values_and_sinks_share_one_compile(backend: flex.FlexBackend) -> None:
+    gc = read_golden(case_path(SMOKE_GOLDENS, VARIANT_GOLDENS[0]))
+    golden_call(backend, gc)  # compiled already, or now
+    graphs = unique_graphs()
+    for softcap, sinks in ((50.0, None), (3.0, torch.tensor([0.5, -1.0])), (None, torch.tensor([2.0, 0.0]))):
+        out = golden_call(backend, gc, softcap=softcap, sinks=sinks)
+        want, _ = ReferenceBackend().attention(gc.inputs.q, gc.inputs.k, gc.inputs.v, causal=True, scale=None,
+                                               key_padding_mask=None, softcap=softcap, sinks=sinks)
+        torch.testing.assert_close(out, want, atol=RULE.atol, rtol=RULE.rtol)
+    assert unique_graphs() == graphs, "a softcap or sink value recompiled"

@@ -361,3 +361,24 @@ def test_shrinking_stops_at_twice_the_budget_on_a_real_counterexample(repo_specs
     assert record.status == "fail" and record.metrics["shrink_stopped_by"] == "time-budget"
     assert "smallest failing case found before the time budget stopped shrinking" in record.message
     assert replay(result.reproducer, NanLeaksFromPadding(), TOLERANCES).still_fails  # still a real failure
+
+
+# --- the attention variants are drawn for a backend that declares them --------------------------------
+
+
+def test_naive_fp32_passes_the_accuracy_search_with_variants_drawn(repo_specs: list[OpSpec], tmp_path: Path) -> None:
+    from conformance.backends.registry import load_backend
+
+    results = search(load_backend("naive-fp32"), repo_specs, ("accuracy",), tmp_path, max_examples=12)
+    bad = [(r.check, r.message) for res in results for r in res.records if r.status != "pass"]
+    assert bad == []
+
+
+def test_a_planted_variant_defect_is_found_by_the_accuracy_search(repo_specs: list[OpSpec], tmp_path: Path) -> None:
+    from planted_variants import PlantedVariants
+
+    (result,) = search(PlantedVariants("softcap_after_mask"), repo_specs, ("accuracy",), tmp_path, max_examples=100)
+    assert result.counterexample is not None, result.records
+    case = result.counterexample.example.case
+    assert case.softcap is not None and "softcap" in case.id and result.records[0].status == "fail"
+    assert replay(result.reproducer, PlantedVariants(), TOLERANCES).record.status == "pass"

@@ -1,11 +1,22 @@
 """FlexAttention (``torch.nn.attention.flex_attention``), compiled, adapted to CONTRACT.md.
 
 The contract's visibility is one ``mask_mod``: key ``j`` is seen by row ``i`` of batch entry ``b``
-iff ``keep[b, j]`` and ``j <= i + offset``, with ``keep`` the ``key_padding_mask`` (all True when
-none is given), ``offset = Skv - Sq`` when causal (bottom-right) and ``Skv`` otherwise (no limit).
-GQA goes through ``enable_gqa=True`` (FlexAttention maps query head ``h`` to KV head
-``h // (Hq/Hkv)``); ``scale`` is passed through (``0.0`` stays 0.0). FlexAttention gives fully
-masked rows an output of 0 itself; the adapter does not touch them.
+iff ``keep[b, j]`` and ``lo <= j - i <= hi``, with ``keep`` the ``key_padding_mask`` (all True when
+none is given) and the bounds from the bottom-right diagonal ``i + Skv - Sq`` (:func:`key_bounds`):
+causal is ``hi = Skv - Sq`` (otherwise ``Skv``: no limit), a sliding window ``(left, right)`` adds
+``lo = Skv - Sq - left`` and ``hi <= Skv - Sq + right``. GQA goes through ``enable_gqa=True``
+(FlexAttention maps query head ``h`` to KV head ``h // (Hq/Hkv)``); ``scale`` is passed through
+(``0.0`` stays 0.0). FlexAttention gives fully masked rows an output of 0 itself.
+
+Soft-capping and sinks are one ``score_mod`` (:func:`contract_score_mod`): the scaled score becomes
+``softcap·tanh(score / softcap)`` (masking comes after it, as the contract says). Compiled FlexAttention
+on CPU cannot return the log-sum-exp (torch 2.13: ``return_lse`` is not supported yet), so the sinks
+are one more key instead: the first padded slot after the real keys, value 0, seen by every real row,
+whose score the ``score_mod`` replaces by the head's sink logit (not capped). The kernel's softmax then
+gives ``Σ e^{s_j} v_j / (Σ e^{s_j} + e^{sink})`` exactly, within its own max-subtracted running sums,
+and a row that sees no key but the sink outputs 0 (its only weight is on a zero value). The cap,
+the sinks and the bounds are captured tensors: their values never trigger a compile; whether a
+``score_mod`` runs does.
 
 The op always runs through ``torch.compile(dynamic=False)`` (eager FlexAttention is PyTorch's
 unfused debugging path, a different kernel), and a static compile serves one shape. To compile once
@@ -13,15 +24,16 @@ per *shape family* rather than once per shape, every call runs at a bucketed sha
 
 - the batch, ``Sq`` and ``Skv`` are each rounded up to a power of two: the batch to at least 4,
   ``Sq`` and ``Skv`` to at least one 128-key tile, except that ``Sq = 1`` stays 1 (decode stays
-  decode). A compile is keyed by (device, dtype, bucketed shape, Hq, Hkv, D, scale);
+  decode), ``Skv`` counting the sink slot. A compile is keyed by (device, dtype, bucketed shape, Hq,
+  Hkv, D, scale, whether a score_mod runs);
 - ``q``, ``k``, ``v`` are copied into fresh contiguous zero-filled buffers of that shape (so the
   padded slots hold zeros, never NaN, and the strides never differ between calls);
-- the padded keys and padded batch entries get ``keep = False`` and ``offset`` is computed from the
+- the padded keys and padded batch entries get ``keep = False`` and the bounds are computed from the
   real ``Sq`` and ``Skv``, so every real row sees exactly the keys the contract gives it, and a row
   that sees no real key sees no padded one either (output 0);
 - the block mask is computed per tile (:func:`contract_block_mask`, equal to
-  ``create_block_mask``'s) without materialising the ``[B, Sq, Skv]`` mask; tiles of padded keys
-  and padded batch entries are empty, so the kernel skips them;
+  ``create_block_mask``'s) without materialising the ``[B, Sq, Skv]`` mask; tiles of padded keys,
+  of padded batch entries and tiles wholly outside a window are empty, so the kernel skips them;
 - the padded query rows and batch entries are sliced off the output.
 
 The output is the contract's attention of the real inputs. What the bucket changes is the kernel's
@@ -55,6 +67,8 @@ from typing import Any
 
 import torch
 
+from conformance.spec.case import Case
+
 from .contract import AttentionResult, BackendUnavailable, BuiltinBackend, call_case, one_line
 
 # Every bucket is one static compile; the limit is high because reaching it would otherwise make
@@ -71,7 +85,10 @@ SKV_MIN_BUCKET = SPARSE_BLOCK
 BATCH_MIN_BUCKET = 4
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-BucketKey = tuple[str, torch.dtype, int, int, int, int, int, int, "float | None"]
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (device, dtype, B, Hq, Hkv, Sq, Skv, D, scale, whether a score_mod runs): the variants' values are
+# captured tensors, never part of the key.
+BucketKey = tuple[str, torch.dtype, int, int, int, int, int, int, "float | None", bool]
 
 
 class FlexCompileError(RuntimeError):
@@ -89,14 +106,46 @@ def bucket_shape(batch: int, sq: int, skv: int) -> tuple[int, int, int]:
             bucket(skv, SKV_MIN_BUCKET))
 
 
-def contract_mask_mod(keep: torch.Tensor, offset: torch.Tensor) -> MaskMod:
-    """FlexAttention ``mask_mod`` of CONTRACT.md visibility. ``keep`` bool ``[B, Skv]``, ``offset``
-    a 0-d int64 tensor. Every call returns a function with the same code, so compiled code is reused."""
+def contract_mask_mod(keep: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, sink: torch.Tensor) -> MaskMod:
+    """FlexAttention ``mask_mod`` of CONTRACT.md visibility: row ``i`` of entry ``b`` sees key ``j`` iff
+    ``keep[b, j]`` and either ``lo <= j - i <= hi`` (causal and window, :func:`key_bounds`) or ``j == sink``
+    (the slot holding the sink logits; -1: none). ``keep`` bool ``[B, Skv]``, the others 0-d int64
+    tensors. Every call returns a function with the same code, so compiled code is reused."""
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return keep[b, kv_idx] & (kv_idx <= q_idx + offset)
+        rel = kv_idx - q_idx
+        return keep[b, kv_idx] & (((rel >= lo) & (rel <= hi)) | (kv_idx == sink))
 
     return mask_mod
+
+
+def contract_score_mod(cap: torch.Tensor, sinks: torch.Tensor, sink: torch.Tensor) -> ScoreMod:
+    """FlexAttention ``score_mod`` of soft-capping and sinks: the scaled score becomes
+    ``cap·tanh(score / cap)`` when ``cap > 0`` (0: off), and the score of key slot ``sink`` becomes the
+    head's sink logit ``sinks[h]`` (not capped). ``cap`` 0-d float32, ``sinks`` float32 ``[Hq]``, ``sink``
+    0-d int64 (-1: no sinks): values never change the code, so one compile serves every cap and sink."""
+
+    def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                  kv_idx: torch.Tensor) -> torch.Tensor:
+        on = cap > 0
+        safe = torch.where(on, cap, 1.0)  # no 0/0 in the branch where() drops (its gradient would be NaN)
+        capped = torch.where(on, safe * torch.tanh(score / safe), score)
+        return torch.where(kv_idx == sink, sinks[h].to(score.dtype), capped)
+
+    return score_mod
+
+
+def key_bounds(case: Case, sq_bucket: int) -> tuple[int, int]:
+    """``(lo, hi)``: row ``i`` may see key ``j`` iff ``lo <= j - i <= hi`` (before padding), from the
+    bottom-right diagonal ``i + Skv - Sq`` of the real sizes: causal is ``hi = Skv - Sq``, a window
+    ``(left, right)`` adds ``lo = Skv - Sq - left`` and ``hi <= Skv - Sq + right``; an unbounded side is
+    a bound no key reaches (``-sq_bucket`` below, ``Skv`` above)."""
+    diag = case.skv - case.sq
+    left, right = case.window
+    hi = diag if case.causal else case.skv
+    if right >= 0:
+        hi = min(hi, diag + right)
+    return (diag - left if left >= 0 else -sq_bucket), hi
 
 
 def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,33 +155,52 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32).contiguous())
 
 
-def contract_block_mask(keep: torch.Tensor, offset: int, sq: int, skv: int) -> Any:
+def contract_block_mask(keep: torch.Tensor, lo: int, hi: int, sq: int, skv: int, sink: int = -1) -> Any:
     """The ``BlockMask`` of :func:`contract_mask_mod` for ``sq`` rows and ``skv = keep.shape[1]`` keys.
 
-    Equal to ``create_block_mask(contract_mask_mod(keep, offset), B, None, sq, skv)`` (the tests
-    compare them) but computed per 128×128 tile from the first kept key of each key tile, in
+    Equal to ``create_block_mask(contract_mask_mod(keep, lo, hi, sink), B, None, sq, skv)`` (the tests
+    compare them) but computed per 128×128 tile from prefix counts of the kept keys, in
     O(B · tiles) instead of materialising the ``[B, sq, skv]`` mask. A tile is *partial* when some
-    row sees some key in it and *full* when every row (all ``SPARSE_BLOCK`` of them in range) sees
-    every key (all in range and kept); full tiles skip the ``mask_mod`` in the kernel.
+    row sees some key in it (a kept key with ``lo <= j - i <= hi``, or the kept sink slot) and *full*
+    when every row (all ``SPARSE_BLOCK`` of them in range) sees every key (all kept, each in every
+    row's bounds or the sink); full tiles skip the ``mask_mod`` in the kernel. Tiles wholly outside
+    the window are empty, so the kernel skips them.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     dev, n = keep.device, SPARSE_BLOCK
     nq, nkv = -(-sq // n), -(-skv // n)
-    tiles = torch.nn.functional.pad(keep, (0, nkv * n - skv)).view(keep.shape[0], nkv, n)  # out of range: False
-    pos = torch.arange(nkv * n, device=dev).view(nkv, n)
-    first_kept = torch.where(tiles, pos, nkv * n).amin(-1)[:, None, None, :]  # [B, 1, 1, nkv]
-    any_kept, all_kept = tiles.any(-1)[:, None, None, :], tiles.all(-1)[:, None, None, :]
+    padded = torch.nn.functional.pad(keep, (0, nkv * n - skv))  # out of range: False
+    tiles = padded.view(keep.shape[0], nkv, n)
+    kept_before = torch.nn.functional.pad(padded.to(torch.int64).cumsum(-1), (1, 0))  # [B, nkv·n + 1]
+    all_kept = tiles.all(-1)[:, None, None, :]  # [B, 1, 1, nkv]
     q_first = torch.arange(nq, device=dev) * n
     q_last = (q_first + n).clamp(max=sq) - 1
-    kv_last = torch.arange(nkv, device=dev) * n + n - 1
-    some = any_kept & (first_kept <= (q_last + offset)[:, None])  # row i sees key j iff kept, j <= i + offset
-    full = all_kept & (q_first + n <= sq)[:, None] & (kv_last[None, :] <= (q_first + offset)[:, None])
+    kv_first = torch.arange(nkv, device=dev) * n
+    kv_last = kv_first + n - 1
+    # Key j is seen by some row of a q tile iff q_first + lo <= j <= q_last + hi: count the kept keys
+    # of each key tile in that range.
+    start = torch.maximum(kv_first[None, :], (q_first + lo)[:, None]).clamp(0, nkv * n)  # [nq, nkv]
+    stop = torch.minimum(kv_last[None, :], (q_last + hi)[:, None]).clamp(-1, nkv * n - 1) + 1
+    stop = torch.maximum(stop, start)
+    counted = kept_before[:, stop.flatten()] - kept_before[:, start.flatten()]
+    some = (counted > 0).view(keep.shape[0], 1, nq, nkv)
+    in_tile = (kv_first <= sink) & (sink <= kv_last)
+    if sink >= 0:
+        some = some | (in_tile & keep[:, sink, None, None, None])
+    last_bounded = kv_last - (in_tile & (kv_last == sink)).to(kv_last.dtype)  # the sink needs no bound
+    full = (all_kept & (q_first + n <= sq)[:, None] & ((kv_first[None, :] - (q_first + n - 1)[:, None]) >= lo)
+            & ((last_bounded[None, :] - q_first[:, None]) <= hi))
     kv_num, kv_idx = _ordered(some & ~full)
     full_num, full_idx = _ordered(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(n, n),
-                                    mask_mod=contract_mask_mod(keep, torch.tensor(offset, device=dev)),
+    mask_mod = contract_mask_mod(*_captured(keep, lo, hi, sink))
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(n, n), mask_mod=mask_mod,
                                     seq_lengths=(sq, skv))
+
+
+def _captured(keep: torch.Tensor, lo: int, hi: int, sink: int) -> tuple[torch.Tensor, ...]:
+    """The mask_mod's arguments: ``keep`` and 0-d int64 tensors of the bounds and the sink slot."""
+    return (keep, *(torch.tensor(x, dtype=torch.int64, device=keep.device) for x in (lo, hi, sink)))
 
 
 @contextlib.contextmanager
@@ -169,29 +237,46 @@ def _padded(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
 
 
 def flex_contract_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                            scale: float | None, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """CONTRACT.md ``attention`` through compiled FlexAttention, run at the bucketed shape."""
-    case = call_case(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
-    b, sq, skv = bucket_shape(case.batch, case.sq, case.skv)
-    key: BucketKey = (str(q.device), q.dtype, b, case.hq, case.hkv, sq, skv, case.d, scale)
+                            scale: float | None, key_padding_mask: torch.Tensor | None,
+                            window_size: tuple[int, int] = (-1, -1), softcap: float | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """CONTRACT.md ``attention`` (with its variants) through compiled FlexAttention, run at the bucketed shape."""
+    case = call_case(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                     window_size=window_size, softcap=softcap, sinks=sinks)
+    # The sinks take the first key slot after the real keys (value 0): one more key for the bucket.
+    sink = case.skv if sinks is not None else -1
+    b, sq, skv = bucket_shape(case.batch, case.sq, case.skv + (sinks is not None))
+    with_score_mod = softcap is not None or sinks is not None
+    key: BucketKey = (str(q.device), q.dtype, b, case.hq, case.hkv, sq, skv, case.d, scale, with_score_mod)
     if key in _FAILED:
         raise FlexCompileError(_FAILED[key])
     keep = torch.zeros(b, skv, dtype=torch.bool, device=q.device)
     keep[: case.batch, : case.skv] = True if key_padding_mask is None else key_padding_mask.to(q.device)
-    block_mask = contract_block_mask(keep, case.skv - case.sq if case.causal else case.skv, sq, skv)
+    if sink >= 0:
+        keep[: case.batch, sink] = True
+    lo, hi = key_bounds(case, sq)
+    block_mask = contract_block_mask(keep, lo, hi, sq, skv, sink)
+    score_mod = None
+    if with_score_mod:
+        score_mod = contract_score_mod(
+            torch.tensor(softcap or 0.0, dtype=torch.float32, device=q.device),
+            torch.zeros(case.hq, dtype=torch.float32, device=q.device) if sinks is None
+            else sinks.to(q.device, torch.float32),
+            torch.tensor(sink, dtype=torch.int64, device=q.device))
     qp, kp, vp = _padded(q, b, sq), _padded(k, b, skv), _padded(v, b, skv)
     # FlexAttention has no backward on the CPU (FlexBackend.supports declines the gradient cases there);
     # its forward runs there only without autograd.
     grad = torch.is_grad_enabled() and q.device.type != "cpu"
     try:
         with no_silent_fallback(), torch.set_grad_enabled(grad):
-            out = compiled_flex_attention()(qp, kp, vp, block_mask=block_mask, scale=scale,
+            out = compiled_flex_attention()(qp, kp, vp, score_mod=score_mod, block_mask=block_mask, scale=scale,
                                             enable_gqa=case.group > 1)
     except torch.OutOfMemoryError:  # a property of this call's size, not of the bucket's code
         raise
     except Exception as exc:  # InductorError, BackendCompilerFailed, a Triton error, ...
         _FAILED[key] = (f"flex: torch {torch.__version__} cannot run compiled FlexAttention on {q.device} "
                         f"for {q.dtype} B={b} Hq={case.hq} Hkv={case.hkv} Sq={sq} Skv={skv} D={case.d} "
+                        f"{'with' if with_score_mod else 'without'} score_mod "
                         f"(bucket of B={case.batch} Sq={case.sq} Skv={case.skv}): "
                         f"{type(exc).__name__}: {one_line(str(exc))[:400]}")
         raise FlexCompileError(_FAILED[key]) from exc
@@ -232,7 +317,9 @@ class FlexBackend(BuiltinBackend):
     """``torch.compile(flex_attention)`` with the contract's mask as a ``mask_mod``, shapes bucketed."""
 
     name = "flex"
-    description = "torch FlexAttention (torch.compile'd), mask_mod for bottom-right causal and padding"
+    description = ("torch FlexAttention (torch.compile'd), mask_mod for bottom-right causal, window and padding, "
+                   "score_mod for softcap and sinks")
+    variants = ("window", "softcap", "sinks")
 
     def __init__(self, device: str | None = None) -> None:
         super().__init__(device)
@@ -241,8 +328,11 @@ class FlexBackend(BuiltinBackend):
             raise BackendUnavailable(reason)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None) -> AttentionResult:
-        return flex_contract_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
+                  window_size: tuple[int, int] = (-1, -1), softcap: float | None = None,
+                  sinks: torch.Tensor | None = None) -> AttentionResult:
+        return flex_contract_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                       window_size=window_size, softcap=softcap, sinks=sinks)
 
     def supports(self, op: str, case: Any) -> bool | str:
         """Gradients through autograd of compiled FlexAttention, except on the CPU, where it has no backward."""

@@ -105,7 +105,8 @@ def _grad_out(subject: Subject) -> torch.Tensor:
 
 
 def _draw_accuracy(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    return Example("gradient_accuracy", draw_case(data, space, "gradient_accuracy", Needs(ops=ctx.ops, grad=True)),
+    return Example("gradient_accuracy", draw_case(data, space, "gradient_accuracy",
+                                                        Needs(ops=ctx.ops, variants=ctx.variants, grad=True)),
                    {})
 
 
@@ -134,7 +135,7 @@ def _check_accuracy(ctx: PropertyContext, ex: Example, subject: Subject) -> Prop
 
 
 def _draw_batch(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "gradient_batch", Needs(ops=ctx.ops, min_batch=2, grad=True))
+    case = draw_case(data, space, "gradient_batch", Needs(ops=ctx.ops, variants=ctx.variants, min_batch=2, grad=True))
     order = data.draw(st.permutations(range(case.batch)), label="batch order")
     keep = data.draw(st.integers(1, case.batch), label="samples in the other batch")
     return Example("gradient_batch", case, {"rows": list(order[:keep])})
@@ -156,7 +157,7 @@ def _check_batch(ctx: PropertyContext, ex: Example, subject: Subject) -> Propert
 
 
 def _draw_padding(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "gradient_padding", Needs(ops=ctx.ops, grad=True))
+    case = draw_case(data, space, "gradient_padding", Needs(ops=ctx.ops, variants=ctx.variants, grad=True))
     layout = data.draw(st.lists(st.tuples(st.integers(0, padding_limit(case)), st.integers(1, MAX_PADDING)),
                                 min_size=1, max_size=2), label="padding layout [(position, masked keys)]")
     content = data.draw(st.sampled_from(PADDING_CONTENTS), label="padded slot content")
@@ -197,7 +198,8 @@ def _check_padding(ctx: PropertyContext, ex: Example, subject: Subject) -> Prope
 
 
 def _draw_split(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "gradient_split", Needs(ops=("kv_cache_attention",), min_sq=2, grad=True))
+    case = draw_case(data, space, "gradient_split",
+                     Needs(ops=("kv_cache_attention",), variants=ctx.variants, min_sq=2, grad=True))
     offset = data.draw(st.integers(1, case.sq - 1), label="second split point (offset into the new tokens)")
     p1 = case.s_past or 0
     return Example("gradient_split", replace(case, split_points=(p1, p1 + offset)),
@@ -215,7 +217,7 @@ def _check_split(ctx: PropertyContext, ex: Example, subject: Subject) -> Propert
 
 
 def _draw_determinism(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "gradient_determinism", Needs(ops=ctx.ops, grad=True))
+    case = draw_case(data, space, "gradient_determinism", Needs(ops=ctx.ops, variants=ctx.variants, grad=True))
     return Example("gradient_determinism", case, {"reruns": ctx.determinism_reruns()})
 
 

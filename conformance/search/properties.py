@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from conformance.backends.registry import backend_ops, skip_reason
+from conformance.backends.registry import backend_ops, declared_variants, skip_reason
 from conformance.golden.format import GoldenCase
 from conformance.judge.invariance import determinism_reruns
 from conformance.judge.transforms import OpCall, Variant
@@ -139,6 +139,11 @@ class PropertyContext:
     def ops(self) -> tuple[str, ...]:
         return backend_ops(self.backend)
 
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The attention variants the backend declares: drawn cases use only these (no search is wasted on skips)."""
+        return declared_variants(self.backend)
+
     def determinism_reruns(self) -> int:
         return determinism_reruns(self.tolerances, self.reruns)
 
@@ -223,7 +228,7 @@ def _rows(r0: int, r1: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _draw_accuracy(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    return Example("accuracy", draw_case(data, space, "accuracy", Needs(ops=ctx.ops)), {})
+    return Example("accuracy", draw_case(data, space, "accuracy", Needs(ops=ctx.ops, variants=ctx.variants)), {})
 
 
 def _check_accuracy(ctx: PropertyContext, ex: Example, subject: Subject) -> PropertyOutcome:
@@ -239,7 +244,7 @@ def _check_accuracy(ctx: PropertyContext, ex: Example, subject: Subject) -> Prop
 
 
 def _draw_batch(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "batch", Needs(ops=ctx.ops, min_batch=2))
+    case = draw_case(data, space, "batch", Needs(ops=ctx.ops, variants=ctx.variants, min_batch=2))
     order = data.draw(st.permutations(range(case.batch)), label="batch order")
     keep = data.draw(st.integers(1, case.batch), label="rows in the other batch")
     return Example("batch", case, {"rows": list(order[:keep])})
@@ -260,7 +265,7 @@ def _check_batch(ctx: PropertyContext, ex: Example, subject: Subject) -> Propert
 
 
 def _draw_split(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "split", Needs(ops=("kv_cache_attention",), min_sq=2))
+    case = draw_case(data, space, "split", Needs(ops=("kv_cache_attention",), variants=ctx.variants, min_sq=2))
     offset = data.draw(st.integers(1, case.sq - 1), label="second split point (offset into the new tokens)")
     p1 = case.s_past or 0
     return Example("split", replace(case, split_points=(p1, p1 + offset)), {"split_points": [p1, p1 + offset]})
@@ -277,7 +282,7 @@ def _check_split(ctx: PropertyContext, ex: Example, subject: Subject) -> Propert
 
 
 def _draw_prefill_decode(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "prefill_decode", Needs(ops=ctx.ops, sq_le_skv=True))
+    case = draw_case(data, space, "prefill_decode", Needs(ops=ctx.ops, variants=ctx.variants, sq_le_skv=True))
     mode = data.draw(st.sampled_from(["one row", "token by token"]), label="decode")
     one = mode == "one row"
     rows = [data.draw(st.integers(0, case.sq - 1), label="decoded row")] if one else list(range(case.sq))
@@ -293,7 +298,7 @@ def _check_prefill_decode(ctx: PropertyContext, ex: Example, subject: Subject) -
 
 
 def _draw_chunk(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "chunk", Needs(ops=ctx.ops, min_sq=2, sq_le_skv=True))
+    case = draw_case(data, space, "chunk", Needs(ops=ctx.ops, variants=ctx.variants, min_sq=2, sq_le_skv=True))
     cuts = data.draw(st.sets(st.integers(1, case.sq - 1), min_size=1, max_size=min(8, case.sq - 1)),
                      label="chunk boundaries")
     op = data.draw(st.sampled_from(sorted(ctx.ops, reverse=True)), label="chunk op")
@@ -326,7 +331,7 @@ def padding_limit(case: Case) -> int:
 
 
 def _draw_padding(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "padding", Needs(ops=ctx.ops))
+    case = draw_case(data, space, "padding", Needs(ops=ctx.ops, variants=ctx.variants))
     layout = data.draw(st.lists(st.tuples(st.integers(0, padding_limit(case)), st.integers(1, MAX_PADDING)),
                                 min_size=1, max_size=2), label="padding layout [(position, masked keys)]")
     content = data.draw(st.sampled_from(["copies", "zeros", "reseeded", "large"]), label="padded slot content")
@@ -386,7 +391,7 @@ PADDED_MASKS = ("right_pad", "left_pad", "holes", "all_masked")
 
 
 def _draw_nan_padding(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "nan_padding", Needs(ops=ctx.ops, masks=PADDED_MASKS))
+    case = draw_case(data, space, "nan_padding", Needs(ops=ctx.ops, variants=ctx.variants, masks=PADDED_MASKS))
     poison = data.draw(st.sampled_from(["keys and values", "values", "keys"]), label="NaN written into")
     return Example("nan_padding", case, {"poison": poison})
 
@@ -406,7 +411,7 @@ def _check_nan_padding(ctx: PropertyContext, ex: Example, subject: Subject) -> P
 
 
 def _draw_determinism(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "determinism", Needs(ops=ctx.ops))
+    case = draw_case(data, space, "determinism", Needs(ops=ctx.ops, variants=ctx.variants))
     return Example("determinism", case, {"reruns": ctx.determinism_reruns()})
 
 
@@ -419,7 +424,7 @@ def _check_determinism(ctx: PropertyContext, ex: Example, subject: Subject) -> P
 
 
 def _draw_gqa(data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
-    case = draw_case(data, space, "gqa", Needs(ops=ctx.ops, min_hkv=2))
+    case = draw_case(data, space, "gqa", Needs(ops=ctx.ops, variants=ctx.variants, min_hkv=2))
     kept = data.draw(st.integers(0, case.hkv - 1), label="kept KV head")
     others = data.draw(st.sampled_from(["reseeded", "zeros", "nan"]), label="content of the other KV heads")
     seed = data.draw(st.integers(0, MAX_SEED), label="other KV heads seed") if others == "reseeded" else 0

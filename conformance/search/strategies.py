@@ -22,11 +22,13 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from conformance.golden.format import Provenance
-from conformance.spec.case import DISTS, DTYPES, MASKS, OPS, Case, case_id
+from conformance.spec.case import DISTS, DTYPES, MASKS, OPS, Case, case_id, drawn_sinks
 from conformance.spec.load import OpSpec
 
 PROPERTY_FAMILY = "property"  # a drawn case's family is "property/<property name>"
 MAX_SEED = 2**63 - 1  # case seeds are stored as uint64; spec seeds use 63 bits too
+# Soft-caps drawn for a backend that declares softcap: tight (most logits capped) to loose (Gemma 2's 30 and 50).
+SOFTCAPS = (1.0, 5.0, 30.0, 50.0)
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class Needs:
     sq_le_skv: bool = False  # every query row has a position among the keys (prefill, decode, chunks)
     masks: tuple[str, ...] | None = None  # None = every mask of the space
     grad: bool = False  # the case has gradients: make_inputs gives it a seeded grad_out
+    variants: tuple[str, ...] = ()  # the attention variants the backend declares: only these are drawn
 
 
 def _length(data: st.DataObject, label: str, lo: int, hi: int, hints: Sequence[int]) -> int:
@@ -201,14 +204,33 @@ def draw_case(data: st.DataObject, space: SpecSpace, name: str, needs: Needs = N
         s_past = _length(data, "s_past", 0, past_hi, space.s_past_hints)
         skv = s_past + sq
     seed = data.draw(st.integers(0, MAX_SEED), label="input seed")
+    window, softcap, sinks = _draw_variants(data, needs.variants, causal, skv)
     return make_case(name, op=op, batch=batch, hq=hq, hkv=hkv, d=d, sq=sq, skv=skv, dtype=dtype, causal=causal,
-                     scale=scale, mask=mask, dist=dist, seed=seed, s_past=s_past, tier=space.tier, grad=needs.grad)
+                     scale=scale, mask=mask, dist=dist, seed=seed, s_past=s_past, tier=space.tier, grad=needs.grad,
+                     window=window, softcap=softcap, sinks=drawn_sinks(seed, hq) if sinks else None)
+
+
+def _draw_variants(data: st.DataObject, declared: Sequence[str], causal: bool,
+                   skv: int) -> tuple[tuple[int, int], float | None, bool]:
+    """(window, softcap, with sinks) of a drawn case, each only when the backend declares it (every draw
+    shrinks to "off"). A window only for causal cases: left in [0, Skv] or unbounded, right 0 or unbounded."""
+    window = (-1, -1)
+    if "window" in declared and causal and data.draw(st.booleans(), label="sliding window"):
+        window = (data.draw(st.one_of(st.just(-1), st.integers(0, skv)), label="window left"),
+                  data.draw(st.sampled_from([-1, 0]), label="window right"))
+    softcap = data.draw(st.one_of(st.none(), st.sampled_from(SOFTCAPS)), label="softcap") if "softcap" in declared \
+        else None
+    sinks = "sinks" in declared and data.draw(st.booleans(), label="sinks (seeded, one per query head)")
+    return window, softcap, sinks
 
 
 def make_case(name: str, *, op: str, batch: int, hq: int, hkv: int, d: int, sq: int, skv: int, dtype: str,
               causal: bool, scale: float | None, mask: str, dist: str, seed: int, s_past: int | None = None,
-              split_points: tuple[int, ...] = (), tier: str = "standard", grad: bool = False) -> Case:
-    """A case of family ``property/<name>`` whose id spells out every parameter and the seed.
+              split_points: tuple[int, ...] = (), tier: str = "standard", grad: bool = False,
+              window: tuple[int, int] = (-1, -1), softcap: float | None = None,
+              sinks: tuple[float, ...] | None = None) -> Case:
+    """A case of family ``property/<name>`` whose id spells out every parameter and the seed
+    (sinks, when given, are the seeded ``drawn_sinks(seed, hq)``, tagged ``sinks`` as a spec's).
 
     The id follows the spec's pattern (docs/golden-format.md) with ``-seed<seed>`` appended: the
     seed is drawn, not derived from the id, so it must be part of the key.
@@ -217,10 +239,12 @@ def make_case(name: str, *, op: str, batch: int, hq: int, hkv: int, d: int, sq: 
         split_points = (s_past or 0,)
     family = f"{PROPERTY_FAMILY}/{name}"
     cid = case_id(op, family, model=f"hq{hq}-hkv{hkv}-d{d}", batch=batch, sq=sq, skv=skv, s_past=s_past, dtype=dtype,
-                  causal=causal, mask=mask, dist=dist, scale=scale, seed=seed, grad=grad)
+                  causal=causal, mask=mask, dist=dist, scale=scale, seed=seed, grad=grad, window=window,
+                  softcap=softcap, sinks=sinks)
     return Case(id=cid, op=op, family=family, tier=tier,
                 batch=batch, hq=hq, hkv=hkv, d=d, sq=sq, skv=skv, dtype=dtype, causal=causal, scale=scale,
-                mask=mask, dist=dist, seed=seed, s_past=s_past, split_points=split_points, grad=grad)
+                mask=mask, dist=dist, seed=seed, s_past=s_past, split_points=split_points, grad=grad,
+                window=window, softcap=softcap, sinks=sinks)
 
 
 def companion_case(case: Case, seed: int, skv: int | None = None) -> Case:
