@@ -190,12 +190,14 @@ def test_inserted_masked_keys_leave_every_real_key_in_order() -> None:
 def test_a_correct_backend_passes_every_property_with_the_ci_profile(repo_specs: list[OpSpec],
                                                                      tmp_path: Path) -> None:
     results = search(PropertyCorrect(), repo_specs, PROPERTY_NAMES, tmp_path, max_examples=15)
-    forward = [res for res in results if res.name not in GRADIENT_CHECKS]
+    forward = [res for res in results if res.name not in (*GRADIENT_CHECKS, *LAYOUT_INVARIANCE_CHECKS)]
     bad = [(r.check, r.message) for res in forward for r in res.records if r.status != "pass"]
     assert bad == []
     assert [res.name for res in results if res.records] == list(PROPERTY_NAMES)
     declined = [r for res in results if res.name in GRADIENT_CHECKS for r in res.records]
     assert declined and all(r.status == "skip" and "forward-only" in r.message for r in declined)
+    no_layouts = [r for res in results if res.name in LAYOUT_INVARIANCE_CHECKS for r in res.records]
+    assert no_layouts and all(r.status == "skip" and "property-correct lacks" in r.message for r in no_layouts)
     assert not any(tmp_path.iterdir())  # no reproducer without a failure
 
 

@@ -32,7 +32,7 @@ from conformance.spec.checks import CHECKS
 from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES
 
 # Every check but the contracts (judged on every call) and parity (a second backend) is also a property.
-NOT_PROPERTIES = ("contract", "parity", "gradient_contract", "pack", "page")  # pack, page: golden runs only so far
+NOT_PROPERTIES = ("contract", "parity", "gradient_contract")
 PROPERTY_HELP = ", ".join(c for c in CHECKS if c not in NOT_PROPERTIES) + " (default: all)"
 
 

@@ -24,6 +24,7 @@ from conformance.golden.format import DEFAULT_MAX_CASE_BYTES, GoldenCase, Proven
 from conformance.golden.manifest import MANIFEST_NAME, manifest_checksums
 from conformance.reference.compute import Golden
 from conformance.spec.case import DISTS, DTYPES, LAYOUT_OPS, TIERS
+from conformance.spec.inputs import CaseInputs
 from conformance.spec.layouts import LayoutCase, SequenceRef, parse_token
 
 LAYOUT_FORMAT = "rlk-conform-layout"
@@ -185,12 +186,16 @@ def read_layout_golden(path: Path, max_bytes: int = DEFAULT_MAX_CASE_BYTES, expe
             what = (f"{bad[0]} {found[bad[0]]!r}, the layout needs {wanted[bad[0]]!r}" if bad
                     else f"batch {m.batch}, the layout needs entry {ref.batch_index}")
             raise GoldenError(path, f"sequence {i} comes from {gc.path}, which has {what}", f"sequences[{i}]")
-        b = ref.batch_index
-        x, g = gc.inputs, gc.golden
-        sequences.append(SequenceData(ref, x.q[b].transpose(0, 1).contiguous(), x.k[b].transpose(0, 1).contiguous(),
-                                      x.v[b].transpose(0, 1).contiguous(),
-                                      Golden(out=np.ascontiguousarray(g.out[b:b + 1]),
-                                             lse=np.ascontiguousarray(g.lse[b:b + 1]),
-                                             error_scale=np.ascontiguousarray(g.error_scale[b:b + 1]),
-                                             naive_error=np.ascontiguousarray(g.naive_error[b:b + 1]), flops=0)))
+        sequences.append(sequence_data(ref, gc.inputs, gc.golden))
     return LayoutGolden(path, case, sequences)
+
+
+def sequence_data(ref: SequenceRef, inputs: CaseInputs, golden: Golden) -> SequenceData:
+    """Sequence ``ref`` of a layout case: batch entry ``ref.batch_index`` of a dense member's inputs
+    ``[B, H, S, D]`` and golden, as ``[S, H, D]`` tensors and a batch-1 golden."""
+    b, x, g = ref.batch_index, inputs, golden
+    return SequenceData(ref, x.q[b].transpose(0, 1).contiguous(), x.k[b].transpose(0, 1).contiguous(),
+                        x.v[b].transpose(0, 1).contiguous(),
+                        Golden(out=np.ascontiguousarray(g.out[b:b + 1]), lse=np.ascontiguousarray(g.lse[b:b + 1]),
+                               error_scale=np.ascontiguousarray(g.error_scale[b:b + 1]),
+                               naive_error=np.ascontiguousarray(g.naive_error[b:b + 1]), flops=0))

@@ -59,16 +59,19 @@ def pack_variants(base: LayoutCall, seqs: Sequence[Seq]) -> Iterator[Variant]:
                   lambda o, c=doubled: _cat_rows(c, o, range(n, 2 * n)), lambda o: o)
 
 
-def page_variants(base: LayoutCall, seqs: Sequence[Seq], page_sizes: Sequence[int], seed: int) -> Iterator[Variant]:
-    """Every other page size, a permuted block table, and other garbage in the unused slots."""
+def page_variants(base: LayoutCall, seqs: Sequence[Seq], page_sizes: Sequence[int], seed: int,
+                  order: Sequence[int] | None = None) -> Iterator[Variant]:
+    """Every other page size, a permuted block table, and other garbage in the unused slots. The
+    permutation is ``order`` (of the pool's pages, see :func:`paged_call`), else drawn from ``seed``."""
     if base.op != PAGED or base.page_size is None:
         return
     for size in page_sizes:
         if size != base.page_size:
             yield Variant(f"page size {size} instead of {base.page_size}",
                           layout_call(PAGED, seqs, base.causal, base.scale, size), lambda o: o, lambda o: o)
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(page_count(seqs, base.page_size), generator=g).tolist()
+    if order is None:
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(page_count(seqs, base.page_size), generator=g).tolist()
     yield Variant("block table permuted (pages scattered over the pool)",
                   layout_call(PAGED, seqs, base.causal, base.scale, base.page_size, order), lambda o: o, lambda o: o)
     for fill, what in (("large", "±1e4"), ("copies", "copies of real keys")):

@@ -40,8 +40,10 @@ def layout_sequences(lg: LayoutGolden) -> list[Seq]:
     return [Seq(s.q, s.k, s.v) for s in lg.sequences]
 
 
-def run_layout_case(invoker: Invoker, lg: LayoutGolden, settings: RunSettings) -> list[Record]:
-    """Every requested check that applies to a layout case, in ``settings.checks`` order."""
+def run_layout_case(invoker: Invoker, lg: LayoutGolden, settings: RunSettings,
+                    page_order: Sequence[int] | None = None) -> list[Record]:
+    """Every requested check that applies to a layout case, in ``settings.checks`` order. ``page_order``
+    is the ``page`` check's block-table permutation (None: drawn from the case's seed)."""
     case = lg.case
 
     def rec(check: str, verdict: Verdict) -> Record:
@@ -72,7 +74,7 @@ def run_layout_case(invoker: Invoker, lg: LayoutGolden, settings: RunSettings) -
                                                        case, settings.tolerances, settings.rule_set)))
     transforms: dict[str, Callable[[], Iterator[Variant]]] = {
         "pack": lambda: pack_variants(call, seqs),
-        "page": lambda: page_variants(call, seqs, case.page_sizes, case.seed),
+        "page": lambda: page_variants(call, seqs, case.page_sizes, case.seed, page_order),
         "split": lambda: split_variants(call, seqs),
         "prefill_decode": lambda: prefill_decode_variants(call, seqs),
         "determinism": lambda: determinism_variants(call, determinism_reruns(settings.tolerances, settings.reruns)),

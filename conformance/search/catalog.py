@@ -1,13 +1,15 @@
 """Every property the search knows, by name, in report order: the forward ones
-(:mod:`conformance.search.properties`), then the gradient ones
-(:mod:`conformance.search.gradient_properties`); and the one parser of a ``--properties`` list."""
+(:mod:`conformance.search.properties`), the gradient ones (:mod:`conformance.search.gradient_properties`),
+then the layout ones (:mod:`conformance.search.layout_properties`); and the one parser of a
+``--properties`` list."""
 
 from __future__ import annotations
 
 from conformance.search.gradient_properties import GRADIENT_PROPERTIES
+from conformance.search.layout_properties import LAYOUT_PROPERTIES
 from conformance.search.properties import FORWARD_PROPERTIES, Property
 
-PROPERTIES: dict[str, Property] = {p.name: p for p in (*FORWARD_PROPERTIES, *GRADIENT_PROPERTIES)}
+PROPERTIES: dict[str, Property] = {p.name: p for p in (*FORWARD_PROPERTIES, *GRADIENT_PROPERTIES, *LAYOUT_PROPERTIES)}
 PROPERTY_NAMES = tuple(PROPERTIES)
 
 

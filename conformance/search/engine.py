@@ -32,13 +32,11 @@ from conformance.search.properties import (
     Property,
     PropertyContext,
     PropertySkipped,
-    Subject,
     call_backend,
     evaluate,
     own_call,
 )
 from conformance.search.strategies import PROPERTY_FAMILY, Limits, SpecSpace, describe_shape, space_from_specs
-from conformance.spec.inputs import make_inputs
 from conformance.spec.load import OpSpec, default_spec_paths, load_specs
 from conformance.spec.tolerances import Tolerances
 
@@ -202,7 +200,9 @@ def hypothesis_settings(settings: SearchSettings, prop: str, backend_name: str) 
 
 def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, settings: SearchSettings) -> PropertyResult:
     """Search ``prop`` on ``ctx``'s backend; a failure is shrunk, recorded and written as a reproducer."""
-    missing = [op for op in prop.requires if op not in ctx.ops]
+    missing = [op for op in prop.requires if not ctx.invoker.has(op)]
+    if prop.requires_any and not any(ctx.invoker.has(op) for op in prop.requires_any):
+        missing.append(f"one of {' or '.join(prop.requires_any)}")
     if missing:
         msg = f"needs {', '.join(missing)}, which backend {ctx.backend.name} lacks"
         return PropertyResult(prop.name, [_summary_record(prop, "", "", "skip", {}, msg)], 0)
@@ -222,7 +222,7 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
             if not searching and now >= shrink_deadline and _key(example) not in tally.failing:
                 tally.shrink_cut = True  # only failures already seen may run (Hypothesis replays its smallest)
                 reject()
-        subject = Subject(example.case, make_inputs(example.case))
+        subject = prop.subject(example, ctx)
         tally.examples += 1
         try:
             outcome = evaluate(prop, ctx, example, subject)
@@ -282,7 +282,8 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
             "examples_declined": result.examples_declined, "stopped_by": stopped_by, "time_budget_s": budget,
             "profile": settings.profile.name, "seed": seed}
     if found is not None:
-        result.reproducer = _write(found, ctx, settings, space) if settings.reproducer_dir is not None else None
+        writes = settings.reproducer_dir is not None and prop.reproducer
+        result.reproducer = _write(found, ctx, settings, space) if writes else None
         result.records = [_failure_record(found, result, settings, meta)]
     elif no_backward is not None:
         result.records = [_summary_record(prop, "", "", "skip", meta, no_backward)]

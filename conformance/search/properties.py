@@ -148,16 +148,28 @@ class PropertyContext:
         return determinism_reruns(self.tolerances, self.reruns)
 
 
+def dense_subject(example: Example, ctx: PropertyContext) -> Subject:
+    """What a dense property judges: the drawn case's inputs (its reference computed when needed)."""
+    return Subject(example.case, make_inputs(example.case))
+
+
 @dataclass(frozen=True)
 class Property:
-    """One property: its check name, what passing means, the ops it needs, and how to draw and check it."""
+    """One property: its check name, what passing means, the ops it needs, and how to draw and check it.
+
+    A layout property (:mod:`conformance.search.layout_properties`) draws a layout case and judges a
+    subject of its own (``subject``); it needs any one of ``requires_any`` and writes no reproducer
+    file (``reproducer=False``: its failure's message carries the drawn composition)."""
 
     name: str
     summary: str
     requires: tuple[str, ...]  # ops the backend must implement for the property to apply at all
     draw: Callable[[st.DataObject, SpecSpace, PropertyContext], Example]
-    check: Callable[[PropertyContext, Example, Subject], PropertyOutcome]
+    check: Callable[[PropertyContext, Example, Any], PropertyOutcome]
     backward: bool = False  # judges gradients: a backend without a backward skips it at the first example
+    requires_any: tuple[str, ...] = ()  # the property applies when the backend has at least one of these ops
+    subject: Callable[[Example, PropertyContext], Any] = dense_subject  # what ``check`` judges
+    reproducer: bool = True  # a counterexample is written as a reproducer file
 
 
 def own_call(subject: Subject) -> OpCall:
