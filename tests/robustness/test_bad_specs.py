@@ -32,7 +32,8 @@ from conformance.spec.tolerances import load_tolerances
 REPO = Path(__file__).resolve().parents[2]
 SPEC_FILES = ("attention.yaml", "kv_cache_attention.yaml", "presets.yaml", "tolerances.yaml")
 COMMITTED = {name: (REPO / "specs" / name).read_bytes() for name in SPEC_FILES}
-FUZZ_EXAMPLES = 120
+FUZZ_EXAMPLES = 50  # the CI lane; the slow twins below (nox -s slow) draw ten times as many
+SLOW_FUZZ_EXAMPLES = 500
 
 # Values a careless or hostile editor might put anywhere.
 NASTY_VALUES = [
@@ -218,15 +219,26 @@ texts = st.one_of(st.sampled_from(NASTY_VALUES), st.text(max_size=40),
                   st.floats(allow_nan=True, allow_infinity=True).map(repr))
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(target=st.sampled_from(SPEC_FILES), mutation=st.sampled_from(sorted(MUTATIONS)),
-       steps=st.lists(st.tuples(st.integers(0, 10**6), texts), min_size=1, max_size=3))
-def test_mutated_spec_is_valid_or_one_clear_error(target: str, mutation: str, steps: list[tuple[int, str]]) -> None:
+def fuzz(examples: int):
+    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+mutated_specs = given(target=st.sampled_from(SPEC_FILES), mutation=st.sampled_from(sorted(MUTATIONS)),
+                      steps=st.lists(st.tuples(st.integers(0, 10**6), texts), min_size=1, max_size=3))
+
+
+def mutated_spec_is_valid_or_one_clear_error(target: str, mutation: str, steps: list[tuple[int, str]]) -> None:
     data = COMMITTED[target]
     for position, text in steps:
         data = MUTATIONS[mutation](data, position, text)
     event(label(check_mutation(target, data)))
+
+
+test_mutated_spec_is_valid_or_one_clear_error = fuzz(FUZZ_EXAMPLES)(
+    mutated_specs(mutated_spec_is_valid_or_one_clear_error))
+test_many_mutated_specs_are_valid_or_one_clear_error = pytest.mark.slow(fuzz(SLOW_FUZZ_EXAMPLES)(
+    mutated_specs(mutated_spec_is_valid_or_one_clear_error)))
 
 
 # --- structural mutations of the parsed data --------------------------------------------------------
@@ -248,11 +260,12 @@ def _paths(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, 
     return out
 
 
-@settings(max_examples=FUZZ_EXAMPLES // 2, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(target=st.sampled_from(SPEC_FILES), pick=st.integers(0, 10**6), value=values, delete=st.booleans())
-def test_spec_with_a_field_set_to_anything_is_valid_or_one_clear_error(target: str, pick: int, value: object,
-                                                                      delete: bool) -> None:
+set_fields = given(target=st.sampled_from(SPEC_FILES), pick=st.integers(0, 10**6), value=values,
+                   delete=st.booleans())
+
+
+def spec_with_a_field_set_to_anything_is_valid_or_one_clear_error(target: str, pick: int, value: object,
+                                                                 delete: bool) -> None:
     data = yaml.safe_load(COMMITTED[target])
     paths = [p for p in _paths(data) if p]
     path = paths[pick % len(paths)]
@@ -264,6 +277,12 @@ def test_spec_with_a_field_set_to_anything_is_valid_or_one_clear_error(target: s
     else:
         parent[path[-1]] = value  # type: ignore[index]
     event(label(check_mutation(target, yaml.safe_dump(data, allow_unicode=True).encode())))
+
+
+test_spec_with_a_field_set_to_anything_is_valid_or_one_clear_error = fuzz(FUZZ_EXAMPLES // 2)(
+    set_fields(spec_with_a_field_set_to_anything_is_valid_or_one_clear_error))
+test_many_specs_with_a_field_set_to_anything_are_valid_or_one_clear_error = pytest.mark.slow(
+    fuzz(SLOW_FUZZ_EXAMPLES // 2)(set_fields(spec_with_a_field_set_to_anything_is_valid_or_one_clear_error)))
 
 
 # --- hand-written payloads --------------------------------------------------------------------------
