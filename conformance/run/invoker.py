@@ -100,13 +100,7 @@ class Invoker:
             raise ContractViolation(f"{call.op} returned {type(result).__name__}, not a torch.Tensor (the layouts "
                                     "return the output only)")
         want_dtype = self.output_dtype or call.q.dtype
-        problems = []
-        if tuple(result.shape) != tuple(call.q.shape):
-            problems.append(f"output shape {tuple(result.shape)}, expected {tuple(call.q.shape)} [total_q, Hq, D]")
-        if result.dtype != want_dtype:
-            problems.append(f"output dtype {result.dtype}, expected {want_dtype}")
-        if result.device.type != self.device.type:
-            problems.append(f"output on {result.device}, expected {self.device}")
+        problems = self._tensor_problems("the output", result, tuple(call.q.shape), want_dtype, " [total_q, Hq, D]")
         if problems:
             raise ContractViolation(f"{call.op}: " + "; ".join(problems))
         if not bool(torch.isfinite(result).all()):
@@ -144,14 +138,8 @@ class Invoker:
             if not torch.equal(bit_view(t), bit_view(t0)):
                 self.violations.append(f"the backward of {call.op} modified its input '{name}'")
         want_dtype = self.output_dtype or call.q.dtype
-        problems = []
-        for name, g, a in zip(names, grads, args):
-            if tuple(g.shape) != tuple(a.shape):
-                problems.append(f"d{name} has shape {tuple(g.shape)}, expected {tuple(a.shape)}")
-            if g.dtype != want_dtype:
-                problems.append(f"d{name} has dtype {g.dtype}, expected {want_dtype}")
-            if g.device.type != self.device.type:
-                problems.append(f"d{name} is on {g.device}, expected {self.device}")
+        problems = [p for name, g, a in zip(names, grads, args)
+                    for p in self._tensor_problems(f"d{name}", g, tuple(a.shape), want_dtype)]
         if problems:
             raise ContractViolation(f"the gradients of {call.op}: " + "; ".join(problems))
         if call.op == "attention":
@@ -187,6 +175,19 @@ class Invoker:
         except Exception as exc:  # a backend may raise anything; it becomes an 'error' record
             raise BackendCallError(f"{type(exc).__name__}: {exc}".strip().splitlines()[0]) from exc
 
+    def _tensor_problems(self, what: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                         hint: str = "") -> list[str]:
+        """What is wrong with a tensor the backend returned: its shape, dtype or device (the device's
+        index too, when the run names one)."""
+        problems = []
+        if tuple(t.shape) != shape:
+            problems.append(f"{what} has shape {tuple(t.shape)}, expected {shape}{hint}")
+        if t.dtype != dtype:
+            problems.append(f"{what} has dtype {t.dtype}, expected {dtype}")
+        if t.device.type != self.device.type or (self.device.index is not None and t.device.index != self.device.index):
+            problems.append(f"{what} is on {t.device}, expected {self.device}")
+        return problems
+
     def _check_result(self, call: OpCall, result: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         lse = None
         if self.returns_lse:
@@ -198,15 +199,7 @@ class Invoker:
             raise ContractViolation(f"{call.op} returned {type(result).__name__}, not a torch.Tensor")
         b, hq, sq, d = call.q.shape
         want_dtype = self.output_dtype or call.q.dtype
-        problems = []
-        if tuple(result.shape) != (b, hq, sq, d):
-            problems.append(f"output shape {tuple(result.shape)}, expected {(b, hq, sq, d)}")
-        if result.dtype != want_dtype:
-            problems.append(f"output dtype {result.dtype}, expected {want_dtype}")
-        if result.device.type != self.device.type or (
-            self.device.index is not None and result.device.index != self.device.index
-        ):
-            problems.append(f"output on {result.device}, expected {self.device}")
+        problems = self._tensor_problems("the output", result, (b, hq, sq, d), want_dtype)
         if problems:
             raise ContractViolation(f"{call.op}: " + "; ".join(problems))
         if result.is_floating_point() and not bool(torch.isfinite(result).all()):

@@ -70,9 +70,9 @@ def cli(*args: str, env: dict[str, str] | None = None, **kw: object) -> subproce
 
 IN_PROCESS = [
     (fb.Raises, "error", "error", "RuntimeError: kernel launch failed: invalid configuration argument"),
-    (fb.WrongShape, "error", "fail", "attention: output shape (2, 4, 1, 63), expected (2, 4, 1, 64)"),
-    (fb.WrongDtype, "error", "fail", "output dtype torch.float64, expected torch."),
-    (fb.WrongDevice, "error", "fail", "attention: output on meta, expected cpu"),
+    (fb.WrongShape, "error", "fail", "attention: the output has shape (2, 4, 1, 63), expected (2, 4, 1, 64)"),
+    (fb.WrongDtype, "error", "fail", "the output has dtype torch.float64, expected torch."),
+    (fb.WrongDevice, "error", "fail", "attention: the output is on meta, expected cpu"),
     (fb.ReturnsNone, "error", "fail", "attention returned NoneType, not a torch.Tensor"),
     (fb.ReturnsNaN, "fail", "fail", "attention returned 512 NaN/Inf elements (fully masked rows must be exactly 0)"),
     (fb.MutatesInputs, "pass", "fail", "attention modified its input 'k'"),
