@@ -2,6 +2,10 @@
 
 The on-disk format is documented in docs/golden-format.md; ``SCHEMA_VERSION`` changes whenever it
 does. One file per case at ``<dir>/<case id>.h5`` (the manifest is :mod:`conformance.golden.manifest`).
+
+Writer and reader stay in one module (past 500 lines) on purpose: every dataset and attribute the
+writer stores is validated by the reader next to it (names, dtypes, shapes from the attributes,
+size caps, links and storage refused), so a format change is made and reviewed in one place.
 """
 
 from __future__ import annotations

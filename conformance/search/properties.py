@@ -24,6 +24,10 @@ exception and re-raises at once, ending the run without a failure. Every record 
 examples ran and what stopped the search (``examples_run``, ``stopped_by``). A counterexample found
 within the budget is still shrunk, until twice the budget has passed; after that the shrinker's
 remaining candidates are rejected, so it ends on the smallest failing example found so far.
+
+The forward properties and what they share with the gradient and layout properties (the subject,
+the example, the budget) live here (just over 500 lines); the gradient and layout properties are
+their own modules.
 """
 
 from __future__ import annotations
