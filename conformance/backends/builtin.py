@@ -23,6 +23,7 @@ from .flashinfer import (
     FlashInferPrefillNoSplitBackend,
 )
 from .flex import FlexBackend
+from .flex_layouts import FlexLayoutsBackend
 from .sdpa import (
     CudaBackend,
     SdpaBackend,
@@ -166,6 +167,7 @@ BUILTIN_BACKENDS: tuple[type, ...] = (
     SdpaCudnnBackend,
     CudaBackend,
     FlexBackend,
+    FlexLayoutsBackend,
     TorchVarlenBackend,
     TorchVarlenNoSplitBackend,
     FlashInferDecodeBackend,
