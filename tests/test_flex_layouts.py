@@ -20,7 +20,7 @@ from test_run import SMOKE, TOLERANCES
 from conformance.backends import list_backends, load_backend
 from conformance.backends.flex_layouts import FlexLayoutsBackend, aligned_size
 from conformance.golden.manifest import select_cases
-from conformance.judge.layout_calls import Seq, page_count, pack_call, paged_call
+from conformance.judge.layout_calls import Seq, pack_call, page_count, paged_call
 from conformance.run.settings import RunSettings
 
 HQ, HKV, D = 4, 2, 16

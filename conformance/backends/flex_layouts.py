@@ -4,7 +4,7 @@ per op call, compiled once per shape family.
 **Packed.** The pack runs as one batch of 1: ``q [1, Hq, TQ, D]``, ``k, v [1, Hkv, TK, D]``. Each
 sequence's query rows and key rows start on a fresh 128-row tile (``SPARSE_BLOCK``, FlexAttention's
 block-mask tile) and the totals are rounded up to powers of two, at least one tile
-(:func:`~conformance.backends.flex.bucket`); the buffers are zero-initialised and only the real tokens are copied in, so a
+(:func:`flex.bucket`); the buffers are zero-initialised and only the real tokens are copied in, so a
 padded slot holds 0, never NaN. A ``mask_mod`` over captured per-token tensors (:func:`document_mask_mod`)
 gives the visibility: ``seq_q[i] == seq_k[j] >= 0`` (padded tokens belong to no sequence) and, when
 causal, ``kpos[j] <= qpos[i]``, where ``kpos`` is a key's position in its sequence and ``qpos`` the
@@ -38,14 +38,15 @@ CPU template's split sizes equal to the block size, a sequence's bits do not dep
 **Buckets and compiles.** A compile is keyed by (device, dtype, TQ, TK, Hq, Hkv, D, scale), never by
 the pack's composition; the tile alignment costs at most one tile per sequence and side (a
 one-token decode occupies a 128-row q tile whose padded rows are empty: cheap in the block mask,
-computed in the kernel). Compile failures are :class:`~conformance.backends.flex.FlexCompileError`, remembered per bucket;
-dynamo's silent fallbacks are errors (:func:`~conformance.backends.flex.no_silent_fallback`). Rows that see no key output 0
+computed in the kernel). Compile failures are :class:`flex.FlexCompileError`, remembered per bucket;
+dynamo's silent fallbacks are errors (:func:`flex.no_silent_fallback`). Rows that see no key output 0
 (FlexAttention's own rule). Forward only: there is no layout backward op, and FlexAttention has no
 backward on the CPU; variants (window, softcap, sinks) are not composed with the layouts.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -135,8 +136,8 @@ def flex_document_attention(q: torch.Tensor, keys: Any, cq: list[int], ck: list[
     """``out [total_q, Hq, D]`` for the sequences ``cq``/``ck`` (host offsets); ``keys(row)`` fills the
     zero key and value buffers ``[1, Hkv, TK, D]`` at the buffer rows ``row`` of the packed key tokens."""
     dev, hq, d = q.device, q.shape[1], q.shape[2]
-    lq = [b - a for a, b in zip(cq, cq[1:], strict=False)]
-    lk = [b - a for a, b in zip(ck, ck[1:], strict=False)]
+    lq = [b - a for a, b in itertools.pairwise(cq)]
+    lk = [b - a for a, b in itertools.pairwise(ck)]
     if any(x > y for x, y in zip(lq, lk, strict=True)):
         raise ValueError(f"a sequence has more queries than keys (query lengths {lq}, key lengths {lk}); its "
                          "queries are its last positions")

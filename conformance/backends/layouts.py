@@ -18,7 +18,7 @@ of its last page, pages no sequence owns) may hold anything, NaN included, and m
 
 :class:`DenseLayouts` gives any backend with a dense ``attention`` both layouts: it unpacks (or
 gathers the pages of) each sequence and calls ``attention`` on it alone, batch 1. Every built-in
-backend has it; the real packed and paged kernels (``varlen.py``, ``flex_paged.py``,
+backend has it; the real packed and paged kernels (``varlen.py``, ``flex_layouts.py``,
 ``flashinfer.py``) implement the layouts themselves.
 """
 
