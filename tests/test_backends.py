@@ -42,8 +42,9 @@ from conformance.spec.tolerances import load_tolerances
 
 TOLERANCES = load_tolerances(REPO / "specs" / "tolerances.yaml")
 BUILTIN_INFOS = {i.name: i for i in list_backends() if i.source == "built-in"}
-# The built-ins that run here, each on its default device (on a CUDA machine the CUDA ones join in).
-AVAILABLE = [name for name, info in BUILTIN_INFOS.items() if info.available]
+# The dense built-ins that run here, each on its default device (on a CUDA machine the CUDA ones join
+# in); flex-layouts has the layout ops only (tests/test_flex_layouts.py).
+AVAILABLE = [name for name, info in BUILTIN_INFOS.items() if info.available and hasattr(info.factory, "attention")]
 CUDA_ONLY = ("sdpa-efficient", "sdpa-cudnn", "cuda")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
