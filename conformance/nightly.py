@@ -141,9 +141,9 @@ def _check_summary(path: Path) -> str:
     return text
 
 
-# CPU-only backends, and flex: it compiles once per shape bucket (docs/backends.md), which has not
-# yet been timed over a nightly's cases on the GPU.
-NOT_NIGHTLY = ("reference", "naive", "naive-fp32", "flex")
+# CPU-only backends, and the flex backends: they compile once per shape bucket (docs/backends.md),
+# which has not yet been timed over a nightly's cases on the GPU.
+NOT_NIGHTLY = ("reference", "naive", "naive-fp32", "flex", "flex-layouts")
 
 
 def cuda_backends() -> list[str]:
