@@ -62,7 +62,7 @@ from .flex import (
     flex_unavailable_reason,
     no_silent_fallback,
 )
-from .layouts import check_offsets
+from .layouts import check_offsets, check_paged
 
 # (device, dtype, TQ, TK, Hq, Hkv, D, scale)
 LayoutBucketKey = tuple[str, torch.dtype, int, int, int, int, int, "float | None"]
@@ -204,14 +204,7 @@ class FlexLayoutsBackend:
                            block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, *,
                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
                            scale: float | None = None) -> torch.Tensor:
-        if block_table.dtype != torch.int32 or block_table.dim() != 2:
-            raise ValueError(f"block_table must be int32 [B, max_pages], got {block_table.dtype} "
-                             f"{tuple(block_table.shape)}")
-        cq = check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-        lens = [int(x) for x in seq_lens.tolist()]
-        if len(lens) != len(cq) - 1 or block_table.shape[0] != len(lens):
-            raise ValueError(f"seq_lens has {len(lens)} entries, block_table {block_table.shape[0]} rows, "
-                             f"cu_seqlens_q {len(cq) - 1} sequences; they must agree")
+        cq, lens = check_paged(q, block_table, seq_lens, cu_seqlens_q)
         page_size = k_pages.shape[1]
         if any(-(-n // page_size) > block_table.shape[1] for n in lens):
             raise ValueError(f"seq_lens {lens} need more pages of {page_size} than the block table's "

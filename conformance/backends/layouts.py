@@ -68,10 +68,10 @@ def gather_pages(pages: torch.Tensor, table_row: torch.Tensor, length: int) -> t
     return pages[table_row[:n].long()].reshape(n * page_size, *pages.shape[2:])[:length]
 
 
-def unpack_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor
-                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The sequences of a paged batch as ``(q [sq, Hq, D], k [seq_len, Hkv, D], v)``, keys gathered."""
+def check_paged(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor
+                ) -> tuple[list[int], list[int]]:
+    """The query offsets and the sequence lengths of a paged call, checked against each other and the
+    block table (ValueError naming what disagrees)."""
     if block_table.dtype != torch.int32 or block_table.dim() != 2:
         raise ValueError(f"block_table must be int32 [B, max_pages], got {block_table.dtype} "
                          f"{tuple(block_table.shape)}")
@@ -80,6 +80,14 @@ def unpack_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
     if len(lens) != len(cq) - 1 or block_table.shape[0] != len(lens):
         raise ValueError(f"seq_lens has {len(lens)} entries, block_table {block_table.shape[0]} rows, cu_seqlens_q "
                          f"{len(cq) - 1} sequences; they must agree")
+    return cq, lens
+
+
+def unpack_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor
+                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The sequences of a paged batch as ``(q [sq, Hq, D], k [seq_len, Hkv, D], v)``, keys gathered."""
+    cq, lens = check_paged(q, block_table, seq_lens, cu_seqlens_q)
     out = []
     for i, n in enumerate(lens):
         if cq[i + 1] - cq[i] > n:
