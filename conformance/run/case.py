@@ -30,7 +30,13 @@ from conformance.judge.transforms import (
 )
 from conformance.judge.verdicts import Verdict, judge_accuracy, judge_elementwise
 from conformance.run.gradients import gradient_checks
-from conformance.run.invoker import BackendCallError, ContractViolation, Invoker, KernelSkipped
+from conformance.run.invoker import (
+    BackendCallError,
+    ContractViolation,
+    Invoker,
+    KernelSkipped,
+    failed_call_verdicts,
+)
 from conformance.run.layout_case import run_layout_case
 from conformance.run.profiling import NO_TIMER, PhaseTimer
 from conformance.run.settings import RunSettings
@@ -64,12 +70,7 @@ def run_case(invoker: Invoker, gc: GoldenCase, settings: RunSettings,
     except KernelSkipped as exc:
         return [rec(c, Verdict("skip", {}, str(exc))) for c in requested]
     except (BackendCallError, ContractViolation) as exc:
-        status = "error" if isinstance(exc, BackendCallError) else "fail"
-        msg = f"primary call failed: {exc}"
-        records = [rec(c, Verdict("error", {}, msg)) for c in requested if c != "contract"]
-        if "contract" in requested:
-            records.append(rec("contract", Verdict(status, {}, str(exc))))
-        return records
+        return [rec(c, v) for c, v in failed_call_verdicts(requested, exc)]
 
     out_host = invoker.to_host(out) if {"accuracy", "determinism", "parity"} & set(requested) else out
     if "accuracy" in requested:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from conformance.judge.gradient_transforms import Grads
 from conformance.judge.invariance import bit_view
 from conformance.judge.layout_calls import LayoutCall
 from conformance.judge.transforms import OpCall
+from conformance.judge.verdicts import Verdict
 from conformance.run.profiling import NO_TIMER, PhaseTimer
 
 
@@ -208,3 +209,13 @@ class Invoker:
         if lse is not None and (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (b, hq, sq)):
             raise ContractViolation(f"{call.op}: lse must be a tensor of shape {(b, hq, sq)}")
         return result, lse
+
+
+def failed_call_verdicts(checks: Sequence[str], exc: BackendCallError | ContractViolation) -> list[tuple[str, Verdict]]:
+    """``(check, verdict)`` for each of ``checks`` when the case's own call failed: ``error`` naming the
+    failure, except ``contract`` (last): ``error`` when the backend raised, ``fail`` when it broke the
+    contract."""
+    out = [(c, Verdict("error", {}, f"primary call failed: {exc}")) for c in checks if c != "contract"]
+    if "contract" in checks:
+        out.append(("contract", Verdict("error" if isinstance(exc, BackendCallError) else "fail", {}, str(exc))))
+    return out

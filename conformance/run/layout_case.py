@@ -25,7 +25,13 @@ from conformance.judge.records import Record
 from conformance.judge.transforms import Variant
 from conformance.judge.verdicts import Verdict, judge_accuracy
 from conformance.reference.compute import Golden
-from conformance.run.invoker import BackendCallError, ContractViolation, Invoker, KernelSkipped
+from conformance.run.invoker import (
+    BackendCallError,
+    ContractViolation,
+    Invoker,
+    KernelSkipped,
+    failed_call_verdicts,
+)
 from conformance.run.settings import RunSettings
 from conformance.run.variants import compare_variants
 from conformance.spec.layouts import LayoutCase
@@ -63,11 +69,7 @@ def run_layout_case(invoker: Invoker, lg: LayoutGolden, settings: RunSettings,
     except KernelSkipped as exc:
         return [rec(c, Verdict("skip", {}, str(exc))) for c in requested]
     except (BackendCallError, ContractViolation) as exc:
-        status = "error" if isinstance(exc, BackendCallError) else "fail"
-        records = [rec(c, Verdict("error", {}, f"primary call failed: {exc}")) for c in requested if c != "contract"]
-        if "contract" in requested:
-            records.append(rec("contract", Verdict(status, {}, str(exc))))
-        return records
+        return [rec(c, v) for c, v in failed_call_verdicts(requested, exc)]
     records: list[Record] = []
     if "accuracy" in requested:
         records.append(rec("accuracy", layout_accuracy(call, invoker.to_host(out), [s.golden for s in lg.sequences],
