@@ -430,3 +430,48 @@ def test_double_double_exp_is_accurate_to_2_to_the_minus_88() -> None:
         worst = max(abs((mpmath.mpf(float(h)) + mpmath.mpf(float(lw))) / mpmath.exp(mpmath.mpf(a) + mpmath.mpf(b)) - 1)
                     for h, lw, a, b in zip(hi.tolist(), lo.tolist(), x, x_lo))
     assert worst <= double_double.EXP_DD_ERROR
+
+
+@pytest.mark.parametrize("name", ["gqa-group4", "holes", "near-ties"])
+def test_tier2_in_tiny_chunks_gives_the_same_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both tier-2 passes cut into chunks far smaller than a row (batches of segments, element chunks,
+    packs of precise rows cut within a head) decide exactly what one chunk decides."""
+    case = FORMULA_CASES[name]
+    inputs, golden = seeded_golden(case)
+    _undecided_everywhere(monkeypatch)
+    original = double_double.double_double_elements
+    calls = {"precise": 0}
+
+    def only_precise(*args: object, precise: bool = False, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        values, decided = original(*args, precise=precise, **kwargs)
+        if not precise:
+            return values, np.zeros_like(decided)
+        calls["precise"] += 1
+        return values, decided
+
+    _replace_tier2(monkeypatch, only_precise)
+    whole = compute_reference(case, inputs)
+    one_call = calls["precise"]
+    monkeypatch.setattr(double_double, "TIER2_ELEMENTS", 37)
+    chunked = compute_reference(case, inputs)
+    assert calls["precise"] - one_call >= 3 * one_call  # the small limit really cut the work up
+    assert np.array_equal(bits(chunked.out), bits(golden.out))
+    assert (chunked.stats.double_double, chunked.stats.exact) == (whole.stats.double_double, whole.stats.exact)
+
+
+@pytest.mark.parametrize("n", [300, 4096, 4097, 9000])
+def test_blocked_sums_error_is_within_its_stated_bound(n: int) -> None:
+    from fractions import Fraction
+
+    from conformance.reference.float64 import blocked_sums
+
+    rng = np.random.Generator(np.random.PCG64(n))
+    p = torch.from_numpy(rng.random((3, n)) ** 4)  # weights in [0, 1], many small
+    x = torch.from_numpy(np.stack([rng.standard_normal(n) * np.exp(rng.standard_normal(n) * 3), np.ones(n)], 1))
+    r, got = blocked_sums(p, x)
+    assert r == (256 if n <= 4096 else 256 + (-(-n // 256) - 1).bit_length() - 1)
+    for i in range(3):
+        for c in range(2):
+            terms = [Fraction(float(a)) * Fraction(float(b)) for a, b in zip(p[i], x[:, c])]
+            exact, mag = sum(terms), sum(abs(t) for t in terms)
+            assert abs(Fraction(float(got[i, c])) - exact) <= (r + 1) * Fraction(2) ** -53 * mag * (1 + Fraction(1, 1000))

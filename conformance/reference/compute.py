@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from conformance.reference.double_double import double_double_elements, precise_rows, tier2_batches
+from conformance.reference.double_double import double_double_elements, precise_rows, tier2_batches, tier2_limit
 from conformance.reference.exact import exact_lse, exact_row
 from conformance.reference.float64 import BLOCK_ELEMENTS, CUDA_BLOCK_ELEMENTS, float64_block
 from conformance.reference.rounding import rounding_interval
@@ -103,12 +103,14 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     # Sinks: one logit per query head, as the rows of a KV head's group see them ([1, hkv, g, 1, 1]).
     sinks = None if inputs.sinks is None else inputs.sinks.to(dev, torch.float64).reshape(1, hkv, g, 1, 1)
 
-    out64 = torch.zeros(b, hkv, g, sq, d, dtype=torch.float64)
-    bound = torch.zeros_like(out64)
+    # Tier 1 decides on the generation device; only its float32 values and what it left undecided come
+    # back. The naive model's values are rounded to the case dtype, so float32 holds them exactly.
+    out32_t = torch.zeros(b, hkv, g, sq, d, dtype=torch.float32)
+    undecided_t = torch.zeros(b, hkv, g, sq, d, dtype=torch.bool)
+    naive = torch.zeros_like(out32_t)
     lse = torch.full((b, hkv, g, sq), -math.inf, dtype=torch.float64)
     lse_bound = torch.zeros(b, hkv, g, sq, dtype=torch.float64)
     err_scale = torch.zeros(b, hkv, g, sq, dtype=torch.float64)
-    naive = torch.zeros_like(out64)
     flops = 0
 
     for i0, i1, kmax in row_blocks(case, CUDA_BLOCK_ELEMENTS if dev.type == "cuda" else BLOCK_ELEMENTS):
@@ -117,7 +119,7 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
             if sinks is not None:
                 lse[:, :, :, i0:i1] = sinks[..., 0].expand(b, hkv, g, n).cpu()
             continue
-        vis = visible(case, kpm, slice(i0, i1))[..., :kmax].to(dev)
+        vis = visible(case, kpm, slice(i0, i1), dev)[..., :kmax]
         vis = vis[:, None, None].expand(b, 1, g, n, kmax).reshape(b, 1, g * n, kmax)
         flops += int(vis.expand(b, hkv, g * n, kmax).sum()) * 4 * d
         q = q64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
@@ -125,29 +127,26 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
         res = float64_block(q, k64[:, :, :kmax], kabs[:, :, :kmax], v64[:, :, :kmax], vx[:, :, :kmax], vmax, vis,
                              scale, case.dtype, case.softcap, sink)
         shape5 = (b, hkv, g, n)
-        out64[:, :, :, i0:i1] = res["out"].reshape(*shape5, d).cpu()
-        bound[:, :, :, i0:i1] = res["bound"].reshape(*shape5, d).cpu()
+        o32, open_ = tier1_decision(res["out"], res["bound"])
+        out32_t[:, :, :, i0:i1] = o32.reshape(*shape5, d).cpu()
+        undecided_t[:, :, :, i0:i1] = open_.reshape(*shape5, d).cpu()
         lse[:, :, :, i0:i1] = res["lse"].reshape(shape5).cpu()
         lse_bound[:, :, :, i0:i1] = res["lse_bound"].reshape(shape5).cpu()
         err_scale[:, :, :, i0:i1] = res["error_scale"].reshape(shape5).cpu()
-        naive[:, :, :, i0:i1] = res["naive"].reshape(*shape5, d).cpu()
+        naive[:, :, :, i0:i1] = res["naive"].to(torch.float32).reshape(*shape5, d).cpu()
 
-    out = out64.numpy()
-    out32 = out.astype(np.float32)
-    mid_lo, mid_hi = rounding_interval(out32)
-    bnd = bound.numpy()
-    undecided = ~((out - bnd > mid_lo) & (out + bnd < mid_hi))
+    out32, undecided = out32_t.numpy(), undecided_t.numpy()
     if case.sinks is not None:  # a row that sees only its sink outputs exactly 0: nothing to refine
         seen_rows = visible(case, inputs.key_padding_mask).any(-1)[:, None, None, :, None].numpy()
         undecided &= seen_rows
         out32 = np.where(seen_rows, out32, np.float32(0))
-    stats = RefinementStats(float64=int(out.size - undecided.sum()))
+    stats = RefinementStats(float64=int(out32.size - undecided.sum()))
     if undecided.any():
         refine(case, inputs, (q64, k64, v64), out32, undecided, stats)
     lse32 = certified_lse(case, inputs, lse.numpy(), lse_bound.numpy())
     to4 = (b, hq, sq)
     # Against the correctly rounded output the difference is exact: no float64 noise is stored.
-    naive_error = np.abs(naive.numpy() - out32.astype(np.float64)).max(-1)
+    naive_error = np.abs(naive.numpy().astype(np.float64) - out32.astype(np.float64)).max(-1)
     return Golden(
         out=out32.reshape(b, hq, sq, d),
         lse=lse32.reshape(to4),
@@ -156,6 +155,16 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
         flops=flops,
         stats=stats,
     )
+
+
+def tier1_decision(out: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 rounding of the float64 values ``out`` and where their error ``bound`` leaves it
+    open: an element is decided when ``out ± bound`` lies strictly between the midpoints to its float32
+    neighbours (float32 midpoints are exact in float64). Elementwise, on the tensors' device."""
+    o32 = out.to(torch.float32)
+    mid_lo = (o32.double() + torch.nextafter(o32, torch.full_like(o32, -math.inf)).double()) / 2
+    mid_hi = (o32.double() + torch.nextafter(o32, torch.full_like(o32, math.inf)).double()) / 2
+    return o32, ~((out - bound > mid_lo) & (out + bound < mid_hi))
 
 
 ERROR_SCALE_BITS = 12
@@ -203,14 +212,15 @@ def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out3
     rows = np.argwhere(undecided.any(-1))  # (bi, hi, gi, i), sorted: rows of one KV head are adjacent
     left: dict[tuple[int, ...], list[int]] = {}
     sinks = None if inputs.sinks is None else inputs.sinks.to(torch.float64).reshape(hkv, g)
-    for batch in tier2_batches(case, kpm, rows):
+    limit = tier2_limit(q.device)
+    for batch in tier2_batches(case, kpm, rows, limit, q.device):
         heads = len(batch)
         r_max = max(len(seg.rows) for seg in batch)
         n = max(seg.kmax for seg in batch)
         bi_t = torch.as_tensor([seg.bi for seg in batch], device=q.device)
         hi_t = torch.as_tensor([seg.hi for seg in batch], device=q.device)
         qb = q.new_zeros(heads, r_max, d)
-        see = torch.zeros(heads, r_max, n, dtype=torch.bool)
+        see = torch.zeros(heads, r_max, n, dtype=torch.bool, device=q.device)
         sink = None if sinks is None else torch.zeros(heads, r_max, 1, dtype=torch.float64)
         er_parts, ec_parts, where = [], [], []
         for j, seg in enumerate(batch):
@@ -224,12 +234,12 @@ def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out3
             where.append(np.stack([np.full(len(er), seg.bi), np.full(len(er), seg.hi), seg.rows[er, 2],
                                    seg.rows[er, 3], ec], axis=1))
         er, ec, at = np.concatenate(er_parts), np.concatenate(ec_parts), np.concatenate(where)
-        kb, vb, see = k[bi_t, hi_t, :n], v[bi_t, hi_t, :n], see.to(q.device)
+        kb, vb = k[bi_t, hi_t, :n], v[bi_t, hi_t, :n]
         sink = None if sink is None else sink.to(q.device)
-        vals, decided = double_double_elements(qb, kb, vb, see, er, ec, case, sink=sink)
+        vals, decided = double_double_elements(qb, kb, vb, see, er, ec, case, sink=sink, limit=limit)
         if not decided.all():  # the rows with something left, again with the double-double exp
             sub = ~decided
-            vals[sub], decided[sub] = precise_rows(qb, kb, vb, see, er[sub], ec[sub], case, sink)
+            vals[sub], decided[sub] = precise_rows(qb, kb, vb, see, er[sub], ec[sub], case, sink, limit)
         out32[tuple(at[decided].T)] = vals[decided]
         stats.double_double += int(decided.sum())
         for bi, hi, gi, i, c in at[~decided]:

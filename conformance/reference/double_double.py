@@ -44,20 +44,23 @@ class Segment:
     kmax: int
 
 
-def tier2_batches(case: Case, kpm: torch.Tensor | None, rows: np.ndarray) -> Iterator[list[Segment]]:
+def tier2_batches(case: Case, kpm: torch.Tensor | None, rows: np.ndarray, limit: int | None = None,
+                  device: torch.device | str = "cpu") -> Iterator[list[Segment]]:
     """Group the undecided rows into batches of segments (one KV head each) whose padded working set
-    heads × max rows × max keys stays within TIER2_ELEMENTS; a head with more rows is cut up."""
+    heads × max rows × max keys stays within ``limit`` (default TIER2_ELEMENTS); a head with more
+    rows is cut up. The segments' visibility masks are built on ``device``."""
+    limit = limit or TIER2_ELEMENTS
     batch: list[Segment] = []
     for bh in np.unique(rows[:, :2], axis=0):
         bi, hi = int(bh[0]), int(bh[1])
         head = rows[(rows[:, 0] == bi) & (rows[:, 1] == hi)]
-        see_all = visible(case, None if kpm is None else kpm[bi:bi + 1], head[:, 3])[0]
+        see_all = visible(case, None if kpm is None else kpm[bi:bi + 1], head[:, 3], device)[0]
         kmax = int(see_all.any(0).nonzero().max()) + 1
-        per = max(1, TIER2_ELEMENTS // kmax)
+        per = max(1, limit // kmax)
         for r0 in range(0, len(head), per):
             seg = Segment(bi, hi, head[r0:r0 + per], see_all[r0:r0 + per, :kmax], kmax)
             grown = [*batch, seg]
-            if batch and len(grown) * max(len(s.rows) for s in grown) * max(s.kmax for s in grown) > TIER2_ELEMENTS:
+            if batch and len(grown) * max(len(s.rows) for s in grown) * max(s.kmax for s in grown) > limit:
                 yield batch
                 grown = [seg]
             batch = grown
@@ -66,31 +69,57 @@ def tier2_batches(case: Case, kpm: torch.Tensor | None, rows: np.ndarray) -> Ite
 
 
 def precise_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
-                  ec: np.ndarray, case: Case, sink: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 ec: np.ndarray, case: Case, sink: torch.Tensor | None = None,
+                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`double_double_elements` with the double-double exp for the elements (flat row ``er``, column
-    ``ec``) of a batch laid out as q [H, R, D], k/v [H, n, D], see [H, R, n]: each of their rows
-    becomes a head of its own (its keys gathered), in groups that keep the gathered keys bounded."""
-    heads, r_max, d = q.shape
+    ``ec``) of a batch laid out as q [H, R, D], k/v [H, n, D], see [H, R, n]: only the rows of these
+    elements are recomputed, packed per head (a head with more than ``limit / n`` of them is cut up),
+    and as many packed heads go into one call as ``limit`` (row, key) pairs allow."""
+    _, r_max, d = q.shape
     n = k.shape[1]
-    rows = np.unique(er)
+    limit = limit or TIER2_ELEMENTS
+    rows = np.unique(er)  # sorted: the rows of one head are adjacent
+    head_of, local = rows // r_max, rows % r_max
+    first = np.searchsorted(head_of, head_of)  # the head's first row among ``rows``
+    cap = max(1, limit // n)
+    part = (np.arange(len(rows)) - first) // cap  # a head with more than ``cap`` rows is cut into parts
+    packs, pack_of = np.unique(np.stack([head_of, part], 1), axis=0, return_inverse=True)
+    pack_of = pack_of.reshape(-1)
+    pos = np.arange(len(rows)) - np.searchsorted(pack_of, pack_of)  # the row's place in its pack
+    r_new = int(pos.max()) + 1
+    per = max(1, limit // (r_new * n))
     vals = np.zeros(len(er), dtype=np.float32)
     decided = np.zeros(len(er), dtype=bool)
-    per = max(1, TIER2_ELEMENTS * 4 // (n * d))
-    for r0 in range(0, len(rows), per):
-        group = rows[r0:r0 + per]
-        idx = torch.as_tensor(group, device=q.device)
-        slot = np.full(heads * r_max, -1)
-        slot[group] = np.arange(len(group))
-        mine = slot[er] >= 0
-        head_of = idx // r_max
-        vals[mine], decided[mine] = double_double_elements(q.reshape(-1, d)[idx][:, None], k[head_of], v[head_of],
-                                                   see.reshape(-1, n)[idx][:, None], slot[er[mine]], ec[mine], case,
-                                                   precise=True,
-                                                   sink=None if sink is None else sink.reshape(-1, 1)[idx][:, None])
+    row_of = np.searchsorted(rows, er)  # each element's row among ``rows``
+    for p0 in range(0, len(packs), per):
+        mine_rows = (pack_of >= p0) & (pack_of < p0 + per)
+        hs = torch.as_tensor(packs[p0:p0 + per, 0], device=q.device)
+        at = (torch.as_tensor(pack_of[mine_rows] - p0), torch.as_tensor(pos[mine_rows]))
+        src = (torch.as_tensor(head_of[mine_rows]), torch.as_tensor(local[mine_rows]))
+        qn = q.new_zeros(len(hs), r_new, d)
+        qn[at] = q[src]
+        seen = torch.zeros(len(hs), r_new, n, dtype=torch.bool, device=q.device)
+        seen[at] = see[src]
+        sinkn = None
+        if sink is not None:
+            sinkn = sink.new_zeros(len(hs), r_new, 1)
+            sinkn[at] = sink[src]
+        flat = (pack_of - p0) * r_new + pos  # each row's flat index in the packed call
+        mine = mine_rows[row_of]
+        vals[mine], decided[mine] = double_double_elements(qn, k[hs], v[hs], seen, flat[row_of[mine]], ec[mine], case,
+                                                           precise=True, sink=sinkn, limit=limit)
     return vals, decided
 
 
-TIER2_ELEMENTS = 1 << 21  # (row, key) pairs per tier-2 chunk: bounds its working memory
+TIER2_ELEMENTS = 1 << 21  # (row, key) pairs per tier-2 chunk: bounds its working memory (~1 GiB)
+# On a GPU, chunks 4× larger (~4 GiB of its memory; 16 generation workers fit on one H200): each chunk
+# is a few hundred elementwise kernels, and small chunks leave the card waiting on their launches.
+CUDA_TIER2_ELEMENTS = 1 << 23
+
+
+def tier2_limit(device: torch.device) -> int:
+    """(row, key) pairs per tier-2 chunk on ``device``."""
+    return CUDA_TIER2_ELEMENTS if device.type == "cuda" else TIER2_ELEMENTS
 
 
 def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +363,8 @@ def dd_weights(q: torch.Tensor, k: torch.Tensor, see: torch.Tensor, case: Case, 
 
 def double_double_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
                            ec: np.ndarray, case: Case, precise: bool = False,
-                           sink: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+                           sink: torch.Tensor | None = None, limit: int | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """Tier 2 for the elements (row ``er[e]`` of the flattened [H·R] rows, column ``ec[e]``) of the
     query rows ``q`` [H, R, D] (float64, exact; H KV heads) against keys/values ``k``/``v``
     [H, n, D], ``see`` [H, R, n] the visible keys (padding rows see none).
@@ -346,17 +376,32 @@ def double_double_elements(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     With ``precise`` the weights come from :func:`exp_dd` instead (relative error ≤ 2^-88 rather
     than 3u), which decides all but the elements within ~2^-80 of a rounding boundary.
     ``sink`` [H, R, 1]: the rows' sink logits (a weight in the denominator, value 0).
+    The elements go in chunks of at most ``limit`` (default TIER2_ELEMENTS) gathered terms.
     Returns (float32 values, decided mask) per element.
     """
     p, p_lo, eps = dd_weights(q, k, see, case, precise, sink)
     den_h, den_l, _ = dd_sum(p, p_lo)
     n = p.shape[-1]  # the rows of all heads, flattened: er indexes them
-    p, p_lo, eps = p.reshape(-1, n), p_lo.reshape(-1, n), eps.reshape(-1, n)
-    den_h, den_l = den_h.reshape(-1), den_l.reshape(-1)
-    er_t = torch.as_tensor(er, device=q.device)
+    rows = (p.reshape(-1, n), p_lo.reshape(-1, n), eps.reshape(-1, n), den_h.reshape(-1), den_l.reshape(-1))
+    per = max(1, (limit or TIER2_ELEMENTS) // n)
+    vals, decided = np.zeros(len(er), dtype=np.float32), np.zeros(len(er), dtype=bool)
+    for e0 in range(0, len(er), per):
+        part = slice(e0, e0 + per)
+        vals[part], decided[part] = _decide_elements(rows, v, q.shape[-2], er[part], ec[part], precise,
+                                                     sink is not None)
+    return vals, decided
+
+
+def _decide_elements(rows: tuple[torch.Tensor, ...], v: torch.Tensor, r: int, er: np.ndarray, ec: np.ndarray,
+                     precise: bool, with_sink: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The element stage of :func:`double_double_elements` for one chunk of elements: ``rows`` holds
+    the weights p, p_lo, their relative errors and the denominators of the flattened rows (``r`` a head)."""
+    p, p_lo, eps, den_h, den_l = rows
+    n = p.shape[-1]
+    er_t = torch.as_tensor(er, device=p.device)
     pe = p[er_t]
-    vc = v[er_t // q.shape[-2], :, torch.as_tensor(ec, device=q.device)]  # [E, n]: each element's value column
-    if sink is not None:
+    vc = v[er_t // r, :, torch.as_tensor(ec, device=p.device)]  # [E, n]: each element's value column
+    if with_sink:
         vc = torch.cat([vc, torch.zeros_like(vc[:, :1])], -1)  # the sink's value: 0
     ph, pl = two_prod(pe, vc)
     if precise:

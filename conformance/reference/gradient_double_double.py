@@ -35,6 +35,11 @@ GRAD_TIER2_ELEMENTS = 1 << 19
 CUDA_GRAD_TIER2_ELEMENTS = 1 << 22
 
 
+def grad_tier2_limit(device: torch.device) -> int:
+    """(row, key) pairs of one tier-2 row pass, and gathered terms of one contraction, on ``device``."""
+    return CUDA_GRAD_TIER2_ELEMENTS if device.type == "cuda" else GRAD_TIER2_ELEMENTS
+
+
 ROW_CHUNKS = 16  # a head's rows in this many chunks: the unit in which the second pass redoes dK/dV terms
 
 
@@ -85,7 +90,7 @@ def tier2(case: Case, ops: Operands, elements: dict[str, np.ndarray], precise: b
                        for _ in range(4)]
     dq_code = _row_code(eq[:, :4], hkv, g, sq) if len(eq) else np.zeros(0, dtype=np.int64)
     by_head = {name: _group_by_head(elements[name], hkv) for name in ("dk", "dv")}
-    limit = CUDA_GRAD_TIER2_ELEMENTS if dev.type == "cuda" else GRAD_TIER2_ELEMENTS
+    limit = grad_tier2_limit(dev)
     for batch in _row_batches(case, ops.kpm, rows, limit):
         heads = len(batch)
         r_max = max(len(seg.rows) for seg in batch)
@@ -315,8 +320,8 @@ def _tier2_dq(rp: dict[str, torch.Tensor], k: torch.Tensor, eq: np.ndarray, dq_c
     n = k.shape[1]
     ds_h, ds_l, ds_err = (rp[x].reshape(-1, n) for x in ("ds_h", "ds_l", "ds_err"))
     ref = rp["ref"].reshape(-1)
-    per = max(1, GRAD_TIER2_ELEMENTS // n)
     dev = k.device
+    per = max(1, grad_tier2_limit(dev) // n)
     for e0 in range(0, len(ids), per):
         li = torch.as_tensor(local[e0:e0 + per], device=dev)
         cols = torch.as_tensor(eq[ids[e0:e0 + per], 4], device=dev)
@@ -344,7 +349,7 @@ def _tier2_column(rp: dict[str, torch.Tensor], name: str, head: int, x: torch.Te
         c = int(chunk[r0])
         picked = sel[torch.as_tensor(ids, device=dev), c].cpu().numpy()
         mine, at_keys, at_cols = ids[picked], keys[picked], cols[picked]
-        per = max(1, GRAD_TIER2_ELEMENTS // (r1 - r0))
+        per = max(1, grad_tier2_limit(dev) // (r1 - r0))
         for e0 in range(0, len(mine), per):
             kt = torch.as_tensor(at_keys[e0:e0 + per], device=dev)
             ct = torch.as_tensor(at_cols[e0:e0 + per], device=dev)

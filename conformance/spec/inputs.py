@@ -95,17 +95,18 @@ def make_key_padding_mask(rng: np.random.Generator, case: Case) -> np.ndarray | 
 
 
 def visible(case: Case, key_padding_mask: torch.Tensor | None,
-            rows: slice | np.ndarray | None = None) -> torch.Tensor:
+            rows: slice | np.ndarray | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool [batch or 1, rows, skv] of which key each query row sees (padding, causal and window rules);
-    ``rows`` is a slice of the query rows (all by default) or an array of row indices.
+    ``rows`` is a slice of the query rows (all by default) or an array of row indices; built on ``device``.
 
     Row ``i``'s diagonal is key ``i + Skv - Sq`` (bottom-right aligned); causal keeps keys up to it,
     a window (left, right) keeps keys in [diagonal - left, diagonal + right] (-1: unbounded side)."""
     rows = rows if rows is not None else slice(0, case.sq)
-    i = (torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long))
+    i = (torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice)
+         else torch.as_tensor(rows, dtype=torch.long).to(device))
     diag = i[:, None] + (case.skv - case.sq)
-    j = torch.arange(case.skv)[None, :]
-    see = (j <= diag) if case.causal else torch.ones(diag.shape[0], case.skv, dtype=torch.bool)
+    j = torch.arange(case.skv, device=device)[None, :]
+    see = (j <= diag) if case.causal else torch.ones(diag.shape[0], case.skv, dtype=torch.bool, device=device)
     left, right = case.window
     if left >= 0:
         see = see & (j >= diag - left)
@@ -113,7 +114,7 @@ def visible(case: Case, key_padding_mask: torch.Tensor | None,
         see = see & (j <= diag + right)
     see = see[None]
     if key_padding_mask is not None:
-        see = see & key_padding_mask.cpu()[:, None, :]
+        see = see & key_padding_mask.to(device)[:, None, :]
     return see
 
 
