@@ -363,8 +363,8 @@ def _undecided_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _replace_tier2(monkeypatch: pytest.MonkeyPatch, fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
-    """Tier 2's element decision replaced where the tiers call it: the first pass (compute) and the
-    double-double exp pass (double_double.precise_rows)."""
+    """Tier 2's element decision replaced where it is called: by compute, for both of its passes (the
+    first and the double-double exp pass), and inside double_double."""
     monkeypatch.setattr(compute, "double_double_elements", fn)
     monkeypatch.setattr(double_double, "double_double_elements", fn)
 
@@ -434,8 +434,8 @@ def test_double_double_exp_is_accurate_to_2_to_the_minus_88() -> None:
 
 @pytest.mark.parametrize("name", ["gqa-group4", "holes", "near-ties"])
 def test_tier2_in_tiny_chunks_gives_the_same_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both tier-2 passes cut into chunks far smaller than a row (batches of segments, element chunks,
-    packs of precise rows cut within a head) decide exactly what one chunk decides."""
+    """Both tier-2 passes cut into chunks far smaller than a row (batches of a few rows, chunks of a
+    few elements) decide exactly what large chunks decide."""
     case = FORMULA_CASES[name]
     inputs, golden = seeded_golden(case)
     _undecided_everywhere(monkeypatch)
@@ -474,4 +474,5 @@ def test_blocked_sums_error_is_within_its_stated_bound(n: int) -> None:
         for c in range(2):
             terms = [Fraction(float(a)) * Fraction(float(b)) for a, b in zip(p[i], x[:, c])]
             exact, mag = sum(terms), sum(abs(t) for t in terms)
-            assert abs(Fraction(float(got[i, c])) - exact) <= (r + 1) * Fraction(2) ** -53 * mag * (1 + Fraction(1, 1000))
+            bound = (r + 1) * Fraction(2) ** -53 * mag * (1 + Fraction(1, 1000))
+            assert abs(Fraction(float(got[i, c])) - exact) <= bound

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from conformance.reference.double_double import double_double_elements, precise_rows, tier2_batches, tier2_limit
+from conformance.reference.double_double import double_double_elements, tier2_batches, tier2_limit
 from conformance.reference.exact import exact_lse, exact_row
 from conformance.reference.float64 import BLOCK_ELEMENTS, CUDA_BLOCK_ELEMENTS, float64_block
 from conformance.reference.rounding import rounding_interval
@@ -200,19 +200,16 @@ def row_sink(case: Case, head: int) -> float | None:
     return None if case.sinks is None else case.sinks[int(head)]
 
 
-def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out32: np.ndarray,
-            undecided: np.ndarray, stats: RefinementStats) -> None:
-    """Decide every undecided element of ``out32`` ([b, hkv, g, sq, d]) in place: tier 2 for all
-    of them (vectorised over rows and over KV heads, on the device of ``qkv64``: q [b, hkv, g, sq, d]
-    and k, v in float64, so that a GPU gets a few large kernels per case, not a few per head), then
-    tier 3 for the few tier 2 leaves open."""
-    b, hkv, g, sq, d = out32.shape
+def _tier2_pass(case: Case, kpm: torch.Tensor | None, qkv64: tuple[torch.Tensor, ...], sinks: torch.Tensor | None,
+                undecided: np.ndarray, out32: np.ndarray, precise: bool, stats: RefinementStats) -> np.ndarray:
+    """One tier-2 pass over the ``undecided`` elements (bool [b, hkv, g, sq, d]): their rows in batches
+    of at most the device's tier-2 limit of (row, key) pairs; what it decides goes into ``out32``.
+    Returns the (bi, hi, gi, i, c) of the elements it left open."""
     q, k, v = qkv64
-    kpm = inputs.key_padding_mask
+    d = q.shape[-1]
     rows = np.argwhere(undecided.any(-1))  # (bi, hi, gi, i), sorted: rows of one KV head are adjacent
-    left: dict[tuple[int, ...], list[int]] = {}
-    sinks = None if inputs.sinks is None else inputs.sinks.to(torch.float64).reshape(hkv, g)
     limit = tier2_limit(q.device)
+    open_: list[np.ndarray] = [np.zeros((0, 5), dtype=np.int64)]
     for batch in tier2_batches(case, kpm, rows, limit, q.device):
         heads = len(batch)
         r_max = max(len(seg.rows) for seg in batch)
@@ -236,14 +233,32 @@ def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out3
         er, ec, at = np.concatenate(er_parts), np.concatenate(ec_parts), np.concatenate(where)
         kb, vb = k[bi_t, hi_t, :n], v[bi_t, hi_t, :n]
         sink = None if sink is None else sink.to(q.device)
-        vals, decided = double_double_elements(qb, kb, vb, see, er, ec, case, sink=sink, limit=limit)
-        if not decided.all():  # the rows with something left, again with the double-double exp
-            sub = ~decided
-            vals[sub], decided[sub] = precise_rows(qb, kb, vb, see, er[sub], ec[sub], case, sink, limit)
+        vals, decided = double_double_elements(qb, kb, vb, see, er, ec, case, precise=precise, sink=sink,
+                                               limit=limit)
         out32[tuple(at[decided].T)] = vals[decided]
         stats.double_double += int(decided.sum())
-        for bi, hi, gi, i, c in at[~decided]:
-            left.setdefault((int(bi), int(hi), int(gi), int(i)), []).append(int(c))
+        open_.append(at[~decided])
+    return np.concatenate(open_)
+
+
+def refine(case: Case, inputs: CaseInputs, qkv64: tuple[torch.Tensor, ...], out32: np.ndarray,
+           undecided: np.ndarray, stats: RefinementStats) -> None:
+    """Decide every undecided element of ``out32`` ([b, hkv, g, sq, d]) in place: tier 2 for all
+    of them (vectorised over rows and over KV heads, on the device of ``qkv64``: q [b, hkv, g, sq, d]
+    and k, v in float64, so that a GPU gets a few large kernels per case, not a few per head), then
+    tier 2 with the double-double exp for all the elements its first pass left, packed anew, then
+    tier 3 for the few that are still open."""
+    b, hkv, g, sq, d = out32.shape
+    kpm = inputs.key_padding_mask
+    sinks = None if inputs.sinks is None else inputs.sinks.to(torch.float64).reshape(hkv, g)
+    at = _tier2_pass(case, kpm, qkv64, sinks, undecided, out32, False, stats)
+    if len(at):
+        again = np.zeros_like(undecided)
+        again[tuple(at.T)] = True
+        at = _tier2_pass(case, kpm, qkv64, sinks, again, out32, True, stats)
+    left: dict[tuple[int, ...], list[int]] = {}
+    for bi, hi, gi, i, c in at:
+        left.setdefault((int(bi), int(hi), int(gi), int(i)), []).append(int(c))
     if left:
         qn = inputs.q.to(torch.float64).reshape(b, hkv, g, sq, d).numpy()
         kn = inputs.k.to(torch.float64).numpy()

@@ -68,49 +68,6 @@ def tier2_batches(case: Case, kpm: torch.Tensor | None, rows: np.ndarray, limit:
         yield batch
 
 
-def precise_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, see: torch.Tensor, er: np.ndarray,
-                 ec: np.ndarray, case: Case, sink: torch.Tensor | None = None,
-                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`double_double_elements` with the double-double exp for the elements (flat row ``er``, column
-    ``ec``) of a batch laid out as q [H, R, D], k/v [H, n, D], see [H, R, n]: only the rows of these
-    elements are recomputed, packed per head (a head with more than ``limit / n`` of them is cut up),
-    and as many packed heads go into one call as ``limit`` (row, key) pairs allow."""
-    _, r_max, d = q.shape
-    n = k.shape[1]
-    limit = limit or TIER2_ELEMENTS
-    rows = np.unique(er)  # sorted: the rows of one head are adjacent
-    head_of, local = rows // r_max, rows % r_max
-    first = np.searchsorted(head_of, head_of)  # the head's first row among ``rows``
-    cap = max(1, limit // n)
-    part = (np.arange(len(rows)) - first) // cap  # a head with more than ``cap`` rows is cut into parts
-    packs, pack_of = np.unique(np.stack([head_of, part], 1), axis=0, return_inverse=True)
-    pack_of = pack_of.reshape(-1)
-    pos = np.arange(len(rows)) - np.searchsorted(pack_of, pack_of)  # the row's place in its pack
-    r_new = int(pos.max()) + 1
-    per = max(1, limit // (r_new * n))
-    vals = np.zeros(len(er), dtype=np.float32)
-    decided = np.zeros(len(er), dtype=bool)
-    row_of = np.searchsorted(rows, er)  # each element's row among ``rows``
-    for p0 in range(0, len(packs), per):
-        mine_rows = (pack_of >= p0) & (pack_of < p0 + per)
-        hs = torch.as_tensor(packs[p0:p0 + per, 0], device=q.device)
-        at = (torch.as_tensor(pack_of[mine_rows] - p0), torch.as_tensor(pos[mine_rows]))
-        src = (torch.as_tensor(head_of[mine_rows]), torch.as_tensor(local[mine_rows]))
-        qn = q.new_zeros(len(hs), r_new, d)
-        qn[at] = q[src]
-        seen = torch.zeros(len(hs), r_new, n, dtype=torch.bool, device=q.device)
-        seen[at] = see[src]
-        sinkn = None
-        if sink is not None:
-            sinkn = sink.new_zeros(len(hs), r_new, 1)
-            sinkn[at] = sink[src]
-        flat = (pack_of - p0) * r_new + pos  # each row's flat index in the packed call
-        mine = mine_rows[row_of]
-        vals[mine], decided[mine] = double_double_elements(qn, k[hs], v[hs], seen, flat[row_of[mine]], ec[mine], case,
-                                                           precise=True, sink=sinkn, limit=limit)
-    return vals, decided
-
-
 TIER2_ELEMENTS = 1 << 21  # (row, key) pairs per tier-2 chunk: bounds its working memory (~1 GiB)
 # On a GPU, chunks 4× larger (~4 GiB of its memory; 16 generation workers fit on one H200): each chunk
 # is a few hundred elementwise kernels, and small chunks leave the card waiting on their launches.
