@@ -4,7 +4,8 @@
 - :func:`stop_on_signals`, :class:`Terminated`: SIGTERM raised in the main thread like SIGINT;
 - :func:`deferred_signals`: SIGINT/SIGTERM only noted while reports are written;
 - :func:`signals_held`, :func:`ignore_signals`: around a message, and after a worker is done;
-- :func:`describe_exit`: how a process ended, in words.
+- :func:`describe_exit`: how a process ended, in words;
+- :func:`balance`: a deterministic split of work into shares of about equal cost (``--devices``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
@@ -122,3 +123,18 @@ def describe_exit(exitcode: int | None) -> tuple[str, dict[str, Any]]:
             text += "; out of memory, or killed from outside"
         return f"was killed by {name} ({text})", {"exit_code": exitcode, "signal": name}
     return f"exited with code {exitcode}", {"exit_code": exitcode, "signal": None}
+
+
+def balance(costs: Sequence[float], keys: Sequence[str], n: int) -> list[list[int]]:
+    """Split items ``0..len(costs)-1`` into ``n`` shares of about equal total cost: greedy
+    longest-processing-time (costliest first, to the share with the least total; ties broken by
+    ``keys``, then by share index), so the split is a function of its inputs. Each share lists its
+    items in ascending order."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], keys[i], i))
+    loads = [0.0] * n
+    shares: list[list[int]] = [[] for _ in range(n)]
+    for i in order:
+        j = min(range(n), key=lambda s: (loads[s], s))
+        shares[j].append(i)
+        loads[j] += costs[i]
+    return [sorted(s) for s in shares]

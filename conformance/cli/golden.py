@@ -1,4 +1,4 @@
-"""The ``generate``, ``verify``, ``specs`` and ``release`` commands."""
+"""The ``generate``, ``merge-goldens``, ``verify``, ``specs`` and ``release`` commands."""
 
 from __future__ import annotations
 
@@ -20,19 +20,20 @@ from conformance.cli.app import (
     user_errors,
 )
 from conformance.cli.progress import progress_bar
-from conformance.errors import EXIT_FAILURE, ConformanceError
+from conformance.errors import EXIT_FAILURE, ConformanceError, UsageError
 from conformance.locations import find_goldens, output_root
 from conformance.spec.case import TIERS
 from conformance.spec.load import DEFAULT_MEMORY_CAP_BYTES
 
 
 def unlisted_goldens(root: Path) -> list[Path]:
-    """Golden files (``*.h5``, layout ``*.json``) under ``root`` that its manifest does not list."""
-    from conformance.golden.manifest import MANIFEST_NAME, read_manifest
+    """Golden files (``*.h5``, layout ``*.json``) under ``root`` that its manifest does not list
+    (the manifest and shard manifests aside)."""
+    from conformance.golden.manifest import MANIFEST_NAME, is_shard_manifest_name, read_manifest
 
     listed = {root / e["path"] for e in read_manifest(root)["files"]}
     return sorted(p for p in root.rglob("*") if p.suffix in (".h5", ".json") and p.name != MANIFEST_NAME
-                  and p.is_file() and p not in listed)
+                  and not (p.parent == root and is_shard_manifest_name(p.name)) and p.is_file() and p not in listed)
 
 
 @app.command()
@@ -43,9 +44,18 @@ def generate(
                                                  "else of the source checkout's goldens/, else of ./goldens.")
                        ] = None,
     tier: Annotated[Tier, typer.Option(help="Tier to generate (tiers are cumulative).")] = Tier.smoke,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: one per core).")
-                    ] = os.cpu_count() or 1,
-    device: Annotated[str, typer.Option(help="Where the float64 stage runs: cpu or cuda[:N].")] = "cpu",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes in all (default: one per "
+                                      "core); with --devices spread as evenly as possible over the devices, at "
+                                      "least one per device.")] = os.cpu_count() or 1,
+    device: Annotated[str | None, typer.Option(help="Where the float64 stage runs: cpu or cuda[:N] (default: cpu)."
+                                               )] = None,
+    devices: Annotated[str | None, typer.Option(help="Split the cases over these devices, e.g. cuda:0,cuda:1 (or "
+                                                "cpu,cpu), each with its share of --jobs; the goldens and manifest "
+                                                "are byte-identical to a one-device run.")] = None,
+    shard: Annotated[str | None, typer.Option(help="Generate only shard i of n (0-based, e.g. 0/4: case k in "
+                                              "case-id order is in shard k % n) and write "
+                                              "manifest.shard-<i>-of-<n>.json instead of manifest.json; combine "
+                                              "the shards with rlk-conform merge-goldens DIR.")] = None,
     memory_cap_mib: CapOpt = DEFAULT_MEMORY_CAP_BYTES // 2**20,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the complete goldens an interrupted run left "
                                          "(checked, same spec and generator) and compute only the rest.")] = False,
@@ -58,7 +68,13 @@ def generate(
     from fnmatch import fnmatchcase
 
     from conformance.golden.generate import generate as run_generate
+    from conformance.jobs.devices import parse_devices
+    from conformance.run.loop import parse_shard
 
+    if devices is not None and device is not None:
+        raise UsageError("--devices cannot be combined with --device: list every device in --devices")
+    device_list = parse_devices(devices) if devices is not None else None
+    shard_of = parse_shard(shard) if shard is not None else None
     if filter_ is not None and out_dir is None:
         raise ConformanceError("--filter needs --out DIR: a filtered set must not replace the tier's own goldens "
                                "and manifest")
@@ -75,7 +91,8 @@ def generate(
             written[0] += res.bytes
             bar.advance(written=fmt_bytes(written[0]))
 
-        summary = run_generate(specs, tier.value, target, n_workers=jobs, device=device,
+        summary = run_generate(specs, tier.value, target, n_workers=jobs, device=device or "cpu",
+                               devices=device_list, shard=shard_of,
                                on_start=lambda job_list: bar.start(len(job_list)), on_done=on_done, resume=resume)
     gflops = summary.flops / summary.seconds / 1e9 if summary.seconds else 0.0
     refined_dd = sum(r.refined_double_double for r in summary.results)
@@ -83,17 +100,51 @@ def generate(
     table = Table(title=f"generated tier '{tier.value}' → {target}", show_header=False)
     table.add_row("cases", str(len(summary.results)) + (f" ({summary.reused} kept from the interrupted run)"
                                                         if resume else ""))
+    if shard_of is not None:
+        table.add_row("shard", f"{shard_of[0]}/{shard_of[1]} ({len(summary.results)} of the tier's "
+                      f"{summary.tier_cases} goldens)")
     table.add_row("bytes", fmt_bytes(summary.bytes))
-    table.add_row("wall time", f"{summary.seconds:.1f} s ({jobs} job{'s' if jobs > 1 else ''}, {device})")
+    workers = sum(share.workers for share in summary.devices)
+    table.add_row("wall time", f"{summary.seconds:.1f} s ({workers} job{'s' if workers > 1 else ''}, "
+                  f"{','.join(share.device for share in summary.devices)})")
+    if device_list is not None:
+        table.add_row("devices", "; ".join(f"{share.device}: {len(share.jobs)} computed, {share.workers} job"
+                                           f"{'s' if share.workers > 1 else ''}" for share in summary.devices))
     table.add_row("float64 work", f"{summary.flops / 1e9:.2f} GFLOP (mask-remaining) at {gflops:.2f} GFLOP/s")
     table.add_row("refined elements", f"{refined_dd} double-double, {refined_exact} exact (cases computed in this run)")
-    table.add_row("manifest", str(summary.manifest))
+    table.add_row("manifest", str(summary.manifest) + (f" (copy all {shard_of[1]} shards into one directory, "
+                                                       "then: rlk-conform merge-goldens DIR)" if shard_of else ""))
     out.print(table)
+    if shard_of is not None:
+        return  # no manifest.json to compare with until the shards are merged
     stale = unlisted_goldens(target)
     if stale:
         shown = ", ".join(str(p.relative_to(target)) for p in stale[:3]) + (", …" if len(stale) > 3 else "")
         out.print(f"[yellow]note[/]: {len(stale)} golden file(s) in {target} are no case of these specs any more "
                   f"(left in place; verify reports them until they are removed): {shown}", soft_wrap=True)
+
+
+@app.command("merge-goldens")
+@user_errors
+def merge_goldens(
+    directory: Annotated[Path, typer.Argument(help="Directory holding the goldens and the shard manifests of "
+                                              "every shard (rlk-conform generate --shard i/n), copied together.")],
+) -> None:
+    """Write DIR/manifest.json from the shards of a sharded generation in DIR.
+
+    Every shard i/n must be there exactly once, all of one generation (tier, specs, generator), with
+    every file its shard manifest lists unchanged; the manifest is then the one an unsharded run
+    writes. Exit 2, writing nothing, when a shard is missing or repeated, the shards disagree, or a
+    file is missing or changed."""
+    from conformance.golden.shards import merge_shards
+
+    merged = merge_shards(directory)
+    table = Table(title=f"merged {merged.shards} shard{'s' if merged.shards > 1 else ''} of tier "
+                  f"'{merged.tier}' → {directory}", show_header=False)
+    table.add_row("files", str(merged.files))
+    table.add_row("dataset SHA-256", merged.dataset_sha256)
+    table.add_row("manifest", str(merged.manifest))
+    out.print(table)
 
 
 @app.command()

@@ -6,6 +6,13 @@ written atomically, so a generation killed at any point leaves only complete gol
 previous manifest (or none); ``resume=True`` keeps the goldens such a run completed and computes the
 rest, ending byte-identical to an uninterrupted run; a failed write (a full disk) raises one
 ConformanceError naming the file, leaves no partial file and the manifest unchanged.
+
+Devices: the cases are split over one or more devices (``--devices``; one device is a list of one)
+by :func:`conformance.processes.balance` over :func:`estimated_work`, each device with its own
+worker processes; a golden does not depend on where it was computed, so the files and manifest are
+those of a one-device run. Shards (``--shard i/n``): only case k % n == i (case-id order) is
+generated and a shard manifest written instead of the tier manifest; :mod:`conformance.golden.shards`
+merges the shards into the manifest of the whole tier.
 """
 
 from __future__ import annotations
@@ -29,8 +36,16 @@ from conformance.errors import ConformanceError, GoldenError
 from conformance.files import sha256_file
 from conformance.golden.format import INPUT_GENERATOR, Provenance, case_path, read_golden, write_golden
 from conformance.golden.layouts import layout_path, write_layout
-from conformance.golden.manifest import MANIFEST_NAME, build_manifest, write_manifest
-from conformance.processes import exit_with_parent
+from conformance.golden.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    build_shard_manifest,
+    is_shard_manifest_name,
+    shard_manifest_name,
+    take_shard,
+    write_manifest,
+)
+from conformance.processes import balance, exit_with_parent
 from conformance.reference.compute import ALGORITHM, Golden, compute_reference
 from conformance.reference.gradient import GradientGolden, compute_gradient_reference
 from conformance.spec.case import Case
@@ -72,14 +87,27 @@ class GoldenWriteError(ConformanceError):
         return f"{self.path}: writing the golden failed ({self.reason})"
 
 
+@dataclass(frozen=True)
+class DeviceShare:
+    """The jobs one device computes, on ``workers`` worker processes (in this process when it is the
+    only device and has one worker)."""
+
+    device: str
+    workers: int
+    jobs: list[Job]
+
+
 @dataclass
 class GenerateSummary:
     tier: str
     out_dir: Path
     results: list[CaseResult] = field(default_factory=list)
     seconds: float = 0.0
-    manifest: Path | None = None
+    manifest: Path | None = None  # manifest.json, or the shard manifest with ``shard``
     reused: int = 0  # goldens kept from an interrupted run (resume)
+    devices: list[DeviceShare] = field(default_factory=list)  # the cases computed in this run, per device
+    shard: tuple[int, int] | None = None
+    tier_cases: int = 0  # goldens of the whole tier (all shards)
 
     @property
     def bytes(self) -> int:
@@ -163,23 +191,47 @@ def init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_jobs(jobs: Sequence[Job], n_workers: int, device: str,
-             on_done: Callable[[Job, CaseResult], None]) -> list[CaseResult]:
-    """Run ``jobs`` (largest first) on ``n_workers`` processes; ``on_done`` is called as each finishes."""
-    order = sorted(jobs, key=lambda j: -estimated_work(j.case))
+def worker_counts(n_workers: int, n_devices: int) -> list[int]:
+    """``--jobs`` spread over the devices: as evenly as possible (the first devices get the
+    remainder), at least one each."""
+    return [max(1, n_workers // n_devices + (d < n_workers % n_devices)) for d in range(n_devices)]
+
+
+def split_jobs(jobs: Sequence[Job], devices: Sequence[str], n_workers: int) -> list[DeviceShare]:
+    """The share of every device (in ``devices`` order): greedy longest-processing-time over
+    :func:`estimated_work` (largest first, to the least-loaded device; ties by case id, then device
+    order), so the split depends only on the cases and the device list."""
+    shares = balance([estimated_work(j.case) for j in jobs], [j.case.id for j in jobs], len(devices))
+    return [DeviceShare(device, workers, [jobs[i] for i in share])
+            for device, workers, share in zip(devices, worker_counts(n_workers, len(devices)), shares)]
+
+
+def largest_first(jobs: Sequence[Job]) -> list[Job]:
+    return sorted(jobs, key=lambda j: -estimated_work(j.case))
+
+
+def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult], None]) -> list[CaseResult]:
+    """Run every share's jobs (largest first) on its device and worker processes; ``on_done`` is
+    called (in this process) as each finishes. One device with one worker runs in this process."""
+    active = [s for s in shares if s.jobs]
     results: list[CaseResult] = []
-    if n_workers <= 1 or len(order) <= 1:
-        for job in order:
-            res = generate_case(job, device)
-            results.append(res)
-            on_done(job, res)
+    if len(active) <= 1 and all(s.workers <= 1 or len(s.jobs) <= 1 for s in active):
+        for share in active:
+            for job in largest_first(share.jobs):
+                res = generate_case(job, share.device)
+                results.append(res)
+                on_done(job, res)
         return results
     ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=init_worker,
-                             initargs=(threads,)) as pool:
-        pending: dict[Future[CaseResult], Job] = {pool.submit(generate_case, j, device): j for j in order}
+    threads = max(1, (os.cpu_count() or 1) // sum(min(s.workers, len(s.jobs)) for s in active))
+    with contextlib.ExitStack() as pools:
+        pending: dict[Future[CaseResult], Job] = {}
         try:
+            for share in active:
+                pool = pools.enter_context(ProcessPoolExecutor(max_workers=min(share.workers, len(share.jobs)),
+                                                               mp_context=ctx, initializer=init_worker,
+                                                               initargs=(threads,)))
+                pending.update({pool.submit(generate_case, j, share.device): j for j in largest_first(share.jobs)})
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
@@ -261,7 +313,9 @@ def remove_stale_temp_files(out_dir: Path) -> int:
     while holding :func:`directory_lock`, when no other writer can own them. Returns how many."""
     removed = 0
     for tmp in out_dir.rglob(".*.tmp"):
-        if tmp.is_file() and (tmp.name.startswith(f".{MANIFEST_NAME}.") or ".h5." in tmp.name):
+        manifest = (tmp.name.startswith(f".{MANIFEST_NAME}.")
+                    or is_shard_manifest_name(tmp.name[1:].partition(".json.")[0] + ".json"))
+        if tmp.is_file() and (manifest or ".h5." in tmp.name):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
                 removed += 1
@@ -283,38 +337,54 @@ def write_layouts(specs: Sequence[OpSpec], tier: str, out_dir: Path) -> list[dic
     return entries
 
 
+def check_device(device: str, option: str) -> None:
+    """A device generation can run on: the CPU or an available CUDA device (one-line ConformanceError)."""
+    if device != "cpu" and not torch.device(device).type == "cuda":
+        raise ConformanceError(f"{option} {device}: generation runs on 'cpu' or a CUDA device")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConformanceError(f"{option} {device}: CUDA is not available on this machine")
+
+
 def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int = 1, device: str = "cpu",
              on_start: Callable[[list[Job]], None] | None = None,
-             on_done: Callable[[Job, CaseResult], None] | None = None, resume: bool = False) -> GenerateSummary:
+             on_done: Callable[[Job, CaseResult], None] | None = None, resume: bool = False,
+             devices: Sequence[str] | None = None, shard: tuple[int, int] | None = None) -> GenerateSummary:
     """Generate every case of ``tier`` into ``out_dir`` and write the manifest last.
 
+    ``devices`` (instead of ``device``) splits the cases over several devices, ``n_workers`` worker
+    processes in all (:func:`split_jobs`, :func:`worker_counts`); the bytes written are the same.
+    ``shard=(i, n)`` generates only case k % n == i of the tier (case-id order) and writes
+    ``manifest.shard-<i>-of-<n>.json`` (every layout file too) instead of ``manifest.json``.
     Holds :func:`directory_lock` throughout. With ``resume``, goldens that :func:`reusable_result`
     accepts are kept (``summary.reused``) and stale temporary files removed; the result is then
     byte-identical to an uninterrupted run. Raises ConformanceError (one line) for a bad device, an
     unwritable or locked directory, or a failed write, after which the manifest is unchanged.
     """
-    if device != "cpu" and not torch.device(device).type == "cuda":
-        raise ConformanceError(f"--device {device}: generation runs on 'cpu' or a CUDA device")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ConformanceError(f"--device {device}: CUDA is not available on this machine")
-    jobs = plan(specs, tier, out_dir)
+    device_list = [device] if devices is None else list(devices)
+    for dev in device_list:
+        check_device(dev, "--device" if devices is None else "--devices")
+    tier_jobs = plan(specs, tier, out_dir)
+    jobs = take_shard(sorted(tier_jobs, key=lambda j: j.case.id), shard)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConformanceError(f"{out_dir}: cannot create the output directory ({os_reason(exc)})") from None
     if not os.access(out_dir, os.W_OK):
         raise ConformanceError(f"{out_dir}: output directory is not writable")
+    summary = GenerateSummary(tier=tier, out_dir=out_dir, shard=shard, tier_cases=len(tier_jobs))
     with directory_lock(out_dir):
-        return _generate_locked(specs, tier, out_dir, jobs, n_workers, device, on_start, on_done or
-                                (lambda j, r: None), resume)
+        _generate_locked(specs, summary, [j.case.id for j in tier_jobs], jobs, device_list, n_workers, on_start,
+                         on_done or (lambda j, r: None), resume)
+    return summary
 
 
-def _generate_locked(specs: Sequence[OpSpec], tier: str, out_dir: Path, jobs: list[Job], n_workers: int,
-                     device: str, on_start: Callable[[list[Job]], None] | None,
-                     on_done: Callable[[Job, CaseResult], None], resume: bool) -> GenerateSummary:
+def _generate_locked(specs: Sequence[OpSpec], summary: GenerateSummary, tier_case_ids: list[str], jobs: list[Job],
+                     devices: list[str], n_workers: int, on_start: Callable[[list[Job]], None] | None,
+                     on_done: Callable[[Job, CaseResult], None], resume: bool) -> None:
+    tier, out_dir = summary.tier, summary.out_dir
+    manifest_name = MANIFEST_NAME if summary.shard is None else shard_manifest_name(summary.shard)
     if on_start:
         on_start(jobs)
-    summary = GenerateSummary(tier=tier, out_dir=out_dir)
     start = time.perf_counter()
     kept: list[CaseResult] = []
     if resume:
@@ -328,28 +398,32 @@ def _generate_locked(specs: Sequence[OpSpec], tier: str, out_dir: Path, jobs: li
                 kept.append(res)
                 on_done(job, res)
         jobs = todo
+    summary.devices = split_jobs(jobs, devices, n_workers)
     try:
-        summary.results = kept + run_jobs(jobs, n_workers, device, on_done)
+        summary.results = kept + run_jobs(summary.devices, on_done)
     except GoldenWriteError as exc:
         raise ConformanceError(f"{exc}; no partial file was left, the goldens already written are complete and "
-                               f"{MANIFEST_NAME} is unchanged; free space and rerun with --resume") from None
+                               f"{manifest_name} is unchanged; free space and rerun with --resume") from None
     except OSError as exc:
         raise ConformanceError(f"{out_dir}: writing goldens failed ({os_reason(exc)}); files already written are "
-                               f"complete, {MANIFEST_NAME} is unchanged") from None
+                               f"complete, {manifest_name} is unchanged") from None
     summary.reused = len(kept)
     summary.seconds = time.perf_counter() - start
     spec_info: dict[str, Any] = {s.path.name: {"op": s.op, "sha256": s.sha256, "seed": s.seed} for s in specs}
     files = [{"case_id": r.case_id, "path": r.path.relative_to(out_dir).as_posix(), "sha256": r.sha256,
               "bytes": r.bytes} for r in summary.results]
     try:
-        files += write_layouts(specs, tier, out_dir)
+        layouts = write_layouts(specs, tier, out_dir)
     except OSError as exc:
-        raise ConformanceError(f"{out_dir}: writing layout files failed ({os_reason(exc)}); {MANIFEST_NAME} is "
+        raise ConformanceError(f"{out_dir}: writing layout files failed ({os_reason(exc)}); {manifest_name} is "
                                "unchanged") from None
+    if summary.shard is None:
+        manifest = build_manifest(tier, spec_info, files + layouts)
+    else:
+        manifest = build_shard_manifest(tier, summary.shard, spec_info, files, layouts, tier_case_ids)
     try:
-        summary.manifest = write_manifest(out_dir, build_manifest(tier, spec_info, files))
+        summary.manifest = write_manifest(out_dir, manifest, manifest_name)
     except OSError as exc:
-        raise ConformanceError(f"{out_dir / MANIFEST_NAME}: writing the manifest failed ({os_reason(exc)}); "
+        raise ConformanceError(f"{out_dir / manifest_name}: writing the manifest failed ({os_reason(exc)}); "
                                "the previous manifest is unchanged and every golden is complete; free space "
                                "and rerun with --resume") from None
-    return summary

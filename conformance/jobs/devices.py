@@ -35,7 +35,7 @@ from typing import Any
 from conformance.errors import ConformanceError
 from conformance.jobs.job import JobResult, RunJob, execute, job_info
 from conformance.judge.records import Record
-from conformance.processes import Terminated, exit_with_parent, ignore_signals, signals_held, stop_on_signals
+from conformance.processes import Terminated, balance, exit_with_parent, ignore_signals, signals_held, stop_on_signals
 from conformance.run import wire
 from conformance.run.case import CaseOutcome
 from conformance.run.profiling import PhaseTimer, RunProfile
@@ -96,21 +96,6 @@ def golden_sizes(paths: Sequence[Path], roots: Sequence[Path]) -> list[int]:
                 size = 0
         sizes.append(size)
     return sizes
-
-
-def balance(costs: Sequence[float], keys: Sequence[str], n: int) -> list[list[int]]:
-    """Split items ``0..len(costs)-1`` into ``n`` shares of about equal total cost: greedy
-    longest-processing-time (costliest first, to the share with the least total; ties broken by
-    ``keys``, then by share index), so the split is a function of its inputs. Each share lists its
-    items in ascending order."""
-    order = sorted(range(len(costs)), key=lambda i: (-costs[i], keys[i], i))
-    loads = [0.0] * n
-    shares: list[list[int]] = [[] for _ in range(n)]
-    for i in order:
-        j = min(range(n), key=lambda s: (loads[s], s))
-        shares[j].append(i)
-        loads[j] += costs[i]
-    return [sorted(s) for s in shares]
 
 
 def device_worker(conn: multiprocessing.connection.Connection, job: RunJob, spawned_at: float) -> None:

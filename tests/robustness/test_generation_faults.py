@@ -263,6 +263,29 @@ def test_real_disk_full_mid_generation_leaves_no_partial_file_and_resumes(small_
     assert snapshot(out) == reference
 
 
+def test_real_disk_full_on_two_devices_is_one_error_and_resumes_to_the_same_bytes(small_disk: Path, spec: Path,
+                                                                                  reference: dict[str, bytes]) -> None:
+    out = small_disk / "out"
+    result = generate_cli(spec, out, "--devices", "cpu,cpu", "--jobs", "2")
+    assert_one_line_error(result, startswith=f"error: {out}/attention/resume/", endswith=DISK_FULL)
+    assert temp_files(out) == [] and not (out / MANIFEST_NAME).exists()
+    assert_only_complete_goldens(out, spec)
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert generate_cli(spec, out, "--resume").exit_code == EXIT_OK
+    assert snapshot(out) == reference
+
+
+def test_real_disk_full_in_a_shard_names_its_shard_manifest(small_disk: Path, spec: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    out = small_disk / "out"
+    assert generate_cli(spec, out, "--shard", "0/2").exit_code == EXIT_OK
+    (out / "manifest.shard-0-of-2.json").unlink()
+    fill(small_disk)
+    result = generate_cli(spec, out, "--shard", "0/2", "--resume")
+    assert_one_line_error(result, startswith=f"error: {out / 'manifest.shard-0-of-2.json'}: ", endswith=MANIFEST_FULL)
+    assert temp_files(out) == [] and not (out / "manifest.shard-0-of-2.json").exists()
+
+
 def test_real_disk_full_when_regenerating_keeps_every_file_as_it_was(small_disk: Path, spec: Path,
                                                                      reference: dict[str, bytes]) -> None:
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
