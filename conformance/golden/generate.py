@@ -173,6 +173,10 @@ def generate_case(job: Job, device: str = "cpu") -> CaseResult:
     """Compute and write one golden. A failed write raises :class:`GoldenWriteError` (no partial file)."""
     start = time.perf_counter()
     computed = compute_case(job.case, device)
+    if torch.device(device).type == "cuda":
+        # Give the case's cached blocks back: the workers share one GPU, and one worker's cache
+        # from its largest case must not leave the others out of memory.
+        torch.cuda.empty_cache()
     try:
         write_case(job.path, job.case, computed, job.provenance)
     except OSError as exc:
