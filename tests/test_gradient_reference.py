@@ -270,6 +270,14 @@ BOUND_CASES = {name: FORMULA_CASES[name] for name in ("gqa-group4", "left-pad", 
                                                       "negative-scale", "kv-cache")}
 BOUND_CASES["large-logits-fp32-noncausal"] = build_case(hq=2, hkv=1, d=16, sq=6, skv=6, dist="large_logits",
                                                         causal=False, seed=51)
+# The variants' tier 2: soft-capping multiplies dS by 1 − tanh², a sink is one more weight in each row.
+BOUND_CASES["softcap"] = dataclasses.replace(
+    build_case(hq=4, hkv=2, d=16, sq=6, skv=9, dtype="bfloat16", dist="large_logits", seed=61), softcap=5.0)
+BOUND_CASES["sinks"] = dataclasses.replace(build_case(hq=4, hkv=2, d=16, sq=5, skv=7, mask="holes", seed=62),
+                                           sinks=(0.5, -1.0, 2.0, 0.0))
+BOUND_CASES["softcap-sinks-window"] = dataclasses.replace(
+    build_case(hq=2, hkv=1, d=16, sq=8, skv=8, dtype="bfloat16", seed=63), softcap=2.0, sinks=(1.5, -0.5),
+    window=(3, -1))
 
 
 def _query_index(which: str, index: tuple[int, ...], group: int) -> tuple[int, int, int, int]:
@@ -369,11 +377,14 @@ def test_double_double_decision_uses_the_low_part_and_the_sign_of_zero() -> None
 TIER_CASES = {name: FORMULA_CASES[name] for name in ("gqa-group4", "causal-sq-gt-skv", "left-pad", "holes",
                                                      "large-logits", "near-ties", "negative-scale",
                                                      "scale-zero", "kv-cache")}
+TIER_CASES.update({name: BOUND_CASES[name] for name in ("softcap", "sinks", "softcap-sinks-window")})
 EXACT_CASES = {
     "gqa-left-pad": build_case(batch=2, hq=2, hkv=1, d=4, sq=3, skv=5, mask="left_pad"),
     "bf16-sq-gt-skv": build_case(hq=2, hkv=1, d=4, sq=4, skv=3, dtype="bfloat16"),
     "scale-zero-holes": build_case(batch=2, hq=2, hkv=1, d=4, sq=3, skv=4, scale=0.0, mask="holes", causal=False),
     "large-logits": build_case(hq=2, hkv=1, d=8, sq=3, skv=4, dist="large_logits"),
+    "softcap-sinks": dataclasses.replace(build_case(hq=2, hkv=1, d=4, sq=3, skv=4, dtype="bfloat16"), softcap=3.0,
+                                         sinks=(0.5, -0.5)),
 }
 
 

@@ -273,18 +273,10 @@ def softcap_dd(s_hi: torch.Tensor, s_lo: torch.Tensor, cap: float) -> tuple[torc
     return dd_mul(t_hi, t_lo, c, torch.zeros_like(c))
 
 
-def dd_weights(q: torch.Tensor, k: torch.Tensor, see: torch.Tensor, case: Case, precise: bool,
-               sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The softmax weights exp(s_j − m) of the rows ``q`` [H, R, D] against the keys ``k`` [H, n, D]
-    (``see`` [H, R, n] the visible keys, m the row's largest double-double logit) as double-doubles
-    (hi, lo), with a bound ``eps`` on the relative error of each weight; 0 where a key is not visible.
-
-    The logits are double-double (:func:`dd_dots`, then the scale, then :func:`softcap_dd` for a
-    soft-capped case); the weight is exp(x_hi)·(1 + x_lo) (relative error ≤ 3u + second order) or,
-    with ``precise``, :func:`exp_dd` (≤ EXP_DD_ERROR). With ``sink`` [H, R, 1] (the rows' sink logits)
-    the sink's weight is one more column, after the keys (a key of value 0; m covers it too).
-    The tier-2 passes of the forward and of the backward take their weights from here.
-    """
+def dd_logits(q: torch.Tensor, k: torch.Tensor, case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits of the rows ``q`` [H, R, D] against the keys ``k`` [H, n, D] as double-doubles (hi, lo):
+    :func:`dd_dots`, the scale, then :func:`softcap_dd` for a soft-capped case; with a bound on each
+    one's absolute error (the scale's own double-double rounding, ≤ 4u²·|s|, left to the callers)."""
     kt = k.transpose(-1, -2).contiguous()
     dh, dl, dot_err = dd_dots(q, kt)
     sh, sl = scale_dd(case)
@@ -295,6 +287,25 @@ def dd_weights(q: torch.Tensor, k: torch.Tensor, see: torch.Tensor, case: Case, 
         raw = s_hi.abs()
         s_hi, s_lo = softcap_dd(s_hi, s_lo, case.softcap)
         logit_err = logit_err + TANH_DD_ERROR * s_hi.abs() + 16 * U * U * raw
+    return s_hi, s_lo, logit_err
+
+
+def dd_weights(q: torch.Tensor, k: torch.Tensor, see: torch.Tensor, case: Case, precise: bool,
+               sink: torch.Tensor | None = None,
+               logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The softmax weights exp(s_j − m) of the rows ``q`` [H, R, D] against the keys ``k`` [H, n, D]
+    (``see`` [H, R, n] the visible keys, m the row's largest double-double logit) as double-doubles
+    (hi, lo), with a bound ``eps`` on the relative error of each weight; 0 where a key is not visible.
+
+    The logits are double-double (:func:`dd_dots`, then the scale, then :func:`softcap_dd` for a
+    soft-capped case); the weight is exp(x_hi)·(1 + x_lo) (relative error ≤ 3u + second order) or,
+    with ``precise``, :func:`exp_dd` (≤ EXP_DD_ERROR). With ``sink`` [H, R, 1] (the rows' sink logits)
+    the sink's weight is one more column, after the keys (a key of value 0; m covers it too).
+    The tier-2 passes of the forward and of the backward take their weights from here; ``logits``
+    (from :func:`dd_logits`) saves recomputing them.
+    """
+    s_hi, s_lo, logit_err = logits if logits is not None else dd_logits(q, k, case)
     if sink is not None:
         rows = (*s_hi.shape[:-1], 1)
         s_hi = torch.cat([s_hi, sink.expand(rows)], -1)

@@ -52,6 +52,9 @@ The same three tiers as the forward (:mod:`conformance.reference.compute`) decid
    weights' relative error) for u·h_j and u² terms for the double-double roundings. The first pass
    (cheap exp) works on every row an element needs; the second only on what the first left, and for
    dK/dV only on the chunks of rows (1/16 of a head) whose first-pass bounds stand in the way.
+   Soft-capped, dS is multiplied by c = 1 − t² in double-double (t = s/cap from the capped logit, with
+   the logit's error carried into c's) and dQ's contraction has no reference shift (Σ_j dS_j·c_j ≠ 0);
+   a sink is one more key of value 0 and key 0 in every row.
 3. **exact** (Python integers, fractions, ``mpmath.iv``): integer logits and dP; each row's keys are
    grouped by equal logit. By Lindemann–Weierstrass a row with a single group (all logits equal, e.g.
    scale 0: P = 1/n) contributes a rational number, one with several groups contributes 0 exactly (a
@@ -289,9 +292,7 @@ def _refine(case: Case, ops: Operands, out32: dict[str, np.ndarray], undecided: 
     b, hkv, g, sq, d = out32["dq"].shape
     dq_view = out32["dq"].reshape(b, hkv, g, sq, d)
     prior: dict[str, list[torch.Tensor]] | None = None
-    # Soft-capping and sinks have no double-double backward yet: tier 1 hands them to the exact tier.
-    passes = (False, True) if case.softcap is None and case.sinks is None else ()
-    for precise in passes:
+    for precise in (False, True):
         if not any(x.any() for x in undecided.values()):
             return
         elements = {name: np.argwhere(undecided[name]) for name in WHICH}

@@ -15,7 +15,9 @@ from conformance.reference.double_double import (
     Segment,
     U,
     dd_add,
+    dd_div,
     dd_dots,
+    dd_logits,
     dd_mul,
     dd_sum,
     dd_weights,
@@ -91,6 +93,8 @@ def tier2(case: Case, ops: Operands, elements: dict[str, np.ndarray], precise: b
     dq_code = _row_code(eq[:, :4], hkv, g, sq) if len(eq) else np.zeros(0, dtype=np.int64)
     by_head = {name: _group_by_head(elements[name], hkv) for name in ("dk", "dv")}
     limit = grad_tier2_limit(dev)
+    # The sink logit of each (KV head, group member) row set: [hkv, g].
+    sinks = None if case.sinks is None else torch.tensor(case.sinks, dtype=torch.float64).reshape(hkv, g)
     for batch in _row_batches(case, ops.kpm, rows, limit):
         heads = len(batch)
         r_max = max(len(seg.rows) for seg in batch)
@@ -98,6 +102,7 @@ def tier2(case: Case, ops: Operands, elements: dict[str, np.ndarray], precise: b
         bi_t = torch.as_tensor([seg.bi for seg in batch], device=dev)
         hi_t = torch.as_tensor([seg.hi for seg in batch], device=dev)
         kb, vb = ops.k[bi_t, hi_t, :n], ops.v[bi_t, hi_t, :n]
+        sink = None if sinks is None else torch.zeros(heads, r_max, 1, dtype=torch.float64)
         qb = ops.q.new_zeros(heads, r_max, d)
         dob = ops.q.new_zeros(heads, r_max, d)
         see = torch.zeros(heads, r_max, n, dtype=torch.bool)
@@ -109,13 +114,18 @@ def tier2(case: Case, ops: Operands, elements: dict[str, np.ndarray], precise: b
             qb[j, :len(seg.rows)] = ops.q[idx]
             dob[j, :len(seg.rows)] = ops.do[idx]
             see[j, :len(seg.rows), :seg.kmax] = seg.see
+            if sink is not None and sinks is not None:
+                sink[j, :len(seg.rows), 0] = sinks[seg.hi, torch.as_tensor(seg.rows[:, 2])]
             at = tuple(seg.rows.T)
             act[j, :len(seg.rows)] = ops.active[at]
             one[j, :len(seg.rows)] = ops.single[at]
             codes.append(_row_code(seg.rows, hkv, g, sq))
             flat.append(j * r_max + np.arange(len(seg.rows)))
+        sink = None if sink is None else sink.to(dev)
         rp = _dd_rows(qb, kb, vb, dob, see.to(dev), torch.as_tensor(act, device=dev),
-                      torch.as_tensor(one, device=dev), case, precise)
+                      torch.as_tensor(one, device=dev), case, precise, sink)
+        if sink is not None:  # dQ's contraction runs over the sink's column too, whose key is 0
+            kb = torch.cat([kb, torch.zeros_like(kb[:, :1])], 1)
         if len(eq):
             _tier2_dq(rp, kb, eq, dq_code, np.concatenate(codes), np.concatenate(flat), r_max, state["dq"])
         for j, seg in enumerate(batch):
@@ -230,11 +240,23 @@ def _rows_needed(case: Case, ops: Operands, elements: dict[str, np.ndarray],
 
 
 def _dd_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, see: torch.Tensor,
-             active: torch.Tensor, single: torch.Tensor, case: Case, precise: bool) -> dict[str, torch.Tensor]:
+             active: torch.Tensor, single: torch.Tensor, case: Case, precise: bool,
+             sink: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Tier 2's rows: q, do [H, R, D], k, v [H, n, D], see [H, R, n], active/single [H, R]. Returns
-    double-double P and dS ([H, R, n] hi and lo parts) and bounds on their absolute errors."""
+    double-double P and dS ([H, R, n] hi and lo parts) and bounds on their absolute errors.
+
+    With ``sink`` [H, R, 1] (the rows' sink logits) the sink is one more key after the real ones, of
+    value 0 (so dP = 0 there, exactly) and key 0: its weight joins l, Σ over all n + 1 columns of P is 1
+    and of dS is 0, as the reference shifts need; the returned tensors have n + 1 columns. Soft-capped,
+    the returned dS is that of the scaled dots, dS·c with c = 1 − t², t = s/cap from the double-double
+    capped logits s (the sink's column has c = 1), and ``shift`` is False: Σ_j dS_j·c_j ≠ 0, so dQ's
+    contraction cannot subtract a reference key."""
     u2 = U * U
-    e_h, e_l, eps = dd_weights(q, k, see, case, precise)
+    logits = dd_logits(q, k, case)
+    e_h, e_l, eps = dd_weights(q, k, see, case, precise, sink, logits)
+    if sink is not None:
+        see = torch.cat([see, torch.ones_like(see[..., :1])], -1)
+        v = torch.cat([v, torch.zeros_like(v[..., :1, :])], -2)
     l_h, l_l, lev_l = dd_sum(e_h, e_l)
     l_h, l_l = l_h[..., None], l_l[..., None]
     has_key = l_h > 0
@@ -275,8 +297,36 @@ def _dd_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     err_s = p_h * ((rel_p + 32 * u2) * ax + err_y + delta_d + 16 * u2 * (ay + ad)) + TINY * ax
     err_s = torch.where(act, err_s, zero)
     err_p = torch.where(see & ~one, p_h * rel_p + TINY, zero)
+    if case.softcap is not None:
+        ds_h, ds_l, err_s = _times_cap_derivative(ds_h, ds_l, err_s, logits, case.softcap, sink is not None)
+        ds_h, ds_l, err_s = (torch.where(act, x, zero) for x in (ds_h, ds_l, err_s))
     return {"ds_h": ds_h, "ds_l": ds_l, "ds_err": err_s, "p_h": p_h, "p_l": p_l, "p_err": err_p,
-            "ref": ref.squeeze(-1)}
+            "ref": ref.squeeze(-1), "shift": torch.tensor(case.softcap is None)}
+
+
+def _times_cap_derivative(ds_h: torch.Tensor, ds_l: torch.Tensor, err_s: torch.Tensor,
+                          logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cap: float,
+                          with_sink: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dS of the capped logits times c = 1 − t² (t = s/cap, s the capped logit), as a double-double, with
+    its error bound: |Δt| ≤ δs/|cap| + 8u²|t| for the logit's bound δs (the scale's double-double rounding
+    4u²·|s| included), |Δc| ≤ (2|t| + |Δt|)·|Δt| + 16u²·(1 + t²) (the square and the subtraction), and
+    the product adds |ΔdS|·(|c| + |Δc|) + |dS|·|Δc| + 8u²·|dS·c|. A sink's column has c = 1 exactly."""
+    u2 = U * U
+    s_h, s_l, s_err = logits
+    capt = torch.full_like(s_h, cap)
+    t_h, t_l = dd_div(s_h, s_l, capt, torch.zeros_like(capt))
+    tt_h, tt_l = dd_mul(t_h, t_l, t_h, t_l)
+    c_h, c_l = dd_add(torch.ones_like(tt_h), torch.zeros_like(tt_l), -tt_h, -tt_l)
+    at = t_h.abs()
+    dt = (s_err + 4 * u2 * s_h.abs()) / abs(cap) + 8 * u2 * at
+    dc = (2 * at + dt) * dt + 16 * u2 * (1 + at * at)
+    if with_sink:
+        one = torch.ones_like(c_h[..., :1])
+        c_h, c_l = torch.cat([c_h, one], -1), torch.cat([c_l, 0 * one], -1)
+        dc = torch.cat([dc, 0 * one], -1)
+    x_h, x_l = dd_mul(ds_h, ds_l, c_h, c_l)
+    err = err_s * (c_h.abs() + dc) + ds_h.abs() * dc + 8 * u2 * (ds_h * c_h).abs()
+    return x_h, x_l, err
 
 
 def _dd_dot_rows(a_h: torch.Tensor, a_l: torch.Tensor, a_err: torch.Tensor, x: torch.Tensor,
@@ -328,9 +378,12 @@ def _tier2_dq(rp: dict[str, torch.Tensor], k: torch.Tensor, eq: np.ndarray, dq_c
         x = k[li // rows, :, cols]  # [E, n]: each element's key column
         # Σ_j dS_j = 0, so dQ_c = scale·Σ_j dS_j (k_jc − k_ref,c) with ref the row's reference key: the
         # dominant key's large dS error and any keys sharing its k value drop out (exact differences).
-        kappa = x.gather(1, ref[li][:, None]).expand_as(x)
-        x_h, x_l = two_sum(x, -kappa)
-        hi, lo, first, second = _dd_dot_rows(ds_h[li], ds_l[li], ds_err[li], x_h, x_l)
+        if bool(rp["shift"]):
+            kappa = x.gather(1, ref[li][:, None]).expand_as(x)
+            x_h, x_l = two_sum(x, -kappa)
+            hi, lo, first, second = _dd_dot_rows(ds_h[li], ds_l[li], ds_err[li], x_h, x_l)
+        else:  # soft-capped: Σ_j dS_j·c_j ≠ 0, the plain contraction
+            hi, lo, first, second = _dd_dot_rows(ds_h[li], ds_l[li], ds_err[li], x)
         _accumulate(state, torch.as_tensor(ids[e0:e0 + per], device=dev), hi, lo, first, second)
 
 
