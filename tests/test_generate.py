@@ -262,3 +262,48 @@ def test_temp_files_of_a_killed_generation_are_not_taken_for_goldens(killed_gene
     assert leftovers and all(p.exists() for p in leftovers)
     assert result.ok, result.problems
     assert result.checked == 2
+
+
+def test_a_case_that_runs_out_of_gpu_memory_waits_and_tries_again(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import conformance.golden.generate as gen
+
+    failures = {"left": 2}
+    original = gen.compute_case
+
+    def short_of_memory(case: Any, device: str) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(case, device)
+
+    monkeypatch.setattr(gen, "OUT_OF_MEMORY_WAITS_S", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(gen, "compute_case", short_of_memory)
+    retried = generate_tiny(tmp_path / "retried")
+    assert failures["left"] == 0
+    monkeypatch.setattr(gen, "compute_case", original)
+    assert golden_files(retried) == golden_files(generate_tiny(tmp_path / "plain"))
+
+
+def test_a_case_that_never_gets_the_memory_is_one_error_naming_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import conformance.golden.generate as gen
+    from conformance.errors import ConformanceError
+
+    calls = {"n": 0}
+
+    def never(case: Any, device: str) -> Any:
+        calls["n"] += 1
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gen, "OUT_OF_MEMORY_WAITS_S", (0.0, 0.0))
+    monkeypatch.setattr(gen, "compute_case", never)
+    with pytest.raises(ConformanceError, match=r"out of memory on cpu after 3 attempts .* fewer --jobs and --resume"):
+        generate_tiny(tmp_path)
+    out = tmp_path / "out"
+    assert calls["n"] == 3
+    assert not list(out.rglob("*.h5")) and not (out / MANIFEST_NAME).exists()

@@ -169,14 +169,39 @@ def write_case(path: Path, case: Case, computed: ComputedCase, prov: Provenance)
     write_golden(path, case, computed.inputs, computed.golden, prov, computed.gradient)
 
 
+# A case that finds the GPU's memory taken by the other workers' cases waits and tries again:
+# OUT_OF_MEMORY_WAITS_S between the attempts (their peaks pass within seconds), then gives up.
+OUT_OF_MEMORY_WAITS_S = (5.0, 10.0, 20.0, 40.0)
+
+
+def compute_on_shared_device(case: Case, device: str) -> ComputedCase:
+    """:func:`compute_case`, retried after a CUDA out-of-memory error (the golden does not depend on
+    when it is computed). Each worker gives its cached blocks back after a case, so that one worker's
+    cache from its largest case does not leave the others out of memory. Raises ConformanceError
+    (one line) when the memory never frees up."""
+    cuda = torch.device(device).type == "cuda"
+    for wait_s in (*OUT_OF_MEMORY_WAITS_S, None):
+        try:
+            return compute_case(case, device)
+        except torch.OutOfMemoryError:
+            if cuda:
+                torch.cuda.empty_cache()
+            if wait_s is None:
+                raise ConformanceError(
+                    f"{case.id}: out of memory on {device} after {len(OUT_OF_MEMORY_WAITS_S) + 1} attempts "
+                    "while the other workers' cases held the rest; rerun with fewer --jobs and --resume "
+                    "(the goldens already written are kept)") from None
+            time.sleep(wait_s)
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+    raise AssertionError("unreachable")
+
+
 def generate_case(job: Job, device: str = "cpu") -> CaseResult:
     """Compute and write one golden. A failed write raises :class:`GoldenWriteError` (no partial file)."""
     start = time.perf_counter()
-    computed = compute_case(job.case, device)
-    if torch.device(device).type == "cuda":
-        # Give the case's cached blocks back: the workers share one GPU, and one worker's cache
-        # from its largest case must not leave the others out of memory.
-        torch.cuda.empty_cache()
+    computed = compute_on_shared_device(job.case, device)
     try:
         write_case(job.path, job.case, computed, job.provenance)
     except OSError as exc:
