@@ -95,7 +95,11 @@ def test_pack_finds_a_tile_size_chosen_from_the_longest_sequence(repo_specs: lis
     assert sum(t.count for t in tokens) == 2 and max(t.skv for t in tokens) == 64
     params = record.metrics["parameters"]
     assert f"'pack': '{params['pack']}'" in record.message and f"'seed': {params['seed']}" in record.message
-    assert result.reproducer is None and not any(tmp_path.iterdir())  # a layout case has no reproducer file
+    # the layout reproducer: its layout file, and the dense goldens it is composed of beside it
+    assert result.reproducer is not None and result.reproducer.suffix == ".json"
+    assert record.metrics["reproducer"] == str(result.reproducer)
+    assert result.reproducer == tmp_path / "layout-tile-from-pack-max" / f"{record.case_id}.json"
+    assert len(list(tmp_path.rglob("*.h5"))) == len(record.metrics["parameters"]["pack"].split("+"))
 
 
 def test_pack_finds_a_split_count_chosen_from_the_number_of_sequences(repo_specs: list[OpSpec]) -> None:

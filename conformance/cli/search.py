@@ -122,7 +122,8 @@ def check(
 @app.command()
 @user_errors
 def replay(
-    file: Annotated[Path, typer.Argument(help="A reproducer written by check (or run --properties).")],
+    file: Annotated[Path, typer.Argument(help="A reproducer written by check (or run --properties): a .h5 file, "
+                                         "or the .json layout file of a pack or page counterexample.")],
     backend: Annotated[str | None, typer.Option(help="Backend to replay on. Default: the one the reproducer "
                                                 "names.")] = None,
     device: DeviceOpt = None,
@@ -132,13 +133,13 @@ def replay(
 ) -> None:
     """Re-run a reproducer's property on a backend; exit 1 while it still fails, 0 once it passes."""
     from conformance.backends.registry import load_backend
-    from conformance.golden.reproducer import read_reproducer
+    from conformance.golden.layout_reproducer import read_any_reproducer
     from conformance.run.settings import load_rules
     from conformance.search.replay import replay as replay_reproducer
     from conformance.search.strategies import describe_shape
 
     tol = load_rules(tolerances, rules)
-    recorded = read_reproducer(file).info
+    recorded = read_any_reproducer(file).info
     impl = load_backend(backend or recorded.backend_spec, device)
     result = replay_reproducer(file, impl, tol, rules, reruns)
     rec, case = result.record, result.reproducer.case
@@ -166,15 +167,18 @@ def replay(
 @app.command()
 @user_errors
 def promote(
-    file: Annotated[Path, typer.Argument(help="A reproducer (or any golden file).")],
+    file: Annotated[Path, typer.Argument(help="A reproducer (or any golden file); a layout reproducer (.json) "
+                                         "brings the member goldens beside it.")],
     to: Annotated[Path | None, typer.Option("--to", help="Regression golden directory. Default: regression/ of the "
                                             "default golden root, which rlk-conform run includes with the default "
                                             "goldens.")] = None,
 ) -> None:
-    """Add a reproducer's case to a regression golden set (its manifest is rewritten)."""
-    from conformance.golden.reproducer import promote as promote_case
+    """Add a reproducer's case to a regression golden set (its manifest is rewritten); a layout case
+    with the dense goldens it is composed of."""
+    from conformance.golden.layout_reproducer import promote_any
 
-    done = promote_case(file, to)
+    done = promote_any(file, to)
     verb = "replaced" if done.replaced else "added"
-    out.print(f"{verb} {done.case_id}\n  → {done.path}\n  {done.manifest}: {done.cases} case(s), dataset SHA-256 "
-              f"{done.dataset_sha256}", markup=False, highlight=False, soft_wrap=True)
+    members = "".join(f"\n  member {m}" for m in done.members)
+    out.print(f"{verb} {done.case_id}\n  → {done.path}{members}\n  {done.manifest}: {done.cases} case(s), "
+              f"dataset SHA-256 {done.dataset_sha256}", markup=False, highlight=False, soft_wrap=True)

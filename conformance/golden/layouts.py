@@ -63,8 +63,8 @@ def write_layout(path: Path, case: LayoutCase, prov: Provenance) -> None:
         tmp.write_bytes(layout_bytes(case, prov))
 
 
-def read_layout(path: Path) -> tuple[LayoutCase, Provenance]:
-    """The layout case of ``path``, validated field by field (GoldenError naming the field)."""
+def load_layout_json(path: Path) -> Any:
+    """The JSON of a layout file of at most ``MAX_LAYOUT_BYTES`` (GoldenError when it cannot be read)."""
     try:
         raw = path.read_bytes()[: MAX_LAYOUT_BYTES + 1]
         if len(raw) > MAX_LAYOUT_BYTES:
@@ -74,6 +74,13 @@ def read_layout(path: Path) -> tuple[LayoutCase, Provenance]:
         raise GoldenError(path, "missing layout file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise GoldenError(path, f"unreadable layout file ({' '.join(str(exc).split())})") from None
+    return data
+
+
+def read_layout(path: Path) -> tuple[LayoutCase, Provenance]:
+    """The layout case of ``path``, validated field by field (GoldenError naming the field). Fields
+    it does not know (a layout reproducer's ``reproducer``) are left to their readers."""
+    data = load_layout_json(path)
     if not isinstance(data, dict) or data.get("format") != LAYOUT_FORMAT:
         raise GoldenError(path, "not an rlk-conform layout file")
 

@@ -91,10 +91,16 @@ class Reproducer:
         return self.golden.case
 
 
-def reproducer_path(directory: Path, backend: str, case_id: str) -> Path:
-    """``<directory>/<backend>/<case id>.h5``; characters a file name cannot hold become '_'."""
+def reproducer_root(directory: Path, backend: str) -> Path:
+    """``<directory>/<backend>``, where a backend's reproducers go; characters a file name cannot hold
+    become '_'."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in backend) or "backend"
-    return case_path(directory / safe, case_id)
+    return directory / safe
+
+
+def reproducer_path(directory: Path, backend: str, case_id: str) -> Path:
+    """``<directory>/<backend>/<case id>.h5``."""
+    return case_path(reproducer_root(directory, backend), case_id)
 
 
 def write_reproducer(path: Path, case: Case, inputs: CaseInputs, golden: Golden, provenance: Provenance,
@@ -183,6 +189,7 @@ class Promotion:
     cases: int
     dataset_sha256: str
     replaced: bool  # the set already held this case id
+    members: tuple[Path, ...] = ()  # a layout case: the member goldens written with it
 
 
 def promote(path: str | Path, regression_dir: Path | None = None) -> Promotion:
@@ -193,28 +200,51 @@ def promote(path: str | Path, regression_dir: Path | None = None) -> Promotion:
     recomputes it bit for bit). A case id already in the set is replaced. Raises
     :class:`GoldenError` for an unreadable file or manifest.
     """
-    regression_dir = regression_dir if regression_dir is not None else locations.output_root() / REGRESSION_TIER
+    regression_dir = default_regression_dir(regression_dir)
     gc = read_golden(path)
+    dest, spec_file, spec_entry = copy_golden(gc, regression_dir)
+    return add_to_regression(regression_dir, [(gc.case.id, dest)], {spec_file: spec_entry})
+
+
+def default_regression_dir(regression_dir: Path | None) -> Path:
+    return regression_dir if regression_dir is not None else locations.output_root() / REGRESSION_TIER
+
+
+def copy_golden(gc: GoldenCase, regression_dir: Path) -> tuple[Path, str, dict[str, Any]]:
+    """Write the golden part of ``gc`` into ``regression_dir`` as ``generate`` would; returns its path
+    and the manifest's ``specs`` entry of its spec (file name, entry)."""
     a = gc.attrs
     provenance = Provenance(spec_file=a["spec_file"], spec_sha256=a["spec_sha256"], spec_seed=a["spec_seed"])
     dest = case_path(regression_dir, gc.case.id)
     write_golden(dest, gc.case, gc.inputs, gc.golden, provenance, gc.gradient)
+    return dest, provenance.spec_file, {"op": gc.case.op, "sha256": provenance.spec_sha256,
+                                        "seed": provenance.spec_seed}
+
+
+def add_to_regression(regression_dir: Path, written: list[tuple[str, Path]],
+                      spec_entries: dict[str, dict[str, Any]]) -> Promotion:
+    """List the files ``written`` into ``regression_dir`` (``(case id, path)``, the promoted case's own
+    file last, after the member goldens of a layout case) in its manifest, replacing entries of the
+    same case ids, and rewrite the manifest."""
+    case_id = written[-1][0]
     files: list[dict[str, Any]] = []
     specs: dict[str, dict[str, Any]] = {}
     if (regression_dir / MANIFEST_NAME).exists():
         manifest = read_manifest(regression_dir)
         files = list(manifest["files"])
         specs = dict(manifest.get("specs") or {})
-    replaced = any(e["case_id"] == gc.case.id for e in files)
-    files = [e for e in files if e["case_id"] != gc.case.id]
-    files.append({"case_id": gc.case.id, "path": dest.relative_to(regression_dir).as_posix(),
-                  "sha256": sha256_file(dest), "bytes": dest.stat().st_size})
-    spec_entry = {"op": gc.case.op, "sha256": provenance.spec_sha256, "seed": provenance.spec_seed}
-    key = provenance.spec_file
-    if key in specs and specs[key] != spec_entry:
-        key = f"{key}@{provenance.spec_sha256[:12]}"  # the spec changed since an earlier promotion
-    specs[key] = spec_entry
+    replaced = any(e["case_id"] == case_id for e in files)
+    ids = {cid for cid, _ in written}
+    files = [e for e in files if e["case_id"] not in ids]
+    files += [{"case_id": cid, "path": dest.relative_to(regression_dir).as_posix(), "sha256": sha256_file(dest),
+               "bytes": dest.stat().st_size} for cid, dest in written]
+    for spec_file, spec_entry in spec_entries.items():
+        key = spec_file
+        if key in specs and specs[key] != spec_entry:
+            key = f"{key}@{spec_entry['sha256'][:12]}"  # the spec changed since an earlier promotion
+        specs[key] = spec_entry
     manifest = build_manifest(REGRESSION_TIER, specs, files)
     manifest_path = write_manifest(regression_dir, manifest)
-    return Promotion(case_id=gc.case.id, path=dest, manifest=manifest_path, cases=len(files),
-                     dataset_sha256=manifest["dataset_sha256"], replaced=replaced)
+    return Promotion(case_id=case_id, path=written[-1][1], manifest=manifest_path, cases=len(files),
+                     dataset_sha256=manifest["dataset_sha256"], replaced=replaced,
+                     members=tuple(dest for _, dest in written[:-1]))

@@ -282,8 +282,7 @@ def search_property(prop: Property, ctx: PropertyContext, space: SpecSpace, sett
             "examples_declined": result.examples_declined, "stopped_by": stopped_by, "time_budget_s": budget,
             "profile": settings.profile.name, "seed": seed}
     if found is not None:
-        writes = settings.reproducer_dir is not None and prop.reproducer
-        result.reproducer = _write(found, ctx, settings, space) if writes else None
+        result.reproducer = _write(prop, found, ctx, settings, space) if settings.reproducer_dir is not None else None
         result.records = [_failure_record(found, result, settings, meta)]
     elif no_backward is not None:
         result.records = [_summary_record(prop, "", "", "skip", meta, no_backward)]
@@ -327,15 +326,11 @@ def _failure_record(found: Counterexample, result: PropertyResult, settings: Sea
     return Record(case.id, case.op, check, verdict.status, case.dtype, case.family, metrics, message)
 
 
-def _write(found: Counterexample, ctx: PropertyContext, settings: SearchSettings, space: SpecSpace) -> Path:
-    """Write the counterexample's reproducer (golden format + /reproducer) and return its path."""
+def _write(prop: Property, found: Counterexample, ctx: PropertyContext, settings: SearchSettings,
+           space: SpecSpace) -> Path:
+    """Write the counterexample's reproducer and return its path: the property's own writer (a layout
+    reproducer), else a dense one (golden format + /reproducer)."""
     case, outcome = found.example.case, found.outcome
-    baseline = outcome.baseline
-    if baseline is None:
-        try:
-            baseline = call_backend(ctx, own_call(found.subject))
-        except (BackendCallError, ContractViolation, PropertySkipped):
-            baseline = None  # the backend cannot produce it; the message says why
     device = str(ctx.backend.device)
     info = ReproducerInfo(property=found.example.prop, parameters=found.example.params,
                           hypothesis_seed=settings.effective_seed, profile=settings.profile.name,
@@ -344,6 +339,14 @@ def _write(found: Counterexample, ctx: PropertyContext, settings: SearchSettings
                           status=outcome.verdict.status, message=outcome.verdict.message,
                           variant=outcome.variant_label)
     assert settings.reproducer_dir is not None
+    if prop.write_reproducer is not None:
+        return prop.write_reproducer(found, ctx, info, settings.reproducer_dir, space)
+    baseline = outcome.baseline
+    if baseline is None:
+        try:
+            baseline = call_backend(ctx, own_call(found.subject))
+        except (BackendCallError, ContractViolation, PropertySkipped):
+            baseline = None  # the backend cannot produce it; the message says why
     path = reproducer_path(settings.reproducer_dir, ctx.backend.name, case.id)
     golden = found.subject.reference(ctx.reference_device)
     gradient = found.subject.gradient_reference(ctx.reference_device) if case.grad else None

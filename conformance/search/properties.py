@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 
 from conformance.backends.registry import backend_ops, declared_variants, skip_reason
 from conformance.golden.format import GoldenCase
+from conformance.golden.reproducer import ReproducerInfo
 from conformance.judge.invariance import determinism_reruns
 from conformance.judge.transforms import OpCall, Variant
 from conformance.judge.verdicts import Verdict
@@ -157,13 +158,18 @@ def dense_subject(example: Example, ctx: PropertyContext) -> Subject:
     return Subject(example.case, make_inputs(example.case))
 
 
+#: Writes a counterexample as a reproducer file in a directory and returns its path:
+#: ``(counterexample, context, what failed, directory, search space) -> path``.
+ReproducerWriter = Callable[["Counterexample", "PropertyContext", ReproducerInfo, Path, SpecSpace], Path]
+
+
 @dataclass(frozen=True)
 class Property:
     """One property: its check name, what passing means, the ops it needs, and how to draw and check it.
 
     A layout property (:mod:`conformance.search.layout_properties`) draws a layout case and judges a
-    subject of its own (``subject``); it needs any one of ``requires_any`` and writes no reproducer
-    file (``reproducer=False``: its failure's message carries the drawn composition)."""
+    subject of its own (``subject``); it needs any one of ``requires_any`` and writes its counterexample
+    with a writer of its own (``write_reproducer``: a layout reproducer instead of a dense golden file)."""
 
     name: str
     summary: str
@@ -173,7 +179,7 @@ class Property:
     backward: bool = False  # judges gradients: a backend without a backward skips it at the first example
     requires_any: tuple[str, ...] = ()  # the property applies when the backend has at least one of these ops
     subject: Callable[[Example, PropertyContext], Any] = dense_subject  # what ``check`` judges
-    reproducer: bool = True  # a counterexample is written as a reproducer file
+    write_reproducer: ReproducerWriter | None = None  # None: the dense reproducer (search.engine)
 
 
 def own_call(subject: Subject) -> OpCall:
