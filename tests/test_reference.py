@@ -398,11 +398,9 @@ def test_exact_tier_gives_the_same_bits_when_it_decides_every_element(
     assert np.array_equal(bits(forced.out), bits(golden.out))
 
 
-@pytest.mark.parametrize("case", TIER_CASES.values(), ids=TIER_CASES.keys())
-def test_double_double_exp_pass_gives_the_same_bits_when_it_decides_every_element(
-        case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    inputs, golden = seeded_golden(case)
-    _undecided_everywhere(monkeypatch)
+def _only_the_precise_pass_decides(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Tier 2's first pass decides nothing, so its double-double exp pass decides every element;
+    returns the count of the exp pass's calls (``calls["precise"]``), kept up to date."""
     original = double_double.double_double_elements
     calls = {"precise": 0}
 
@@ -414,6 +412,15 @@ def test_double_double_exp_pass_gives_the_same_bits_when_it_decides_every_elemen
         return values, decided
 
     _replace_tier2(monkeypatch, only_precise)
+    return calls
+
+
+@pytest.mark.parametrize("case", TIER_CASES.values(), ids=TIER_CASES.keys())
+def test_double_double_exp_pass_gives_the_same_bits_when_it_decides_every_element(
+        case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs, golden = seeded_golden(case)
+    _undecided_everywhere(monkeypatch)
+    calls = _only_the_precise_pass_decides(monkeypatch)
     forced = compute_reference(case, inputs)
     assert calls["precise"] > 0 and forced.stats.double_double > 0
     assert np.array_equal(bits(forced.out), bits(golden.out))
@@ -439,17 +446,7 @@ def test_tier2_in_tiny_chunks_gives_the_same_bits(name: str, monkeypatch: pytest
     case = FORMULA_CASES[name]
     inputs, golden = seeded_golden(case)
     _undecided_everywhere(monkeypatch)
-    original = double_double.double_double_elements
-    calls = {"precise": 0}
-
-    def only_precise(*args: object, precise: bool = False, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
-        values, decided = original(*args, precise=precise, **kwargs)
-        if not precise:
-            return values, np.zeros_like(decided)
-        calls["precise"] += 1
-        return values, decided
-
-    _replace_tier2(monkeypatch, only_precise)
+    calls = _only_the_precise_pass_decides(monkeypatch)
     whole = compute_reference(case, inputs)
     one_call = calls["precise"]
     monkeypatch.setattr(double_double, "TIER2_ELEMENTS", 37)
