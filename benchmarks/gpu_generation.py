@@ -104,6 +104,8 @@ def main() -> None:
         "cpu_jobs": args.cpu_jobs, "cpu_seconds": cpu_s, "gpu_jobs": args.gpu_jobs, "gpu_seconds": gpu_s,
         "speedup": cpu_s / gpu_s, "write_floor_seconds": floor_s, "bytes": floor_bytes,
         "gpu_over_write_floor": gpu_s / floor_s,
+        "refined_double_double": sum(r.refined_double_double for r in gpu.results),
+        "refined_exact": sum(r.refined_exact for r in gpu.results),
         "gpu_case_seconds": sum(r.seconds for r in gpu.results),
         "gpu_grad_case_seconds": sum(r.seconds for r in gpu.results if r.case_id.endswith("-grad")),
         "gpu_slowest": [(r.case_id, round(r.seconds, 2)) for r in sorted(gpu.results, key=lambda r: -r.seconds)[:12]],
