@@ -295,8 +295,9 @@ def test_each_tier_bound_covers_its_actual_error(case: Case, monkeypatch: pytest
     tier2: list[tuple[str, bool, np.ndarray, tuple[torch.Tensor, ...]]] = []
     decide64, decide_dd, original_tier2 = gradient.decide_float64, gradient_double_double._decide_dd, gradient.tier2
 
-    def spy64(value: np.ndarray, bound: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        tier1.append((value.copy(), bound.copy(), np.asarray(zero).copy()))
+    def spy64(value: torch.Tensor, bound: torch.Tensor, zero: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        held = [torch.as_tensor(x).cpu().expand_as(torch.as_tensor(value)).numpy().copy() for x in (value, bound, zero)]
+        tier1.append((held[0], held[1], held[2]))
         return decide64(value, bound, zero)
 
     def spy_tier2(case_: Case, ops: object, elements: dict, precise: bool, prior: object = None) -> tuple:

@@ -29,7 +29,7 @@ import torch
 
 from conformance.reference.double_double import double_double_elements, tier2_batches, tier2_limit
 from conformance.reference.exact import exact_lse, exact_row
-from conformance.reference.float64 import BLOCK_ELEMENTS, CUDA_BLOCK_ELEMENTS, float64_block
+from conformance.reference.float64 import BLOCK_ELEMENTS, CUDA_BLOCK_ELEMENTS, float64_block, tier1_decision
 from conformance.reference.rounding import rounding_interval
 from conformance.spec.case import Case
 from conformance.spec.inputs import CaseInputs, key_limit, visible
@@ -155,16 +155,6 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
         flops=flops,
         stats=stats,
     )
-
-
-def tier1_decision(out: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 rounding of the float64 values ``out`` and where their error ``bound`` leaves it
-    open: an element is decided when ``out ± bound`` lies strictly between the midpoints to its float32
-    neighbours (float32 midpoints are exact in float64). Elementwise, on the tensors' device."""
-    o32 = out.to(torch.float32)
-    mid_lo = (o32.double() + torch.nextafter(o32, torch.full_like(o32, -math.inf)).double()) / 2
-    mid_hi = (o32.double() + torch.nextafter(o32, torch.full_like(o32, math.inf)).double()) / 2
-    return o32, ~((out - bound > mid_lo) & (out + bound < mid_hi))
 
 
 ERROR_SCALE_BITS = 12

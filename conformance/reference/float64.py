@@ -103,6 +103,16 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
     }
 
 
+def tier1_decision(out: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 rounding of the float64 values ``out`` and where their error ``bound`` leaves it
+    open: an element is decided when ``out ± bound`` lies strictly between the midpoints to its float32
+    neighbours (float32 midpoints are exact in float64). Elementwise, on the tensors' device."""
+    o32 = out.to(torch.float32)
+    mid_lo = (o32.double() + torch.nextafter(o32, torch.full_like(o32, -math.inf)).double()) / 2
+    mid_hi = (o32.double() + torch.nextafter(o32, torch.full_like(o32, math.inf)).double()) / 2
+    return o32, ~((out - bound > mid_lo) & (out + bound < mid_hi))
+
+
 SUM_BLOCK = 256  # keys per matmul of the blocked sums
 CASCADE_BLOCKS = 16  # up to this many blocks, TwoSum adds the partials; beyond, a pairwise tree
 

@@ -251,11 +251,10 @@ def _compute(case: Case, inputs: CaseInputs, g64: torch.Tensor, dev: torch.devic
     dv64 = acc["dv_hi"] + acc["dv_lo"]
     dk_bnd = 2 * (abs(scale) * acc["dk_bnd"] + 4 * U * dk64.abs())
     dv_bnd = 2 * (acc["dv_bnd"] + 4 * U * dv64.abs())
-    zero = {"dq": np.broadcast_to(~active[..., None], dq64.shape),
-            "dk": np.broadcast_to(~key_active.cpu().numpy()[..., None], kv),
-            "dv": np.broadcast_to(~key_seen.cpu().numpy()[..., None], kv)}
-    values = {"dq": dq64.numpy(), "dk": dk64.cpu().numpy(), "dv": dv64.cpu().numpy()}
-    bounds = {"dq": dq_bnd.numpy(), "dk": dk_bnd.cpu().numpy(), "dv": dv_bnd.cpu().numpy()}
+    # The decision runs where the values are (dQ on the host, dK and dV on the generation device).
+    zero = {"dq": torch.from_numpy(~active)[..., None], "dk": ~key_active[..., None], "dv": ~key_seen[..., None]}
+    values = {"dq": dq64, "dk": dk64, "dv": dv64}
+    bounds = {"dq": dq_bnd, "dk": dk_bnd, "dv": dv_bnd}
     out32: dict[str, np.ndarray] = {}
     undecided: dict[str, np.ndarray] = {}
     for name in WHICH:

@@ -19,9 +19,9 @@ from conformance.reference.float64 import (
     naive_probs,
     pairwise_sum,
     round_like_dtype,
+    tier1_decision,
     with_sink_key,
 )
-from conformance.reference.rounding import rounding_interval
 from conformance.spec.case import Case
 
 # Score-matrix elements per float64 block (about 25 float64 temporaries of this size: ~200 MiB on CPU).
@@ -51,15 +51,19 @@ class Operands:
     single: np.ndarray  # bool [b, hkv, g, sq]: rows that see exactly one key (P = 1)
 
 
-def decide_float64(value: np.ndarray, bound: np.ndarray, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def decide_float64(value: torch.Tensor | np.ndarray, bound: torch.Tensor | np.ndarray,
+                   zero: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 values and the undecided mask: an element is final when its float64 value is farther
     than ``bound`` from both rounding boundaries and, if it rounds to zero, its sign is certain;
-    ``zero`` marks the structural zeros (+0.0, exact)."""
-    v32 = value.astype(np.float32)
-    mid_lo, mid_hi = rounding_interval(v32)
-    decided = (value - bound > mid_lo) & (value + bound < mid_hi) & ((v32 != 0) | (np.abs(value) > bound))
-    v32[zero] = 0.0
-    return v32, ~(decided | zero)
+    ``zero`` marks the structural zeros (+0.0, exact). Runs on the tensors' device (numpy arrays: on
+    the CPU); only the float32 values and the mask come back."""
+    value, bound = torch.as_tensor(value), torch.as_tensor(bound)
+    zero = torch.as_tensor(np.ascontiguousarray(zero)) if isinstance(zero, np.ndarray) else zero
+    v32, open_ = tier1_decision(value, bound)
+    decided = ~open_ & ((v32 != 0) | (value.abs() > bound))
+    zero = zero.to(value.device).expand_as(value)
+    v32 = torch.where(zero, torch.zeros_like(v32), v32)
+    return v32.cpu().numpy(), (~(decided | zero)).cpu().numpy()
 
 
 def logits64(dots: torch.Tensor, scale: float, vis: torch.Tensor, all_visible: bool) -> torch.Tensor:
