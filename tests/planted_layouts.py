@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from planted_backends import Correct, attend64
 from planted_gradients import ulp_up
+from planted_variants import PlantedVariants
 
+from conformance.backends.builtin import NaiveFp32Backend
 from conformance.backends.layouts import DenseLayouts, check_offsets, gather_pages, unpack_paged, unpack_varlen
 
 
@@ -101,3 +103,24 @@ class AttendsIntoNeighbour(LayoutCorrect):
         sequences = [(sq, k[a:b], v[a:b]) for (sq, _, _), a, b in
                      zip(unpack_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k), ck, ends)]
         return attend_sequences(sequences, causal, scale)
+
+
+class LayoutWindowCorrect(DenseLayouts, PlantedVariants):
+    """The dense adapter over the correct float64 variants backend (window declared): accurate and
+    invariant on windowed layout cases by construction."""
+
+    @property
+    def name(self) -> str:
+        return "layout-window-correct"
+
+
+class WindowIgnoredWhenPacked(NaiveFp32Backend):
+    """Declares the window and honours it in the dense ops and the paged layout, but the packed call
+    drops ``window_size`` (a varlen path that forgets to forward the window): ``accuracy``."""
+
+    name = "layout-window-ignored-when-packed"
+
+    def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k, causal=True,
+                         scale=None, window_size=(-1, -1)):
+        return super().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                        max_seqlen_k=max_seqlen_k, causal=causal, scale=scale)

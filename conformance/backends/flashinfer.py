@@ -13,6 +13,10 @@ The second of each pair is FlashInfer's batch-invariant setting (the one vLLM an
 their batch-invariant modes); a FlashInfer whose ``plan`` lacks that argument makes the backend
 unavailable with that reason rather than judged without it. FlashInfer is optional: without it,
 or without CUDA, every one is unavailable with the reason.
+
+None declares the sliding window (no ``variants``): FlashInfer's ``window_left`` is not wired to
+the layouts' ``window_size`` here and cannot be tested without CUDA, so the windowed layout cases
+are skipped with the reason rather than run without their window.
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ padded slot holds 0, never NaN. A ``mask_mod`` over captured per-token tensors (
 gives the visibility: ``seq_q[i] == seq_k[j] >= 0`` (padded tokens belong to no sequence) and, when
 causal, ``kpos[j] <= qpos[i]``, where ``kpos`` is a key's position in its sequence and ``qpos`` the
 query's position counted from its sequence's end, ``i + len_k - len_q`` (the bottom-right rule of the
-dense op). ``causal`` is a captured 0-d tensor too, so causal and non-causal calls share code.
+dense op). A sliding window ``(left, right)`` bounds the same difference: ``lo <= kpos[j] - qpos[i] <=
+hi`` with ``lo = -left`` and ``hi = right`` (causal: ``hi = 0``; :func:`relative_bounds`, from
+:func:`flex.key_bounds`), per sequence and bottom-right aligned in each because ``qpos`` is. ``lo``
+and ``hi`` are captured 0-d tensors (an unbounded side a bound no key reaches), so causal,
+non-causal and windowed calls share code.
 
 **Paged.** The keys are copied, once, by torch index ops on the device from the page pool into the
 same zero-initialised, tile-aligned bucket buffer: position ``p`` of sequence ``i`` from slot
@@ -41,7 +45,8 @@ one-token decode occupies a 128-row q tile whose padded rows are empty: cheap in
 computed in the kernel). Compile failures are :class:`flex.FlexCompileError`, remembered per bucket;
 dynamo's silent fallbacks are errors (:func:`flex.no_silent_fallback`). Rows that see no key output 0
 (FlexAttention's own rule). Forward only: there is no layout backward op, and FlexAttention has no
-backward on the CPU; variants (window, softcap, sinks) are not composed with the layouts.
+backward on the CPU. Of the variants only the window composes with the layouts (``variants``);
+soft-capping and sinks do not.
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ from typing import Any
 
 import torch
 
-from .contract import BackendUnavailable, one_line
+from conformance.spec.case import Case
+
+from .contract import AD_HOC_FAMILY, BackendUnavailable, one_line
 from .flex import (
     SPARSE_BLOCK,
     FlexCompileError,
@@ -60,6 +67,7 @@ from .flex import (
     bucket,
     compiled_flex_attention,
     flex_unavailable_reason,
+    key_bounds,
     no_silent_fallback,
 )
 from .layouts import check_offsets, check_paged
@@ -70,14 +78,27 @@ LayoutBucketKey = tuple[str, torch.dtype, int, int, int, int, int, "float | None
 _FAILED: dict[LayoutBucketKey, str] = {}
 
 
+def relative_bounds(causal: bool, window: tuple[int, int], size: int) -> tuple[int, int]:
+    """``(lo, hi)``: a query at position ``qpos`` (counted from its sequence's end) sees the key at
+    ``kpos`` of its sequence iff ``lo <= kpos - qpos <= hi`` (causal and window). These are
+    :func:`flex.key_bounds` of a square ``size`` case (diagonal offset 0, since ``qpos`` already holds
+    it); an unbounded side is ``∓size``, which no pair of positions below ``size`` reaches."""
+    square = Case(id="", op="attention", family=AD_HOC_FAMILY, tier="smoke", batch=1, hq=1, hkv=1, d=1, sq=size,
+                  skv=size, dtype="float32", causal=causal, scale=None, mask="none", dist="normal", seed=0,
+                  window=(int(window[0]), int(window[1])))
+    return key_bounds(square, size)
+
+
 def document_mask_mod(seq_q: torch.Tensor, seq_k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
-                      causal: torch.Tensor) -> MaskMod:
+                      lo: torch.Tensor, hi: torch.Tensor) -> MaskMod:
     """Row ``i`` sees key ``j`` iff both are tokens of the same sequence (``seq_k[j] >= 0``; padding is
-    ``-1`` for queries, ``-2`` for keys) and, when ``causal`` (0-d bool), ``kpos[j] <= qpos[i]``.
-    ``seq_*`` and ``*pos`` int64 ``[TQ]`` / ``[TK]``; every call returns a function with the same code."""
+    ``-1`` for queries, ``-2`` for keys) and ``lo <= kpos[j] - qpos[i] <= hi`` (0-d int64,
+    :func:`relative_bounds`: causal and window). ``seq_*`` and ``*pos`` int64 ``[TQ]`` / ``[TK]``; every
+    call returns a function with the same code."""
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return (seq_q[q_idx] == seq_k[kv_idx]) & ((kpos[kv_idx] <= qpos[q_idx]) | ~causal)
+        rel = kpos[kv_idx] - qpos[q_idx]
+        return (seq_q[q_idx] == seq_k[kv_idx]) & (rel >= lo) & (rel <= hi)
 
     return mask_mod
 
@@ -108,20 +129,25 @@ def _tile_stats(seq_of_row: torch.Tensor, pos_of_row: torch.Tensor) -> tuple[tor
 
 
 def document_block_mask(seq_q: torch.Tensor, qpos: torch.Tensor, seq_k: torch.Tensor, kpos: torch.Tensor,
-                        causal: bool) -> Any:
-    """The ``BlockMask`` of :func:`document_mask_mod` per 128 x 128 tile (module docstring)."""
+                        causal: bool, window: tuple[int, int] = (-1, -1)) -> Any:
+    """The ``BlockMask`` of :func:`document_mask_mod` per 128 x 128 tile (module docstring). Positions in
+    a tile are consecutive, so a tile pair is *partial* when some ``kpos - qpos`` lies in ``[lo, hi]``
+    (its first key at most its last row's ``qpos + hi``, its last key at least its first row's
+    ``qpos + lo``) and *full* when every one does; tiles wholly outside a window are empty."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    lo, hi = relative_bounds(causal, window, max(seq_q.numel(), seq_k.numel()))
     tq, q_full, q_first, q_last = _tile_stats(seq_q, qpos)
     tk, k_full, k_first, k_last = _tile_stats(seq_k, kpos)
     same = (tq[:, None] == tk[None, :]) & (tk >= 0)[None, :]
-    some, full = same, same & q_full[:, None] & k_full[None, :]
-    if causal:
-        some = some & (k_first[None, :] <= q_last[:, None])
-        full = full & (k_last[None, :] <= q_first[:, None])
+    some = same & (k_first[None, :] <= q_last[:, None] + hi) & (k_last[None, :] >= q_first[:, None] + lo)
+    full = (same & q_full[:, None] & k_full[None, :] & (k_last[None, :] <= q_first[:, None] + hi)
+            & (k_first[None, :] >= q_last[:, None] + lo))
     kv_num, kv_idx = _ordered((some & ~full)[None, None])
     full_num, full_idx = _ordered(full[None, None])
-    mask_mod = document_mask_mod(seq_q, seq_k, qpos, kpos, torch.tensor(causal, device=seq_q.device))
+    dev = seq_q.device
+    mask_mod = document_mask_mod(seq_q, seq_k, qpos, kpos, torch.tensor(lo, dtype=torch.int64, device=dev),
+                                 torch.tensor(hi, dtype=torch.int64, device=dev))
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(SPARSE_BLOCK, SPARSE_BLOCK),
                                     mask_mod=mask_mod, seq_lengths=(seq_q.numel(), seq_k.numel()))
 
@@ -132,9 +158,10 @@ def aligned_size(lens: list[int]) -> int:
 
 
 def flex_document_attention(q: torch.Tensor, keys: Any, cq: list[int], ck: list[int], *, causal: bool,
-                            scale: float | None, hkv: int) -> torch.Tensor:
-    """``out [total_q, Hq, D]`` for the sequences ``cq``/``ck`` (host offsets); ``keys(row)`` fills the
-    zero key and value buffers ``[1, Hkv, TK, D]`` at the buffer rows ``row`` of the packed key tokens."""
+                            scale: float | None, hkv: int, window: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+    """``out [total_q, Hq, D]`` for the sequences ``cq``/``ck`` (host offsets), each with the sliding
+    ``window``; ``keys(row)`` fills the zero key and value buffers ``[1, Hkv, TK, D]`` at the buffer
+    rows ``row`` of the packed key tokens."""
     dev, hq, d = q.device, q.shape[1], q.shape[2]
     lq = [b - a for a, b in itertools.pairwise(cq)]
     lk = [b - a for a, b in itertools.pairwise(ck)]
@@ -150,7 +177,7 @@ def flex_document_attention(q: torch.Tensor, keys: Any, cq: list[int], ck: list[
     seq, _, qrow, seq_q, qpos = _placement(lens_q, torch.tensor(cq, dtype=torch.int64, device=dev), -1, tq_size)
     qpos = qpos + torch.zeros_like(qpos).index_copy(0, qrow, (lens_k - lens_q)[seq])  # from the sequence's end
     _, _, krow, seq_k, kpos = _placement(lens_k, torch.tensor(ck, dtype=torch.int64, device=dev), -2, tk_size)
-    block_mask = document_block_mask(seq_q, qpos, seq_k, kpos, causal)
+    block_mask = document_block_mask(seq_q, qpos, seq_k, kpos, causal, window)
     qb = q.new_zeros(1, hq, tq_size, d)
     qb[0].index_copy_(1, qrow, q.transpose(0, 1))
     kb, vb = keys(krow, tk_size)
@@ -174,6 +201,7 @@ class FlexLayoutsBackend:
     name = "flex-layouts"
     description = ("torch FlexAttention (torch.compile'd) over the packed tokens as one batch, document mask_mod; "
                    "paged keys copied from the owned slots on the device")
+    variants = ("window",)  # the window bounds the mask_mod and the block mask; softcap and sinks do not compose
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
@@ -188,7 +216,7 @@ class FlexLayoutsBackend:
 
     def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                         scale: float | None = None) -> torch.Tensor:
+                         scale: float | None = None, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
         cq = check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0])
         ck = check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0])
         if len(cq) != len(ck):
@@ -198,12 +226,13 @@ class FlexLayoutsBackend:
             return tuple(t.new_zeros(1, t.shape[1], size, t.shape[2]).index_copy_(2, row, t.transpose(0, 1)[None])
                          for t in (k, v))  # type: ignore[return-value]
 
-        return flex_document_attention(q, keys, cq, ck, causal=causal, scale=scale, hkv=k.shape[1])
+        return flex_document_attention(q, keys, cq, ck, causal=causal, scale=scale, hkv=k.shape[1],
+                                       window=window_size)
 
     def paged_kv_attention(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, *,
                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
         cq, lens = check_paged(q, block_table, seq_lens, cu_seqlens_q)
         page_size = k_pages.shape[1]
         if any(-(-n // page_size) > block_table.shape[1] for n in lens):
@@ -227,7 +256,8 @@ class FlexLayoutsBackend:
                            .index_copy_(2, row, owned.transpose(0, 1)[None]))
             return out[0], out[1]
 
-        return flex_document_attention(q, keys, cq, ck, causal=causal, scale=scale, hkv=k_pages.shape[2])
+        return flex_document_attention(q, keys, cq, ck, causal=causal, scale=scale, hkv=k_pages.shape[2],
+                                       window=window_size)
 
 
 __all__ = ["FlexLayoutsBackend", "document_block_mask", "document_mask_mod", "flex_document_attention"]

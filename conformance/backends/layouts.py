@@ -3,9 +3,10 @@ serves them with a backend's dense ``attention``.
 
 ::
 
-    varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k, causal, scale) -> out
+    varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k, causal, scale
+                     [, window_size]) -> out
     paged_kv_attention(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q, max_seqlen_k,
-                       causal, scale) -> out
+                       causal, scale[, window_size]) -> out
 
 Sequence ``i`` of a pack has the query rows ``q[cu_seqlens_q[i]:cu_seqlens_q[i+1]]`` (``q [total_q,
 Hq, D]``, ``out`` the same shape) and, packed, the keys ``k[cu_seqlens_k[i]:cu_seqlens_k[i+1]]``
@@ -15,9 +16,13 @@ page_size, Hkv, D]``, ``block_table [B, max_pages]`` int32, ``seq_lens [B]`` int
 its last positions and causal is bottom-right per sequence, exactly the dense op's rule. The
 ``cu_seqlens_*`` are int32 ``[B + 1]`` starting at 0. Slots past a sequence's length (the unused tail
 of its last page, pages no sequence owns) may hold anything, NaN included, and must not be read.
+``window_size=(left, right)`` is the dense op's sliding window, per sequence, relative to that
+sequence's bottom-right diagonal; the harness passes it only for a case with a bounded window and
+only to a backend that declares ``"window"`` in its ``variants`` (the others skip such cases).
 
 :class:`DenseLayouts` gives any backend with a dense ``attention`` both layouts: it unpacks (or
-gathers the pages of) each sequence and calls ``attention`` on it alone, batch 1. Every built-in
+gathers the pages of) each sequence and calls ``attention`` on it alone, batch 1, with the window
+passed on (a window case runs only when the backend's ``variants`` declare it). Every built-in
 backend has it; the real packed and paged kernels (``varlen.py``, ``flex_layouts.py``,
 ``flashinfer.py``) implement the layouts themselves.
 """
@@ -104,14 +109,16 @@ def dense_output(result: Any) -> torch.Tensor:
 
 
 def attend_each(attention: Any, sequences: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, causal: bool,
-                scale: float | None) -> torch.Tensor:
+                scale: float | None, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
     """``out [total_q, Hq, D]``: every sequence through the dense ``attention`` on its own (batch 1,
-    heads before sequence), in pack order."""
+    heads before sequence), in pack order. ``window_size`` is passed only when bounded, as the harness
+    passes it to a dense call: a dense op without the keyword keeps serving plain layout calls."""
+    variant = {} if tuple(window_size) == (-1, -1) else {"window_size": tuple(window_size)}
     outs = []
     for sq, sk, sv in sequences:
         o = dense_output(attention(sq.transpose(0, 1)[None].contiguous(), sk.transpose(0, 1)[None].contiguous(),
                                    sv.transpose(0, 1)[None].contiguous(), causal=causal, scale=scale,
-                                   key_padding_mask=None))
+                                   key_padding_mask=None, **variant))
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs, 0).contiguous()
 
@@ -123,15 +130,17 @@ class DenseLayouts:
 
     def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                         scale: float | None = None) -> torch.Tensor:
+                         scale: float | None = None, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
         """docs/backends.md#layouts: a packed batch, one dense ``attention`` call per sequence."""
         sequences = unpack_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k)
-        return attend_each(self.attention, sequences, causal=causal, scale=scale)  # type: ignore[attr-defined]
+        return attend_each(self.attention, sequences, causal=causal, scale=scale,  # type: ignore[attr-defined]
+                           window_size=window_size)
 
     def paged_kv_attention(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, *,
                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
         """docs/backends.md#layouts: a paged KV cache, each sequence's pages gathered, one dense call each."""
         sequences = unpack_paged(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q)
-        return attend_each(self.attention, sequences, causal=causal, scale=scale)  # type: ignore[attr-defined]
+        return attend_each(self.attention, sequences, causal=causal, scale=scale,  # type: ignore[attr-defined]
+                           window_size=window_size)

@@ -249,7 +249,21 @@ def skip_reason(backend: Backend, op: str, case: Any) -> str | None:
             return (f"{backend.name} does not implement {op} (a backend with only the dense ops is not judged on "
                     "the packed and paged layouts; see docs/backends.md#layouts)")
         return f"{backend.name} does not implement {op}"
-    return _supports_reason(backend, op, case, "this case") or variant_skip_reason(backend, case)
+    return (_supports_reason(backend, op, case, "this case") or variant_skip_reason(backend, case)
+            or layout_window_skip_reason(backend, op, case))
+
+
+def layout_window_skip_reason(backend: Backend, op: str, case: Any) -> str | None:
+    """Why ``backend`` skips a layout case with a sliding window although it declares the window: its
+    layout op has no ``window_size`` parameter (its dense ops may take one, its layouts not), so the
+    window would be dropped. None otherwise (the window is the one variant the layouts take)."""
+    if op not in LAYOUT_OPS or "window" not in case.variants:
+        return None
+    keywords = (*LAYOUT_KEYWORDS, VARIANT_KEYWORDS["window"])
+    if signature_problem(getattr(backend, op), LAYOUT_POSITIONAL[op], keywords) is None:
+        return None
+    return (f"{backend.name}'s {op} takes no window_size: the sliding window {tuple(case.window)} of this case "
+            "would be dropped (docs/backends.md#layouts)")
 
 
 def _supports_reason(backend: Backend, asked: str, case: Case, what: str) -> str | None:

@@ -42,9 +42,12 @@ def is_layout_path(path: Path) -> bool:
 
 
 def layout_json(case: LayoutCase, prov: Provenance) -> dict[str, Any]:
-    """The content of a layout file (docs/golden-format.md#layout-files)."""
-    return {"format": LAYOUT_FORMAT, "schema_version": LAYOUT_SCHEMA_VERSION, "case_id": case.id, "op": case.op,
-            "family": case.family, "tier": case.tier, "preset": case.preset, "hq": case.hq, "hkv": case.hkv,
+    """The content of a layout file (docs/golden-format.md#layout-files). ``window`` ``[left, right]``
+    only for a bounded window: the files of plain layout cases keep their bytes."""
+    window = {} if case.window == (-1, -1) else {"window": list(case.window)}
+    return {**window, "format": LAYOUT_FORMAT, "schema_version": LAYOUT_SCHEMA_VERSION, "case_id": case.id,
+            "op": case.op, "family": case.family, "tier": case.tier, "preset": case.preset, "hq": case.hq,
+            "hkv": case.hkv,
             "head_dim": case.d, "dtype": case.dtype, "causal": case.causal, "scale": case.scale, "dist": case.dist,
             "seed": case.seed, "pack": [t.text for t in case.tokens],
             "sequences": [{"case_id": s.case_id, "batch_index": s.batch_index, "sq": s.sq, "skv": s.skv}
@@ -122,13 +125,17 @@ def read_layout(path: Path) -> tuple[LayoutCase, Provenance]:
     if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in sizes):
         raise GoldenError(path, f"field 'page_sizes' must list positive integers, found {sizes!r}")
     preset = data.get("preset")
+    window = data.get("window", [-1, -1])
+    if not (isinstance(window, list) and len(window) == 2 and all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise GoldenError(path, f"field 'window' must be [left, right], each -1 (unbounded) or >= 0, found {window!r}")
     case = LayoutCase(id=field("case_id", str), op=op, family=field("family", str), tier=field("tier", str, TIERS),
                       hq=field("hq", int), hkv=field("hkv", int), d=field("head_dim", int),
                       dtype=field("dtype", str, DTYPES), causal=field("causal", bool),
                       scale=None if scale is None else float(scale), dist=field("dist", str, DISTS),
                       seed=field("seed", int), tokens=tokens, sequences=tuple(sequences),
                       page_size=page_size if op == LAYOUT_OPS[1] else None, page_sizes=tuple(sizes),
-                      preset=preset if isinstance(preset, str) else None)
+                      preset=preset if isinstance(preset, str) else None, window=(window[0], window[1]))
     if case.hq < 1 or case.hkv < 1 or case.hq % case.hkv:
         raise GoldenError(path, f"fields 'hq' = {case.hq} and 'hkv' = {case.hkv}: hq must be a multiple of hkv")
     prov = Provenance(str(data.get("spec_file", "")), str(data.get("spec_sha256", "")), int(data.get("spec_seed", 0)))
@@ -185,9 +192,11 @@ def read_layout_golden(path: Path, max_bytes: int = DEFAULT_MAX_CASE_BYTES, expe
         gc = members[ref.case_id]
         m = gc.case
         wanted = {"hq": case.hq, "hkv": case.hkv, "head_dim": case.d, "dtype": case.dtype, "causal": case.causal,
-                  "scale": case.scale, "dist": case.dist, "sq": ref.sq, "skv": ref.skv, "mask": "none"}
+                  "scale": case.scale, "dist": case.dist, "sq": ref.sq, "skv": ref.skv, "mask": "none",
+                  "window": case.window, "softcap": None, "sinks": None}
         found = {"hq": m.hq, "hkv": m.hkv, "head_dim": m.d, "dtype": m.dtype, "causal": m.causal, "scale": m.scale,
-                 "dist": m.dist, "sq": m.sq, "skv": m.skv, "mask": m.mask}
+                 "dist": m.dist, "sq": m.sq, "skv": m.skv, "mask": m.mask, "window": m.window,
+                 "softcap": m.softcap, "sinks": None if m.sinks is None else "sinks"}
         bad = [k for k in wanted if wanted[k] != found[k]]
         if bad or ref.batch_index >= m.batch:
             what = (f"{bad[0]} {found[bad[0]]!r}, the layout needs {wanted[bad[0]]!r}" if bad

@@ -43,7 +43,9 @@ class LayoutCall:
     """One call of a layout op; ``tensors`` are its positional arguments after ``q`` in the order of
     docs/backends.md#layouts (varlen: k, v, cu_seqlens_q, cu_seqlens_k; paged: k_pages, v_pages,
     block_table, seq_lens, cu_seqlens_q). ``q_offsets`` are the sequences' query rows in ``q`` and in
-    the output."""
+    the output. ``window`` is the sliding window of every sequence (docs/backends.md#layouts), passed
+    as ``window_size`` only when bounded, so a backend without the window keyword keeps working on
+    plain calls."""
 
     op: str
     q: torch.Tensor
@@ -54,6 +56,7 @@ class LayoutCall:
     causal: bool
     scale: float | None
     page_size: int | None = None
+    window: tuple[int, int] = (-1, -1)
 
     @property
     def n(self) -> int:
@@ -63,8 +66,11 @@ class LayoutCall:
         return (self.q, *self.tensors)
 
     def kwargs(self) -> dict[str, Any]:
-        return {"max_seqlen_q": self.max_seqlen_q, "max_seqlen_k": self.max_seqlen_k, "causal": self.causal,
-                "scale": self.scale}
+        kwargs: dict[str, Any] = {"max_seqlen_q": self.max_seqlen_q, "max_seqlen_k": self.max_seqlen_k,
+                                  "causal": self.causal, "scale": self.scale}
+        if self.window != (-1, -1):
+            kwargs["window_size"] = self.window
+        return kwargs
 
     def names(self) -> tuple[str, ...]:
         if self.op == VARLEN:
@@ -86,24 +92,27 @@ def _offsets(lengths: Sequence[int]) -> list[int]:
     return out
 
 
-def pack_call(seqs: Sequence[Seq], causal: bool, scale: float | None) -> LayoutCall:
-    """The sequences as one packed batch (``varlen_attention``)."""
+def pack_call(seqs: Sequence[Seq], causal: bool, scale: float | None,
+              window: tuple[int, int] = (-1, -1)) -> LayoutCall:
+    """The sequences as one packed batch (``varlen_attention``), each with the sliding window ``window``."""
     cq, ck = _offsets([s.sq for s in seqs]), _offsets([s.skv for s in seqs])
     tensors = (torch.cat([s.k for s in seqs]), torch.cat([s.v for s in seqs]),
                torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32))
     return LayoutCall(VARLEN, torch.cat([s.q for s in seqs]), tensors, tuple(cq), max(s.sq for s in seqs),
-                      max(s.skv for s in seqs), causal, scale)
+                      max(s.skv for s in seqs), causal, scale, window=window)
 
 
 def paged_call(seqs: Sequence[Seq], causal: bool, scale: float | None, page_size: int,
-               order: Sequence[int] | None = None, fill: str = "nan") -> LayoutCall:
+               order: Sequence[int] | None = None, fill: str = "nan", window: tuple[int, int] = (-1, -1)
+               ) -> LayoutCall:
     """The sequences' keys in a paged KV cache (``paged_kv_attention``) of ``page_size``.
 
     The pool has every page the sequences need plus one page no sequence owns, which pads the rows of
     the block table; the unused tail of each last page and that spare page hold ``fill``: ``"nan"``
     (a layout case's own call), ``"large"`` (±1e4), ``"zeros"`` or ``"copies"`` (of real keys).
     ``order`` is a permutation of the pool: physical page ``order[j]`` holds logical page ``j``
-    (sequences' pages in pack order, then the spare); None keeps them in order."""
+    (sequences' pages in pack order, then the spare); None keeps them in order. ``window``: every
+    sequence's sliding window."""
     counts = [-(-s.skv // page_size) for s in seqs]
     n_pages = sum(counts) + 1
     order = list(range(n_pages)) if order is None else [int(x) for x in order]
@@ -128,7 +137,7 @@ def paged_call(seqs: Sequence[Seq], causal: bool, scale: float | None, page_size
     tensors = (k_pages, v_pages, table, torch.tensor([s.skv for s in seqs], dtype=torch.int32),
                torch.tensor(cq, dtype=torch.int32))
     return LayoutCall(PAGED, torch.cat([s.q for s in seqs]), tensors, tuple(cq), max(s.sq for s in seqs),
-                      max(s.skv for s in seqs), causal, scale, page_size)
+                      max(s.skv for s in seqs), causal, scale, page_size, window)
 
 
 def unused_fill(fill: str, shape: tuple[int, ...], dtype: torch.dtype, real: torch.Tensor,
@@ -149,13 +158,14 @@ def unused_fill(fill: str, shape: tuple[int, ...], dtype: torch.dtype, real: tor
 
 
 def layout_call(op: str, seqs: Sequence[Seq], causal: bool, scale: float | None, page_size: int | None = None,
-                order: Sequence[int] | None = None, fill: str = "nan") -> LayoutCall:
+                order: Sequence[int] | None = None, fill: str = "nan",
+                window: tuple[int, int] = (-1, -1)) -> LayoutCall:
     """:func:`pack_call` or :func:`paged_call`, by op."""
     if op == VARLEN:
-        return pack_call(seqs, causal, scale)
+        return pack_call(seqs, causal, scale, window)
     if page_size is None:
         raise ValueError("a paged call needs a page size")
-    return paged_call(seqs, causal, scale, page_size, order, fill)
+    return paged_call(seqs, causal, scale, page_size, order, fill, window)
 
 
 def page_count(seqs: Sequence[Seq], page_size: int) -> int:

@@ -10,6 +10,9 @@ case's own output bit for bit.
   then only the last);
 - ``prefill_decode``: across layouts: a packed case's rows decoded one token each from a paged
   cache, and a paged case's rows as rows of the packed prefill of its whole sequences.
+
+Every variant keeps the case's sliding window: each rewrite keeps every remaining row's bottom-right
+diagonal, so the window selects the same keys (the one that cannot, a non-causal decode, is left out).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def pack_variants(base: LayoutCall, seqs: Sequence[Seq]) -> Iterator[Variant]:
     n = len(seqs)
 
     def same_kind(others: Sequence[Seq]) -> LayoutCall:
-        return layout_call(base.op, others, base.causal, base.scale, base.page_size)
+        return layout_call(base.op, others, base.causal, base.scale, base.page_size, window=base.window)
 
     for i in sampled_sequences(seqs):
         alone = same_kind([seqs[i]])
@@ -68,15 +71,18 @@ def page_variants(base: LayoutCall, seqs: Sequence[Seq], page_sizes: Sequence[in
     for size in page_sizes:
         if size != base.page_size:
             yield Variant(f"page size {size} instead of {base.page_size}",
-                          layout_call(PAGED, seqs, base.causal, base.scale, size), lambda o: o, lambda o: o)
+                          layout_call(PAGED, seqs, base.causal, base.scale, size, window=base.window),
+                          lambda o: o, lambda o: o)
     if order is None:
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(page_count(seqs, base.page_size), generator=g).tolist()
     yield Variant("block table permuted (pages scattered over the pool)",
-                  layout_call(PAGED, seqs, base.causal, base.scale, base.page_size, order), lambda o: o, lambda o: o)
+                  layout_call(PAGED, seqs, base.causal, base.scale, base.page_size, order, window=base.window),
+                  lambda o: o, lambda o: o)
     for fill, what in (("large", "±1e4"), ("copies", "copies of real keys")):
         yield Variant(f"unused page slots hold {what} instead of NaN",
-                      layout_call(PAGED, seqs, base.causal, base.scale, base.page_size, fill=fill),
+                      layout_call(PAGED, seqs, base.causal, base.scale, base.page_size, fill=fill,
+                                  window=base.window),
                       lambda o: o, lambda o: o)
 
 
@@ -92,7 +98,7 @@ def split_variants(base: LayoutCall, seqs: Sequence[Seq]) -> Iterator[Variant]:
             continue
         seen.add(tuple(skip))
         moved = [replace(s, q=s.q[o:]) for s, o in zip(seqs, skip)]
-        call = layout_call(base.op, moved, base.causal, base.scale, base.page_size)
+        call = layout_call(base.op, moved, base.causal, base.scale, base.page_size, window=base.window)
         yield Variant(f"split moved: {label} (the rest cached)", call,
                       lambda o, c=call: _cat_rows(c, o, range(len(seqs))),
                       lambda o, skip=skip: _cat_rows(base, o, range(len(seqs)), skip))
@@ -104,6 +110,8 @@ def prefill_decode_variants(base: LayoutCall, seqs: Sequence[Seq]) -> Iterator[V
     whole sequence (the earlier positions' queries are copies of its own rows: only their keys matter)."""
     n = len(seqs)
     if base.op == VARLEN:
+        if not base.causal and base.window != (-1, -1):
+            return  # a non-causal decode keeps every key, so its row's diagonal (and window) would move
         picks = (("last", lambda sq: sq - 1), ("middle", lambda sq: sq // 2))
         seen: set[tuple[int, ...]] = set()
         for label, pick in picks:
@@ -115,7 +123,7 @@ def prefill_decode_variants(base: LayoutCall, seqs: Sequence[Seq]) -> Iterator[V
             for s, r in zip(seqs, rows):
                 last = r + s.skv - s.sq + 1 if base.causal else s.skv
                 decodes.append(Seq(s.q[r:r + 1], s.k[:last], s.v[:last]))
-            call = layout_call(PAGED, decodes, base.causal, base.scale, DECODE_PAGE_SIZE)
+            call = layout_call(PAGED, decodes, base.causal, base.scale, DECODE_PAGE_SIZE, window=base.window)
             yield Variant(f"each sequence's {label} row as a one-token decode from a paged cache "
                           f"(page size {DECODE_PAGE_SIZE})", call, lambda o: o,
                           lambda o, rows=rows: torch.cat([base.rows(o, i)[r:r + 1] for i, r in enumerate(rows)]))
@@ -125,7 +133,7 @@ def prefill_decode_variants(base: LayoutCall, seqs: Sequence[Seq]) -> Iterator[V
         extra = s.skv - s.sq
         filler = s.q[torch.arange(extra) % s.sq]
         filled.append(Seq(torch.cat([filler, s.q]), s.k, s.v))
-    call = layout_call(VARLEN, filled, base.causal, base.scale)
+    call = layout_call(VARLEN, filled, base.causal, base.scale, window=base.window)
     skip = [s.skv - s.sq for s in seqs]
     yield Variant("the rows as the last rows of the packed prefill of each whole sequence", call,
                   lambda o, c=call, skip=skip: _cat_rows(c, o, range(n), skip), lambda o: o)

@@ -62,7 +62,7 @@ def run_layout_case(invoker: Invoker, lg: LayoutGolden, settings: RunSettings,
         return [rec(c, Verdict("skip", {}, reason)) for c in requested]
     seqs = layout_sequences(lg)
     invoker.violations = []
-    call = layout_call(case.op, seqs, case.causal, case.scale, case.page_size)
+    call = layout_call(case.op, seqs, case.causal, case.scale, case.page_size, window=case.window)
     device_call = invoker.to_device(call)
     try:
         out, _ = invoker(device_call)

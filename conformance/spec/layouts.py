@@ -16,6 +16,12 @@ queries being the last ``sq`` positions (decode: ``1of<skv>``; chunked prefill w
 prefix). Each token takes its sequences from the family's case with that ``(sq, skv)``, one batch
 entry per sequence (cycling when ``count`` exceeds the case's batch). The same tokens, joined by
 ``+``, end the layout case's id.
+
+A family's grids may give its cases a sliding window (``window_left`` / ``window_right``, as for the
+dense families): the cases of one window form their own group, so each layout case carries its
+members' window (bottom-right aligned per sequence, like the dense op's), and its id carries the
+dense ids' ``win<left>.<right>`` tag. Soft-capping and sinks do not compose with the
+layouts: cases using them are not packed.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from conformance.spec.case import DIST_SHORT, DTYPE_SHORT, LAYOUT_OPS, Case, scale_tag
+from conformance.spec.case import DIST_SHORT, DTYPE_SHORT, LAYOUT_OPS, Case, scale_tag, window_tag
 
 VARLEN, PAGED = LAYOUT_OPS
 #: The ``layout:`` names of a spec and the op each one exercises.
@@ -75,7 +81,10 @@ class LayoutCase:
     ``page_sizes`` every page size its family declares (the ``page`` check runs it at the others).
 
     For a backend's ``supports(op, case)`` it reads like a dense case: ``batch`` is the number of
-    sequences, ``sq`` and ``skv`` the longest, ``mask`` is ``"none"`` and ``s_past`` None."""
+    sequences, ``sq`` and ``skv`` the longest, ``mask`` is ``"none"`` and ``s_past`` None. ``window``
+    is every sequence's sliding window (its members'), relative to each sequence's own bottom-right
+    diagonal; ``variants`` is ``("window",)`` when it is bounded, so a backend that does not declare
+    the window is skipped with the reason."""
 
     id: str
     op: str
@@ -97,14 +106,15 @@ class LayoutCase:
     mask: str = "none"
     s_past: int | None = None
     grad: bool = False
-    # The attention variants do not compose with the layouts yet: a layout case uses none of them.
     window: tuple[int, int] = (-1, -1)
+    # Soft-capping and sinks do not compose with the layouts: a layout case uses neither.
     softcap: float | None = None
     sinks: tuple[float, ...] | None = None
 
     @property
     def variants(self) -> tuple[str, ...]:
-        return ()
+        """The attention variants this case uses: ``("window",)`` for a bounded window, else none."""
+        return ("window",) if self.window != (-1, -1) else ()
 
     @property
     def batch(self) -> int:
@@ -133,15 +143,18 @@ class LayoutCase:
 
 
 def layout_group(case: Case) -> tuple[object, ...]:
-    """What the sequences of one layout case share: model, dtype, causal flag, scale, distribution."""
-    return (case.preset or f"hq{case.hq}-hkv{case.hkv}-d{case.d}", case.dtype, case.causal, case.scale, case.dist)
+    """What the sequences of one layout case share: model, dtype, causal flag, scale, distribution, window."""
+    return (case.preset or f"hq{case.hq}-hkv{case.hkv}-d{case.d}", case.dtype, case.causal, case.scale, case.dist,
+            case.window)
 
 
 def layout_id(op: str, family: str, member: Case, tokens: tuple[PackToken, ...], page_size: int | None) -> str:
-    """``<op>/<family>/<model>-<dtype>-<causal|noncausal>[-<dist>][-scale<s>][-page<P>]-<tokens joined by +>``."""
-    model, dtype, causal, scale, dist = layout_group(member)
+    """``<op>/<family>/<model>-<dtype>-<causal|noncausal>[-<dist>][-scale<s>][-win<l>.<r>][-page<P>]-<tokens
+    joined by +>`` (an unbounded window adds nothing, so the ids of plain layout cases are unchanged)."""
+    model, dtype, causal, scale, dist, window = layout_group(member)
     parts = [str(model), DTYPE_SHORT[str(dtype)], "causal" if causal else "noncausal", DIST_SHORT[str(dist)],
              "" if scale is None else f"scale{scale_tag(float(scale))}",  # type: ignore[arg-type]
+             window_tag(window),  # type: ignore[arg-type]
              "" if page_size is None else f"page{page_size}", "+".join(t.text for t in tokens)]
     return f"{op}/{family}/" + "-".join(p for p in parts if p)
 
@@ -162,4 +175,4 @@ def compose(op: str, family: str, tier: str, tokens: tuple[PackToken, ...], memb
     return LayoutCase(id=layout_id(op, family, first, tokens, page_size), op=op, family=family, tier=tier,
                       hq=first.hq, hkv=first.hkv, d=first.d, dtype=first.dtype, causal=first.causal,
                       scale=first.scale, dist=first.dist, seed=seed, tokens=tokens, sequences=tuple(sequences),
-                      page_size=page_size, page_sizes=page_sizes, preset=first.preset)
+                      page_size=page_size, page_sizes=page_sizes, preset=first.preset, window=first.window)

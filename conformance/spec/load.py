@@ -214,13 +214,15 @@ def load_spec(path: str | Path, memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES
 def _layout_cases(doc: YamlDocument, model: OpSpecFile, family: str, fam: FamilySpec,
                   cases: list[Case]) -> Iterable[LayoutCase]:
     """The layout cases a family declares (conformance.spec.layouts): for every tier, every entry of
-    ``layouts``, every group of the family's cases without a key_padding_mask that share model, dtype,
-    causal flag, scale and distribution, and every pack (and page size). Each pack token must name a
-    ``(sq, skv)`` the group has in that tier (cumulative); a SpecError names the token otherwise."""
+    ``layouts``, every group of the family's cases without a key_padding_mask, soft-capping or sinks
+    (which do not compose with the layouts) that share model, dtype, causal flag, scale, distribution
+    and window, and every pack (and page size). Each pack token must name a ``(sq, skv)`` the group has
+    in that tier (cumulative); a SpecError names the token otherwise."""
     for tier in TIERS:
         entries = fam.layouts.get(tier, [])
         level = TIERS.index(tier)
-        eligible = [c for c in cases if c.family == family and TIERS.index(c.tier) <= level and c.mask == "none"]
+        eligible = [c for c in cases if c.family == family and TIERS.index(c.tier) <= level and c.mask == "none"
+                    and c.softcap is None and c.sinks is None]
         groups: dict[tuple[object, ...], dict[tuple[int, int], Case]] = {}
         for c in eligible:
             members = groups.setdefault(layout_group(c), {})
@@ -234,8 +236,8 @@ def _layout_cases(doc: YamlDocument, model: OpSpecFile, family: str, fam: Family
                 return SpecError(doc.path, doc.line_of(where), dotted(where), reason)
 
             if not groups:
-                raise fail(loc, f"family {family} declares no case without a key_padding_mask in tier {tier} "
-                                "for its layouts to pack")
+                raise fail(loc, f"family {family} declares no case without a key_padding_mask, soft-capping or "
+                                f"sinks in tier {tier} for its layouts to pack")
             op = LAYOUT_NAMES[entry.layout]
             sizes = tuple(entry.page_sizes or ())
             if entry.layout == "paged" and not sizes:
@@ -260,11 +262,12 @@ def _layout_cases(doc: YamlDocument, model: OpSpecFile, family: str, fam: Family
                 for members in groups.values():
                     for ti, t in enumerate(tokens):
                         if (t.sq, t.skv) not in members:
-                            model_, dtype, causal, _, _ = layout_group(next(iter(members.values())))
+                            model_, dtype, causal, _, _, window = layout_group(next(iter(members.values())))
+                            windowed = "" if window == (-1, -1) else f" window {window}"
                             raise fail((*pack_loc, ti), f"pack token {t.text}: family {family} has no case with "
                                        f"Sq={t.sq} and Skv={t.skv} for {model_} {dtype} "
-                                       f"{'causal' if causal else 'non-causal'} in tier {tier} (without a mask); "
-                                       "add one to a grid of the family")
+                                       f"{'causal' if causal else 'non-causal'}{windowed} in tier {tier} (without "
+                                       "a mask, soft-capping or sinks); add one to a grid of the family")
                     for size in sizes or (None,):
                         draft = compose(op, family, tier, tokens, members, 0, size, sizes)
                         seed = int.from_bytes(hashlib.sha256(f"{model.seed}:{draft.id}".encode()).digest()[:8],
