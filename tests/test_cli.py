@@ -141,6 +141,23 @@ def test_generate_filter_writes_only_the_matching_cases_and_their_manifest(spec_
     assert verify(out).ok
 
 
+def test_generate_filter_writes_only_the_layout_files_whose_goldens_it_wrote(tmp_path: Path) -> None:
+    spec = SPEC_DIR / "kv_cache_attention.yaml"
+    out = tmp_path / "out"
+    result = invoke("generate", "--spec", spec, "--out", out, "--jobs", "1", "--filter",
+                    "kv_cache_attention/layouts-decode/*")
+    assert result.exit_code == EXIT_OK, result.stderr
+    entries = read_manifest(out)["files"]
+    dense = {e["case_id"] for e in entries if e["path"].endswith(".h5")}
+    layouts = [e for e in entries if e["path"].endswith(".json")]
+    assert dense and all(i.startswith("kv_cache_attention/layouts-decode/") for i in dense)
+    assert layouts  # the family's own packs and pages are there ...
+    for entry in layouts:  # ... and every one names only goldens of this directory
+        members = {s["case_id"] for s in json.loads((out / entry["path"]).read_text())["sequences"]}
+        assert members <= dense, entry["case_id"]
+    assert verify(out).ok
+
+
 @pytest.mark.parametrize(("extra", "message"), [([], "--filter needs --out DIR"),
                                                 (["--out", "OUT"], "no case of tier 'smoke' matches")])
 def test_generate_filter_errors_are_one_line_and_write_nothing(spec_dir: Path, tmp_path: Path, extra: list[str],

@@ -353,11 +353,16 @@ def remove_stale_temp_files(out_dir: Path) -> int:
 
 def write_layouts(specs: Sequence[OpSpec], tier: str, out_dir: Path) -> list[dict[str, Any]]:
     """Write the layout file of every packed and paged case of ``tier`` (no computation: each one
-    names the dense goldens it is composed of) and return their manifest entries."""
+    names the dense goldens it is composed of) and return their manifest entries. A layout case whose
+    dense goldens are not all among ``specs``' cases (a ``--filter`` left some out) is not written:
+    its file would name goldens the directory does not hold."""
+    dense = {c.id for spec in specs for c in spec.cases_for_tier(tier)}
     entries = []
     for spec in specs:
         prov = Provenance(spec_file=spec.path.name, spec_sha256=spec.sha256, spec_seed=spec.seed)
         for case in spec.layouts_for_tier(tier):
+            if not set(case.members) <= dense:
+                continue
             path = layout_path(out_dir, case.id)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_layout(path, case, prov)
