@@ -8,7 +8,9 @@
 # 2. `run --backend cuda` over them with --profile: streaming memory and phase overhead, and with
 #    two or more GPUs, `run --devices cuda:0,cuda:1,...` against one GPU (benchmarks/run.py);
 # 3. peak memory of the full tier's largest 32k-context case (benchmarks/memory.py), unless
-#    RLK_SKIP_MEMORY=1.
+#    RLK_SKIP_MEMORY=1;
+# 4. the stage profile of the largest prefill, KV-cache prefill and gradient goldens
+#    (benchmarks/profile_generation.py), unless RLK_SKIP_PROFILE=1.
 # The package need not be installed: the repository root goes on PYTHONPATH.
 set -u -o pipefail
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [TIER]}
@@ -38,4 +40,11 @@ python3 benchmarks/run.py --goldens "$goldens" --backend cuda --device cuda:0 ${
 
 if [ "${RLK_SKIP_MEMORY:-0}" != 1 ]; then
   timeout "${RLK_MEMORY_TIMEOUT:-300}" python3 benchmarks/memory.py --device cuda --json "$out/memory.json" 2>&1 | tee "$out/memory.txt"
+fi
+
+if [ "${RLK_SKIP_PROFILE:-0}" != 1 ]; then
+  timeout "${RLK_PROFILE_TIMEOUT:-300}" python3 benchmarks/profile_generation.py --device cuda --json "$out/profile.json" \
+    attention/presets/llama3.1-8b-b1-sq32768-skv32768-bf16-causal \
+    kv_cache_attention/presets/llama3.1-8b-b1-past24576-new8192-bf16-causal \
+    kv_cache_attention/grad-presets/qwen3-8b-b1-past2048-new2048-bf16-causal-grad 2>&1 | tee "$out/profile.txt"
 fi
