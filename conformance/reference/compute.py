@@ -5,9 +5,13 @@ Three tiers decide each element's float32 value; each tier hands on only what it
 1. **float64** (all elements, torch matmuls, CPU or CUDA). Besides the output it computes a
    rigorous first-order bound on its own error (dot products, the scale, exp, the sums and the
    division). An element whose float64 value lies farther than that bound from both float32
-   rounding boundaries (the midpoints to its neighbours) is already correctly rounded.
-2. **double-double** (numpy, per undecided element): exact products, double-double dot products,
-   logits and sums (``math.fsum``), exp with a double-double argument; its bound is ~1e-16·Σp|v−o|.
+   rounding boundaries (the midpoints to its neighbours) is already correctly rounded. The decision
+   runs on the generation device; only float32 values and the undecided mask come back.
+2. **double-double** (torch, on the generation device, the undecided elements' rows in batches of
+   a bounded number of (row, key) pairs: :mod:`conformance.reference.double_double`): Ozaki-sliced
+   dot products, double-double logits, weights and pairwise sums; a first pass with exp(x_hi)·(1 +
+   x_lo) (bound ~1e-16·Σp|v−o|), then one pass with the double-double exp (relative error ≤ 2^-88)
+   over everything the first left.
 3. **exact** (Python integers, fractions and ``mpmath.iv`` interval arithmetic): logits as exact
    integers; if every group of equal logits has the same mean value the output is that rational
    number, rounded exactly (ties to even); otherwise (Lindemann–Weierstrass) it is transcendental,
