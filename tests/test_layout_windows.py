@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REPO, run_backend
 from planted_layouts import LayoutCorrect, LayoutWindowCorrect, WindowIgnoredWhenPacked
-from test_layouts import _fake_varlen, failing, seqs
+from test_layouts import failing, fake_varlen_backend, seqs
 from test_run import SMOKE, TOLERANCES
 
 from conformance.backends import load_backend
@@ -212,15 +212,7 @@ def test_a_backend_whose_layout_op_takes_no_window_size_is_skipped_with_the_reas
 @pytest.mark.parametrize("release", ["2.11", "2.13"])
 def test_torch_varlen_passes_the_window_or_declines_it_with_the_reason(release: str, goldens: Path,
                                                                        monkeypatch) -> None:
-    from conformance.backends import varlen
-
-    keywords = {"2.11": "return_aux=None, scale=None, is_causal=False",
-                "2.13": "return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None, "
-                        "block_table=None, num_splits=None"}[release]
-    fn, calls = _fake_varlen(keywords)
-    monkeypatch.setattr(varlen, "varlen_unavailable_reason", lambda device: None)
-    monkeypatch.setattr(varlen, "_varlen_attn", lambda: fn)
-    backend = varlen.TorchVarlenBackend("cuda")
+    backend, calls = fake_varlen_backend(release, monkeypatch)
     case = replace(read_layout(layout_files(goldens, f"varlen_attention/win/*{SMALL}*")[0])[0], dtype="bfloat16")
     q = torch.zeros(9, 2, 8, dtype=torch.bfloat16)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -218,18 +219,28 @@ def _fake_varlen(keywords: str):
     return namespace["varlen_attn"], calls
 
 
+# The keyword-only parameters of varlen_attn after max_q, max_k in two torch releases.
+VARLEN_KEYWORDS = {"2.11": "return_aux=None, scale=None, is_causal=False",
+                   "2.13": "return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None, "
+                           "block_table=None, num_splits=None"}
+
+
+def fake_varlen_backend(release: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[dict[str, Any]]]:
+    """``torch-varlen`` on "cuda" over a recording varlen_attn with the signature of torch ``release``."""
+    from conformance.backends import varlen
+
+    fn, calls = _fake_varlen(VARLEN_KEYWORDS[release])
+    monkeypatch.setattr(varlen, "varlen_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(varlen, "_varlen_attn", lambda: fn)
+    return varlen.TorchVarlenBackend("cuda"), calls
+
+
 @pytest.mark.parametrize("release", ["2.11", "2.13"])
 def test_the_varlen_adapter_passes_only_what_the_installed_varlen_attn_takes(release: str, monkeypatch) -> None:
     from conformance.backends import varlen
     from conformance.backends.contract import BackendUnavailable
 
-    keywords = {"2.11": "return_aux=None, scale=None, is_causal=False",
-                "2.13": "return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None, "
-                        "block_table=None, num_splits=None"}[release]
-    fn, calls = _fake_varlen(keywords)
-    monkeypatch.setattr(varlen, "varlen_unavailable_reason", lambda device: None)
-    monkeypatch.setattr(varlen, "_varlen_attn", lambda: fn)
-    backend = varlen.TorchVarlenBackend("cuda")
+    backend, calls = fake_varlen_backend(release, monkeypatch)
     q, k = torch.zeros(9, 4, 8), torch.arange(9 * 2 * 8, dtype=torch.float32).reshape(9, 2, 8)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     backend.varlen_attention(q, k, k, cu, cu, max_seqlen_q=5, max_seqlen_k=5, causal=True, scale=0.5)
