@@ -264,8 +264,8 @@ def test_temp_files_of_a_killed_generation_are_not_taken_for_goldens(killed_gene
     assert result.checked == 2
 
 
-def test_a_case_that_runs_out_of_gpu_memory_waits_and_tries_again(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_case_that_runs_out_of_gpu_memory_waits_and_tries_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
     import conformance.golden.generate as gen
@@ -283,6 +283,8 @@ def test_a_case_that_runs_out_of_gpu_memory_waits_and_tries_again(tmp_path: Path
     monkeypatch.setattr(gen, "compute_case", short_of_memory)
     retried = generate_tiny(tmp_path / "retried")
     assert failures["left"] == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line]
+    assert len(notes) == 2 and all(line.startswith("note: ") and "trying again in 0 s" in line for line in notes)
     monkeypatch.setattr(gen, "compute_case", original)
     assert golden_files(retried) == golden_files(generate_tiny(tmp_path / "plain"))
 

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -191,6 +192,8 @@ def compute_on_shared_device(case: Case, device: str) -> ComputedCase:
                     f"{case.id}: out of memory on {device} after {len(OUT_OF_MEMORY_WAITS_S) + 1} attempts "
                     "while the other workers' cases held the rest; rerun with fewer --jobs and --resume "
                     "(the goldens already written are kept)") from None
+            print(f"note: {case.id}: out of memory on {device} while the other workers' cases hold it; "
+                  f"trying again in {wait_s:g} s", file=sys.stderr, flush=True)
             time.sleep(wait_s)
         finally:
             if cuda:
