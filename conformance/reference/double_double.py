@@ -17,6 +17,7 @@ import mpmath
 import numpy as np
 import torch
 
+from conformance.reference.rounding import float32_neighbours
 from conformance.spec.case import Case
 from conformance.spec.inputs import visible
 
@@ -384,11 +385,7 @@ def _decide_elements(rows: tuple[torch.Tensor, ...], v: torch.Tensor, r: int, er
     second = (3 * levels + 14) * U * U * (o_h.abs() + (pn * vc.abs()).sum(-1))
     # ×(1 + 2^-20): the float64 evaluation of the bound itself rounds (relative n·u at most).
     bound = 2 * (first + second) * (1 + 2.0**-20) + n * 2.0**-1000 * vc.abs().amax(-1)
-    o32 = o_h.to(torch.float32)
-    below = torch.nextafter(o32, torch.full_like(o32, -math.inf))
-    above = torch.nextafter(o32, torch.full_like(o32, math.inf))
-    mid_lo = (o32.double() + below.double()) / 2  # float32 midpoints are exact in float64
-    mid_hi = (o32.double() + above.double()) / 2
+    o32, below, above, mid_lo, mid_hi = float32_neighbours(o_h)
     # o_h − mid is exact when the two are close (Sterbenz); then o_l is added.
     inside = ((o_h - mid_lo) + o_l > bound) & ((mid_hi - o_h) - o_l > bound)
     low = (o_h - mid_lo) + o_l < -bound

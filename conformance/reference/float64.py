@@ -9,6 +9,7 @@ import math
 import torch
 
 from conformance.reference.double_double import U, cascade
+from conformance.reference.rounding import float32_neighbours
 from conformance.spec.inputs import TORCH_DTYPES
 
 # Score-matrix elements per block: bounds the working memory for long contexts (about 10 float64
@@ -107,9 +108,7 @@ def tier1_decision(out: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor
     """The float32 rounding of the float64 values ``out`` and where their error ``bound`` leaves it
     open: an element is decided when ``out ± bound`` lies strictly between the midpoints to its float32
     neighbours (float32 midpoints are exact in float64). Elementwise, on the tensors' device."""
-    o32 = out.to(torch.float32)
-    mid_lo = (o32.double() + torch.nextafter(o32, torch.full_like(o32, -math.inf)).double()) / 2
-    mid_hi = (o32.double() + torch.nextafter(o32, torch.full_like(o32, math.inf)).double()) / 2
+    o32, _, _, mid_lo, mid_hi = float32_neighbours(out)
     return o32, ~((out - bound > mid_lo) & (out + bound < mid_hi))
 
 

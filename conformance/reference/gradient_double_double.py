@@ -4,7 +4,6 @@ softmax, dQ elements their row, dK/dV elements their column (see :mod:`conforman
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +25,7 @@ from conformance.reference.double_double import (
     two_sum,
 )
 from conformance.reference.gradient_float64 import TINY, WHICH, Operands
+from conformance.reference.rounding import float32_neighbours
 from conformance.spec.case import Case
 from conformance.spec.inputs import visible
 
@@ -57,9 +57,7 @@ def _select_chunks(case: Case, name: str, prior: list[torch.Tensor]) -> torch.Te
     hi_c, lo_c, first_c, _ = prior
     scale = case.effective_scale if name == "dk" else 1.0
     value = (hi_c.sum(-1) + lo_c.sum(-1)) * scale
-    v32 = value.to(torch.float32)
-    mid_lo = (v32.double() + torch.nextafter(v32, torch.full_like(v32, -math.inf)).double()) / 2
-    mid_hi = (v32.double() + torch.nextafter(v32, torch.full_like(v32, math.inf)).double()) / 2
+    _, _, _, mid_lo, mid_hi = float32_neighbours(value)
     margin = torch.minimum((value - mid_lo).abs(), (mid_hi - value).abs())
     chunk_bound = 2 * abs(scale) * first_c
     ordered, order = chunk_bound.sort(-1, descending=True)
@@ -413,11 +411,7 @@ def _tier2_column(rp: dict[str, torch.Tensor], name: str, head: int, x: torch.Te
 
 def _decide_dd(hi: torch.Tensor, lo: torch.Tensor, bound: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """float32 rounding of the double-doubles hi + lo known to ±``bound``: (values, decided)."""
-    o32 = hi.to(torch.float32)
-    below = torch.nextafter(o32, torch.full_like(o32, -math.inf))
-    above = torch.nextafter(o32, torch.full_like(o32, math.inf))
-    mid_lo = (o32.double() + below.double()) / 2  # float32 midpoints are exact in float64
-    mid_hi = (o32.double() + above.double()) / 2
+    o32, below, above, mid_lo, mid_hi = float32_neighbours(hi)
     # hi − mid is exact when the two are close (Sterbenz); then lo is added.
     inside = ((hi - mid_lo) + lo > bound) & ((mid_hi - hi) - lo > bound)
     narrow = bound < (mid_hi - mid_lo) / 4  # the neighbour's far boundary is out of reach too

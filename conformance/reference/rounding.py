@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
+import torch
 
 F32_OVERFLOW = Fraction(2**128 - 2**103)
 
@@ -16,6 +18,16 @@ def rounding_interval(o32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     hi = np.nextafter(o32, np.float32(np.inf))
     c = o32.astype(np.float64)
     return (c + lo.astype(np.float64)) / 2, (c + hi.astype(np.float64)) / 2
+
+
+def float32_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The float32 rounding ``o32`` of the float64 values ``x``, its neighbours ``below`` and
+    ``above``, and the float64 midpoints ``mid_lo``, ``mid_hi`` between them (exact in float64):
+    :func:`rounding_interval` in torch, on the tensor's device."""
+    o32 = x.to(torch.float32)
+    below = torch.nextafter(o32, torch.full_like(o32, -math.inf))
+    above = torch.nextafter(o32, torch.full_like(o32, math.inf))
+    return o32, below, above, (o32.double() + below.double()) / 2, (o32.double() + above.double()) / 2
 
 
 def round_fraction_to_f32(r: Fraction) -> np.float32:
