@@ -181,24 +181,23 @@ def compute_on_shared_device(case: Case, device: str) -> ComputedCase:
     cache from its largest case does not leave the others out of memory. Raises ConformanceError
     (one line) when the memory never frees up."""
     cuda = torch.device(device).type == "cuda"
-    for wait_s in (*OUT_OF_MEMORY_WAITS_S, None):
+    waits = iter(OUT_OF_MEMORY_WAITS_S)
+    while True:
         try:
             return compute_case(case, device)
         except torch.OutOfMemoryError:
-            if cuda:
-                torch.cuda.empty_cache()
+            wait_s = next(waits, None)
             if wait_s is None:
                 raise ConformanceError(
                     f"{case.id}: out of memory on {device} after {len(OUT_OF_MEMORY_WAITS_S) + 1} attempts "
                     "while the other workers' cases held the rest; rerun with fewer --jobs and --resume "
                     "(the goldens already written are kept)") from None
-            print(f"note: {case.id}: out of memory on {device} while the other workers' cases hold it; "
-                  f"trying again in {wait_s:g} s", file=sys.stderr, flush=True)
-            time.sleep(wait_s)
-        finally:
+        finally:  # after every attempt, before any wait
             if cuda:
                 torch.cuda.empty_cache()
-    raise AssertionError("unreachable")
+        print(f"note: {case.id}: out of memory on {device} while the other workers' cases hold it; "
+              f"trying again in {wait_s:g} s", file=sys.stderr, flush=True)
+        time.sleep(wait_s)
 
 
 def generate_case(job: Job, device: str = "cpu") -> CaseResult:
