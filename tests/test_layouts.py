@@ -179,7 +179,8 @@ def test_each_planted_layout_defect_is_caught_by_its_check(backend: object, caug
 
 # --- the real packed and paged kernels (judged on a GPU; their pure pieces here) ---------------------
 
-REAL_KERNELS = ("torch-varlen", "torch-varlen-nosplit", "flashinfer-decode", "flashinfer-decode-fixed-split",
+REAL_KERNELS = ("torch-varlen", "torch-varlen-nosplit", "flashinfer-decode", "flashinfer-decode-tensor-cores",
+                "flashinfer-decode-fixed-split",
                 "flashinfer-prefill", "flashinfer-prefill-no-split")
 
 

@@ -19,6 +19,7 @@ from .contract import AttentionResult, BuiltinBackend, call_case, concat_kv_cach
 from .flashinfer import (
     FlashInferDecodeBackend,
     FlashInferDecodeFixedSplitBackend,
+    FlashInferDecodeTensorCoresBackend,
     FlashInferPrefillBackend,
     FlashInferPrefillNoSplitBackend,
 )
@@ -171,6 +172,7 @@ BUILTIN_BACKENDS: tuple[type, ...] = (
     TorchVarlenBackend,
     TorchVarlenNoSplitBackend,
     FlashInferDecodeBackend,
+    FlashInferDecodeTensorCoresBackend,
     FlashInferDecodeFixedSplitBackend,
     FlashInferPrefillBackend,
     FlashInferPrefillNoSplitBackend,

@@ -4,19 +4,24 @@ extra; CUDA), adapted to docs/backends.md#layouts. The harness's block table bec
 
 | backend | wrapper | layouts |
 |---|---|---|
-| ``flashinfer-decode`` | ``BatchDecodeWithPagedKVCacheWrapper`` | paged, one query per sequence |
-| ``flashinfer-decode-fixed-split`` | the same, ``fixed_split_size`` set | paged decode |
+| ``flashinfer-decode`` | ``BatchDecodeWithPagedKVCacheWrapper`` (CUDA-core decode) | paged, one query per sequence |
+| ``flashinfer-decode-tensor-cores`` | the same, ``use_tensor_cores=True`` | paged decode |
+| ``flashinfer-decode-fixed-split`` | the same, ``use_tensor_cores=True`` and ``fixed_split_size`` set | paged decode |
 | ``flashinfer-prefill`` | ``BatchPrefillWithPagedKVCacheWrapper`` / ``…RaggedKVCacheWrapper`` | paged and packed |
 | ``flashinfer-prefill-no-split`` | the same, ``disable_split_kv=True`` | paged and packed |
 
-The second of each pair is FlashInfer's batch-invariant setting (the one vLLM and SGLang pass in
-their batch-invariant modes); a FlashInfer whose ``plan`` lacks that argument makes the backend
-unavailable with that reason rather than judged without it. FlashInfer is optional: without it,
-or without CUDA, every one is unavailable with the reason.
+``fixed_split_size`` and ``disable_split_kv`` are FlashInfer's batch-invariant settings (the ones vLLM
+and SGLang pass in their batch-invariant modes). FlashInfer 0.7 takes ``fixed_split_size`` only in
+its tensor-core decode, so the fixed-split backend runs that path, and ``flashinfer-decode-tensor-cores``
+is the same path at its own split choice: the pair shows what the setting buys, the pair
+``flashinfer-decode``/``…-tensor-cores`` what the kernel choice does. A FlashInfer whose ``plan`` lacks
+the setting makes the backend unavailable with that reason rather than judged without it.
+FlashInfer is optional: without it, or without CUDA, every one is unavailable with the reason.
 
-None declares the sliding window (no ``variants``): FlashInfer's ``window_left`` is not wired to
-the layouts' ``window_size`` here and cannot be tested without CUDA, so the windowed layout cases
-are skipped with the reason rather than run without their window.
+The sliding window (``variants = ("window",)``) is FlashInfer's ``window_left`` (the keys a row sees
+to the left of its bottom-right aligned diagonal, inclusive: the contract's ``left``) in a causal
+case; FlashInfer bounds the right side only in its cute backend, so a non-causal case with a
+bounded window is skipped with that reason. Soft-capping and sinks do not compose with the layouts.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .contract import BackendUnavailable, KernelUnavailable, cuda_unavailable_reason
+from .contract import BackendUnavailable, KernelUnavailable, cuda_unavailable_reason, one_line
 
 WORKSPACE_BYTES = 256 * 1024**2
 FIXED_SPLIT_SIZE = 2048  # keys per split in the fixed-split decode (vLLM's batch-invariant value)
@@ -45,6 +50,27 @@ def csr_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int
     return indptr.to(block_table.device), indices.to(block_table.device), last.to(block_table.device)
 
 
+def plan_parameters(cls: Any) -> set[str] | None:
+    """The keyword arguments ``cls.plan`` takes: its own, or, where ``plan`` forwards ``**kwargs`` (FlashInfer
+    0.7's decode wrapper), those of the ``_plan_impl`` it forwards them to; ``None`` when that cannot be told."""
+    def keywords(fn: Any) -> set[str] | None:
+        params = inspect.signature(fn).parameters.values()
+        return None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) else {p.name for p in params}
+
+    names = keywords(cls.plan)
+    impl = getattr(cls, "_plan_impl", None)
+    if names is None and callable(impl):
+        names = keywords(impl)
+    return names
+
+
+def device_unavailable_reason(device: str) -> str | None:
+    """Why FlashInfer cannot run on ``device``: it runs on CUDA devices only."""
+    if torch.device(device).type != "cuda":
+        return f"FlashInfer runs on CUDA devices; {device!r} is not one"
+    return cuda_unavailable_reason(device)
+
+
 def flashinfer_unavailable_reason(device: str, wrapper: str, needs: str | None) -> str | None:
     """Why FlashInfer's ``wrapper`` cannot be judged on ``device`` (with its ``plan`` argument ``needs``)."""
     try:
@@ -53,27 +79,31 @@ def flashinfer_unavailable_reason(device: str, wrapper: str, needs: str | None) 
         return f"flashinfer is not installed ({exc}); pip install flashinfer-python (the 'flashinfer' extra)"
     except Exception as exc:  # a broken install must not break the listing
         return f"importing flashinfer failed: {type(exc).__name__}: {exc}"
-    if torch.device(device).type != "cuda":
-        return f"FlashInfer runs on CUDA devices; {device!r} is not one"
-    reason = cuda_unavailable_reason(device)
+    reason = device_unavailable_reason(device)
     if reason is not None:
         return reason
     cls = getattr(flashinfer, wrapper, None)
     if cls is None:
         return f"flashinfer {getattr(flashinfer, '__version__', '?')} has no {wrapper}"
-    if needs is not None and needs not in inspect.signature(cls.plan).parameters:
-        return (f"flashinfer {getattr(flashinfer, '__version__', '?')}: {wrapper}.plan has no '{needs}' (its "
-                "batch-invariant setting); upgrade flashinfer")
+    if needs is not None:
+        names = plan_parameters(cls)
+        if names is None:
+            return (f"flashinfer {getattr(flashinfer, '__version__', '?')}: {wrapper}.plan takes **kwargs, so "
+                    f"whether it accepts '{needs}' (its batch-invariant setting) cannot be told")
+        if needs not in names:
+            return (f"flashinfer {getattr(flashinfer, '__version__', '?')}: {wrapper}.plan has no '{needs}' (its "
+                    "batch-invariant setting); upgrade flashinfer")
     return None
 
 
 class FlashInferBackend:
-    """Base: the device, a workspace, and the batch-invariant ``plan`` arguments of the subclass."""
+    """Base: the device, a workspace, the window, and the batch-invariant ``plan`` arguments of the subclass."""
 
     name = ""
     description = ""
     wrapper: ClassVar[str] = ""
     plan_extra: ClassVar[dict[str, Any]] = {}
+    variants = ("window",)
 
     def __init__(self, device: str = "cuda") -> None:
         self.device = device
@@ -91,13 +121,26 @@ class FlashInferBackend:
     def supports(self, op: str, case: Any) -> bool | str:
         if case.dtype == "float32":
             return "FlashInfer's attention kernels run float16 and bfloat16 here, not float32"
+        if tuple(getattr(case, "window", (-1, -1))) != (-1, -1) and not case.causal:
+            return ("FlashInfer bounds a window's right side only in its cute backend: a non-causal case with a "
+                    "sliding window is not run here")
         return True
+
+
+def window_left(window_size: tuple[int, int], causal: bool) -> int:
+    """FlashInfer's ``window_left`` for the contract's ``window_size`` (``-1``: unbounded)."""
+    left, right = (int(w) for w in window_size)
+    if not causal and (left, right) != (-1, -1):
+        raise KernelUnavailable(f"No available kernel: FlashInfer bounds the right side of the window {(left, right)} "
+                                "only in its cute backend")
+    return left
 
 
 class FlashInferDecodeBackend(FlashInferBackend):
     name = "flashinfer-decode"
-    description = "FlashInfer BatchDecodeWithPagedKVCacheWrapper (paged decode), its own split-KV choice"
+    description = "FlashInfer BatchDecodeWithPagedKVCacheWrapper (paged decode, CUDA cores), its own split-KV choice"
     wrapper = "BatchDecodeWithPagedKVCacheWrapper"
+    use_tensor_cores: ClassVar[bool] = False
 
     def supports(self, op: str, case: Any) -> bool | str:
         if case.sq != 1:
@@ -107,7 +150,7 @@ class FlashInferDecodeBackend(FlashInferBackend):
     def paged_kv_attention(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, *,
                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
         import flashinfer
 
         if max_seqlen_q != 1:
@@ -115,15 +158,32 @@ class FlashInferDecodeBackend(FlashInferBackend):
                                     f"{max_seqlen_q}")
         page_size, hkv, d = k_pages.shape[1:]
         indptr, indices, last = csr_pages(block_table, seq_lens, page_size)
-        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace(), "NHD")
-        w.plan(indptr, indices, last, q.shape[1], hkv, d, page_size, pos_encoding_mode="NONE", q_data_type=q.dtype,
-               kv_data_type=k_pages.dtype, sm_scale=scale, **self.plan_extra)
-        return w.run(q, (k_pages, v_pages))
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace(), "NHD",
+                                                          use_tensor_cores=self.use_tensor_cores)
+        try:
+            w.plan(indptr, indices, last, q.shape[1], hkv, d, page_size, pos_encoding_mode="NONE",
+                   q_data_type=q.dtype, kv_data_type=k_pages.dtype, sm_scale=scale,
+                   window_left=window_left(window_size, causal), **self.plan_extra)
+            return w.run(q, (k_pages, v_pages))
+        except RuntimeError as exc:
+            # FlashInfer's CUDA-core decode instantiates a fixed set of GQA group sizes (0.7.2: not 7, so
+            # not Qwen2.5-7B's 28/4): a kernel it does not have, not a wrong result.
+            if "Unsupported group_size" not in str(exc):
+                raise
+            raise KernelUnavailable(f"No available kernel: {self.name} has no kernel for GQA group size "
+                                    f"{q.shape[1] // hkv} ({one_line(str(exc))[-120:]})") from exc
 
 
-class FlashInferDecodeFixedSplitBackend(FlashInferDecodeBackend):
+class FlashInferDecodeTensorCoresBackend(FlashInferDecodeBackend):
+    name = "flashinfer-decode-tensor-cores"
+    description = "FlashInfer paged decode on tensor cores (use_tensor_cores=True), its own split-KV choice"
+    use_tensor_cores = True
+
+
+class FlashInferDecodeFixedSplitBackend(FlashInferDecodeTensorCoresBackend):
     name = "flashinfer-decode-fixed-split"
-    description = f"FlashInfer paged decode with fixed_split_size={FIXED_SPLIT_SIZE} (its batch-invariant setting)"
+    description = (f"FlashInfer paged decode on tensor cores with fixed_split_size={FIXED_SPLIT_SIZE} (its "
+                   "batch-invariant setting)")
     plan_extra: ClassVar[dict[str, Any]] = {"fixed_split_size": FIXED_SPLIT_SIZE}
 
 
@@ -135,28 +195,31 @@ class FlashInferPrefillBackend(FlashInferBackend):
     def paged_kv_attention(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, *,
                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
         import flashinfer
 
         page_size, hkv, d = k_pages.shape[1:]
         indptr, indices, last = csr_pages(block_table, seq_lens, page_size)
         w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace(), "NHD")
         w.plan(cu_seqlens_q, indptr, indices, last, q.shape[1], hkv, d, page_size, causal=causal, sm_scale=scale,
-               q_data_type=q.dtype, kv_data_type=k_pages.dtype, **self.plan_extra)
+               window_left=window_left(window_size, causal), q_data_type=q.dtype, kv_data_type=k_pages.dtype,
+               **self.plan_extra)
         return w.run(q, (k_pages, v_pages))
 
     def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                         scale: float | None = None) -> torch.Tensor:
+                         scale: float | None = None, window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
         import flashinfer
 
         w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace(), "NHD")
-        missing = [k for k in self.plan_extra if k not in inspect.signature(w.plan).parameters]
+        names = plan_parameters(type(w)) or set()
+        missing = [k for k in self.plan_extra if k not in names]
         if missing:  # never judge the default mode under the batch-invariant name
             raise KernelUnavailable(f"No available kernel: {self.name}: BatchPrefillWithRaggedKVCacheWrapper.plan "
                                     f"has no {missing[0]!r}")
         w.plan(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1], q.shape[2], causal=causal, sm_scale=scale,
-               q_data_type=q.dtype, kv_data_type=k.dtype, **self.plan_extra)
+               window_left=window_left(window_size, causal), q_data_type=q.dtype, kv_data_type=k.dtype,
+               **self.plan_extra)
         return w.run(q, k, v)
 
 

@@ -1,0 +1,247 @@
+"""The FlashInfer adapters over a stand-in ``flashinfer`` module with FlashInfer 0.7.2's call
+signatures (its decode ``plan`` forwarding ``**kwargs`` to ``_plan_impl``, ``fixed_split_size`` only
+on tensor cores, no CUDA-core kernel for some GQA group sizes), computing each sequence's attention
+in float32 from the CSR page layout it is given. The whole smoke layout set then runs through
+the real harness on the CPU: what the adapters hand FlashInfer (pages, ``indptr``, the last page's
+length, ``cu_seqlens``, ``window_left``, the batch-invariant settings) is checked end to end, and the
+real kernels' own bits are judged on a GPU (docs/results)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from conftest import build_case, run_backend
+from test_layouts import LAYOUT_CASES, failing, run_layouts
+from test_run import SMOKE, TOLERANCES
+
+from conformance.backends import flashinfer as fi
+from conformance.backends import validate_backend
+from conformance.backends.contract import BackendUnavailable, KernelUnavailable
+from conformance.golden.manifest import select_cases
+from conformance.run.settings import RunSettings
+
+# The GQA group sizes FlashInfer 0.7.2's CUDA-core decode has kernels for (it raised on Qwen2.5-7B's 7).
+CUDA_CORE_GROUPS = (1, 2, 3, 4, 8)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window_left: int,
+           scale: float | None) -> torch.Tensor:
+    """One sequence: ``q [sq, Hq, D]``, ``k, v [skv, Hkv, D]``, bottom-right causal and window, float32."""
+    sq, hq, d = q.shape
+    skv, hkv = k.shape[:2]
+    kk, vv = (t.float().repeat_interleave(hq // hkv, 1) for t in (k, v))
+    s = torch.einsum("qhd,khd->hqk", q.float(), kk) * (d ** -0.5 if scale is None else scale)
+    diag = torch.arange(sq)[:, None] + (skv - sq)
+    j = torch.arange(skv)[None, :]
+    seen = torch.ones(sq, skv, dtype=torch.bool)
+    if causal:
+        seen &= j <= diag
+    if window_left >= 0:
+        seen &= j >= diag - window_left
+    p = s.masked_fill(~seen, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return torch.einsum("hqk,khd->qhd", p, vv).to(q.dtype)
+
+
+def paged_keys(pages: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, last: torch.Tensor,
+               b: int) -> torch.Tensor:
+    """Sequence ``b``'s keys from FlashInfer's CSR page layout: its pages in order, the last one cut."""
+    own = indices[int(indptr[b]):int(indptr[b + 1])].long()
+    page_size = pages.shape[1]
+    n = (len(own) - 1) * page_size + int(last[b])
+    return pages[own].reshape(-1, *pages.shape[2:])[:n]
+
+
+class FakeFlashInfer:
+    """The three wrappers, recording every plan's settings in ``plans``."""
+
+    def __init__(self) -> None:
+        self.plans: list[dict[str, Any]] = []
+        fake = self
+
+        class Decode:
+            def __init__(self, workspace: torch.Tensor, kv_layout: str, use_tensor_cores: bool = False) -> None:
+                assert kv_layout == "NHD" and workspace.dtype == torch.uint8
+                self.tc = use_tensor_cores
+
+            def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+                     *deprecated: Any, **kwargs: Any) -> None:
+                assert not deprecated
+                self._plan_impl(indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+                                **kwargs)
+
+            def _plan_impl(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
+                           pos_encoding_mode: str = "NONE", window_left: int = -1, q_data_type=None,
+                           kv_data_type=None, sm_scale=None, fixed_split_size=None,
+                           disable_split_kv: bool = False) -> None:
+                if fixed_split_size is not None and not self.tc:
+                    raise ValueError("fixed_split_size is only supported by tensor core decode for now.")
+                group = num_qo_heads // num_kv_heads
+                if not self.tc and group not in CUDA_CORE_GROUPS:
+                    raise RuntimeError(f"Error in function 'operator()' at batch_decode.cu:63: Unsupported "
+                                       f"group_size: {group}")
+                fake.plans.append({"wrapper": "decode", "tensor_cores": self.tc, "window_left": window_left,
+                                   "fixed_split_size": fixed_split_size, "sm_scale": sm_scale,
+                                   "pos_encoding_mode": pos_encoding_mode})
+                self.layout = (indptr, indices, last_page_len, window_left, sm_scale)
+
+            def run(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                indptr, indices, last, wl, scale = self.layout
+                return torch.cat([attend(q[b:b + 1], paged_keys(kv[0], indptr, indices, last, b),
+                                         paged_keys(kv[1], indptr, indices, last, b), causal=True,
+                                         window_left=wl, scale=scale) for b in range(len(last))])
+
+        class PagedPrefill:
+            def __init__(self, workspace: torch.Tensor, kv_layout: str) -> None:
+                assert kv_layout == "NHD"
+
+            def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
+                     num_kv_heads, head_dim_qk, page_size, *, causal=False, sm_scale=None, window_left=-1,
+                     q_data_type=None, kv_data_type=None, fixed_split_size=None, disable_split_kv=False) -> None:
+                fake.plans.append({"wrapper": "paged", "causal": causal, "window_left": window_left,
+                                   "disable_split_kv": disable_split_kv})
+                self.layout = (qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, causal,
+                               window_left, sm_scale)
+
+            def run(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                qo, indptr, indices, last, causal, wl, scale = self.layout
+                return torch.cat([attend(q[int(qo[b]):int(qo[b + 1])], paged_keys(kv[0], indptr, indices, last, b),
+                                         paged_keys(kv[1], indptr, indices, last, b), causal=causal,
+                                         window_left=wl, scale=scale) for b in range(len(last))])
+
+        class Ragged:
+            def __init__(self, workspace: torch.Tensor, kv_layout: str) -> None:
+                assert kv_layout == "NHD"
+
+            def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None, *,
+                     causal=False, window_left=-1, sm_scale=None, q_data_type=None, kv_data_type=None,
+                     fixed_split_size=None, disable_split_kv=False) -> None:
+                fake.plans.append({"wrapper": "ragged", "causal": causal, "window_left": window_left,
+                                   "disable_split_kv": disable_split_kv})
+                self.layout = (qo_indptr, kv_indptr, causal, window_left, sm_scale)
+
+            def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                qo, kvp, causal, wl, scale = self.layout
+                return torch.cat([attend(q[int(qo[b]):int(qo[b + 1])], k[int(kvp[b]):int(kvp[b + 1])],
+                                         v[int(kvp[b]):int(kvp[b + 1])], causal=causal, window_left=wl,
+                                         scale=scale) for b in range(len(qo) - 1)])
+
+        self.module = types.ModuleType("flashinfer")
+        self.module.__version__ = "0.7.2"
+        self.module.BatchDecodeWithPagedKVCacheWrapper = Decode
+        self.module.BatchPrefillWithPagedKVCacheWrapper = PagedPrefill
+        self.module.BatchPrefillWithRaggedKVCacheWrapper = Ragged
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeFlashInfer:
+    """The stand-in installed as ``flashinfer``, with the adapters allowed onto the CPU."""
+    f = FakeFlashInfer()
+    monkeypatch.setitem(sys.modules, "flashinfer", f.module)
+    monkeypatch.setattr(fi, "device_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(fi, "WORKSPACE_BYTES", 1024)
+    return f
+
+
+BACKENDS = (fi.FlashInferDecodeBackend, fi.FlashInferDecodeTensorCoresBackend, fi.FlashInferDecodeFixedSplitBackend,
+            fi.FlashInferPrefillBackend, fi.FlashInferPrefillNoSplitBackend)
+
+
+@pytest.mark.parametrize("cls", BACKENDS, ids=lambda c: c.name)
+def test_each_flashinfer_adapter_passes_every_layout_check_over_a_correct_flashinfer(cls, fake) -> None:
+    backend = cls("cpu")
+    validate_backend(backend)
+    records = run_layouts(backend)
+    judged = Counter(r.check for r in records if r.status != "skip")
+    assert {"accuracy", "pack", "page", "determinism", "contract"} <= set(judged), judged
+    # float32 on the CPU is not row-count invariant: only the cross-layout rewrites may differ
+    assert set(failing(records)) <= {"split", "prefill_decode"}, failing(records)
+    wrappers = {p["wrapper"] for p in fake.plans}
+    assert wrappers == ({"decode"} if "decode" in cls.name else {"paged", "ragged"})
+    skipped = {r.message for r in records if r.status == "skip"}
+    declined = "decodes one query per sequence" if "decode" in cls.name else "float16 and bfloat16"
+    assert any(declined in m for m in skipped)  # the multi-row (decode) and float32 cases are declined, not run
+
+
+def test_the_batch_invariant_settings_reach_plan_and_the_fixed_split_runs_on_tensor_cores(fake) -> None:
+    for cls in BACKENDS:
+        paths = [p for p in select_cases(SMOKE, LAYOUT_CASES) if p.suffix == ".json"][:6]
+        run_backend(cls("cpu"), paths, RunSettings(tolerances=TOLERANCES, reruns=2))
+    by = Counter((p["wrapper"], p.get("tensor_cores"), p.get("fixed_split_size"), p.get("disable_split_kv"))
+                 for p in fake.plans)
+    assert {k for k in by if k[0] == "decode"} == {("decode", False, None, None), ("decode", True, None, None),
+                                                   ("decode", True, fi.FIXED_SPLIT_SIZE, None)}
+    assert {k[3] for k in by if k[0] in ("paged", "ragged")} == {False, True}
+    assert all(p["pos_encoding_mode"] == "NONE" for p in fake.plans if p["wrapper"] == "decode")
+
+
+def test_plan_parameters_look_through_a_plan_that_forwards_its_keywords() -> None:
+    class Forwards:
+        def plan(self, a, *args, **kwargs): ...
+
+        def _plan_impl(self, a, *, fixed_split_size=None, window_left=-1): ...
+
+    class Opaque:
+        def plan(self, a, **kwargs): ...
+
+    class Plain:
+        def plan(self, a, *, disable_split_kv=False): ...
+
+    assert {"fixed_split_size", "window_left"} <= fi.plan_parameters(Forwards)
+    assert fi.plan_parameters(Opaque) is None
+    assert "disable_split_kv" in fi.plan_parameters(Plain)
+
+
+def test_a_flashinfer_without_the_setting_leaves_that_backend_unavailable_with_the_reason(fake, monkeypatch) -> None:
+    class OldDecode:
+        def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
+                 window_left=-1): ...
+
+    monkeypatch.setattr(fake.module, "BatchDecodeWithPagedKVCacheWrapper", OldDecode)
+    with pytest.raises(BackendUnavailable, match="plan has no 'fixed_split_size'"):
+        fi.FlashInferDecodeFixedSplitBackend("cpu")
+    fi.FlashInferDecodeBackend("cpu")  # the default mode needs no setting
+
+    class Opaque:
+        def plan(self, *args, **kwargs): ...
+
+    monkeypatch.setattr(fake.module, "BatchDecodeWithPagedKVCacheWrapper", Opaque)
+    with pytest.raises(BackendUnavailable, match="cannot be told"):
+        fi.FlashInferDecodeFixedSplitBackend("cpu")
+
+
+def test_a_group_size_the_cuda_core_decode_has_no_kernel_for_is_a_missing_kernel_not_an_error(fake) -> None:
+    q, pages = torch.randn(1, 7, 8, dtype=torch.bfloat16), torch.randn(2, 4, 1, 8, dtype=torch.bfloat16)
+    table, lens, cu = torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([6]), torch.tensor([0, 1])
+    call = dict(max_seqlen_q=1, max_seqlen_k=6, causal=True, scale=None)
+    with pytest.raises(KernelUnavailable, match="No available kernel: flashinfer-decode has no kernel for GQA group "
+                                                "size 7"):
+        fi.FlashInferDecodeBackend("cpu").paged_kv_attention(q, pages, pages, table, lens, cu, **call)
+    out = fi.FlashInferDecodeTensorCoresBackend("cpu").paged_kv_attention(q, pages, pages, table, lens, cu, **call)
+    assert out.shape == q.shape
+
+
+def test_windows_go_to_window_left_and_a_bounded_non_causal_window_is_declined(fake) -> None:
+    backend = fi.FlashInferPrefillBackend("cpu")
+    q, k = torch.randn(9, 2, 8, dtype=torch.bfloat16), torch.randn(9, 1, 8, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    backend.varlen_attention(q, k, k, cu, cu, max_seqlen_q=5, max_seqlen_k=5, causal=True, window_size=(3, -1))
+    assert fake.plans[-1]["window_left"] == 3
+    with pytest.raises(KernelUnavailable, match="right side"):
+        backend.varlen_attention(q, k, k, cu, cu, max_seqlen_q=5, max_seqlen_k=5, causal=False, window_size=(3, 2))
+    windowed = dataclasses.replace(build_case(dtype="bfloat16", causal=False), window=(4, 3))
+    assert "non-causal case with a sliding window" in backend.supports("varlen_attention", windowed)
+    assert backend.supports("varlen_attention", dataclasses.replace(build_case(dtype="bfloat16"), window=(4, -1)))
+
+
+def test_without_cuda_every_flashinfer_backend_says_why(fake, monkeypatch) -> None:
+    monkeypatch.undo()  # the device check back, the stand-in kept: "cpu" is refused on any machine
+    monkeypatch.setitem(sys.modules, "flashinfer", fake.module)
+    for cls in BACKENDS:
+        with pytest.raises(BackendUnavailable, match="FlashInfer runs on CUDA devices"):
+            cls("cpu")
