@@ -31,12 +31,15 @@ CUDA_CORE_GROUPS = (1, 2, 3, 4, 8)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window_left: int,
-           scale: float | None) -> torch.Tensor:
-    """One sequence: ``q [sq, Hq, D]``, ``k, v [skv, Hkv, D]``, bottom-right causal and window, float32."""
+           scale: float | None, softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """One sequence: ``q [sq, Hq, D]``, ``k, v [skv, Hkv, D]``, bottom-right causal and window, the
+    soft-cap on the scaled logits and the sinks in the denominator, float32."""
     sq, hq, d = q.shape
     skv, hkv = k.shape[:2]
     kk, vv = (t.float().repeat_interleave(hq // hkv, 1) for t in (k, v))
     s = torch.einsum("qhd,khd->hqk", q.float(), kk) * (d ** -0.5 if scale is None else scale)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     diag = torch.arange(sq)[:, None] + (skv - sq)
     j = torch.arange(skv)[None, :]
     seen = torch.ones(sq, skv, dtype=torch.bool)
@@ -44,7 +47,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, w
         seen &= j <= diag
     if window_left >= 0:
         seen &= j >= diag - window_left
-    p = s.masked_fill(~seen, float("-inf")).softmax(-1).nan_to_num(0.0)
+    s = s.masked_fill(~seen, float("-inf"))
+    if sinks is not None:  # one more column per row, the head's sink logit, dropped after the softmax
+        s = torch.cat([s, sinks.float()[:, None, None].expand(hq, sq, 1)], -1)
+    p = s.softmax(-1).nan_to_num(0.0)[..., :skv]
     return torch.einsum("hqk,khd->qhd", p, vv).to(q.dtype)
 
 
@@ -102,17 +108,23 @@ class FakeFlashInfer:
 
             def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
                      num_kv_heads, head_dim_qk, page_size, *, causal=False, sm_scale=None, window_left=-1,
-                     q_data_type=None, kv_data_type=None, fixed_split_size=None, disable_split_kv=False) -> None:
+                     logits_soft_cap=None, q_data_type=None, kv_data_type=None, fixed_split_size=None,
+                     disable_split_kv=False) -> None:
                 fake.plans.append({"wrapper": "paged", "causal": causal, "window_left": window_left,
-                                   "disable_split_kv": disable_split_kv})
+                                   "disable_split_kv": disable_split_kv, "logits_soft_cap": logits_soft_cap})
                 self.layout = (qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, causal,
-                               window_left, sm_scale)
+                               window_left, sm_scale, logits_soft_cap)
 
-            def run(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-                qo, indptr, indices, last, causal, wl, scale = self.layout
+            def run(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], *,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+                qo, indptr, indices, last, causal, wl, scale, cap = self.layout
+                if sinks is not None:
+                    assert sinks.dtype == torch.float32 and sinks.shape == q.shape[1:2]
+                    fake.plans[-1]["sinks"] = True
                 return torch.cat([attend(q[int(qo[b]):int(qo[b + 1])], paged_keys(kv[0], indptr, indices, last, b),
                                          paged_keys(kv[1], indptr, indices, last, b), causal=causal,
-                                         window_left=wl, scale=scale) for b in range(len(last))])
+                                         window_left=wl, scale=scale, softcap=cap, sinks=sinks)
+                                  for b in range(len(last))])
 
         class Ragged:
             def __init__(self, workspace: torch.Tensor, kv_layout: str) -> None:
@@ -148,11 +160,13 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeFlashInfer:
     return f
 
 
-BACKENDS = (fi.FlashInferDecodeBackend, fi.FlashInferDecodeTensorCoresBackend, fi.FlashInferDecodeFixedSplitBackend,
-            fi.FlashInferPrefillBackend, fi.FlashInferPrefillNoSplitBackend)
+LAYOUT_BACKENDS = (fi.FlashInferDecodeBackend, fi.FlashInferDecodeTensorCoresBackend,
+                   fi.FlashInferDecodeFixedSplitBackend, fi.FlashInferPrefillBackend,
+                   fi.FlashInferPrefillNoSplitBackend)
+BACKENDS = (*LAYOUT_BACKENDS, fi.FlashInferDenseBackend)
 
 
-@pytest.mark.parametrize("cls", BACKENDS, ids=lambda c: c.name)
+@pytest.mark.parametrize("cls", LAYOUT_BACKENDS, ids=lambda c: c.name)
 def test_each_flashinfer_adapter_passes_every_layout_check_over_a_correct_flashinfer(cls, fake) -> None:
     backend = cls("cpu")
     validate_backend(backend)
@@ -169,7 +183,7 @@ def test_each_flashinfer_adapter_passes_every_layout_check_over_a_correct_flashi
 
 
 def test_the_batch_invariant_settings_reach_plan_and_the_fixed_split_runs_on_tensor_cores(fake) -> None:
-    for cls in BACKENDS:
+    for cls in LAYOUT_BACKENDS:
         paths = [p for p in select_cases(SMOKE, LAYOUT_CASES) if p.suffix == ".json"][:6]
         run_backend(cls("cpu"), paths, RunSettings(tolerances=TOLERANCES, reruns=2))
     by = Counter((p["wrapper"], p.get("tensor_cores"), p.get("fixed_split_size"), p.get("disable_split_kv"))
@@ -245,3 +259,57 @@ def test_without_cuda_every_flashinfer_backend_says_why(fake, monkeypatch) -> No
     for cls in BACKENDS:
         with pytest.raises(BackendUnavailable, match="FlashInfer runs on CUDA devices"):
             cls("cpu")
+
+
+# --- flashinfer-dense: the dense ops and the three variants -----------------------------------------
+
+DENSE_FAMILIES = ("attention/window/*", "attention/softcap/*", "attention/sinks/*", "attention/variants-combined/*",
+                  "attention/variant-presets/*", "attention/gqa/*", "attention/scale/*", "attention/causal-sq-gt-skv/*",
+                  "kv_cache_attention/variants/*", "kv_cache_attention/window/*", "kv_cache_attention/decode/*",
+                  "attention/grad-variants/*", "attention/padding/*")
+
+
+def dense_records(backend: object) -> list:
+    paths = sorted({p for pattern in DENSE_FAMILIES for p in select_cases(SMOKE, pattern)})
+    return run_backend(backend, paths, RunSettings(tolerances=TOLERANCES, reruns=2)).records
+
+
+def test_flashinfer_dense_passes_the_variant_cases_over_a_correct_flashinfer(fake) -> None:
+    backend = fi.FlashInferDenseBackend("cpu")
+    validate_backend(backend)
+    records = dense_records(backend)
+    ran = [r for r in records if r.status != "skip"]
+    assert {"accuracy", "batch", "determinism", "contract"} <= {r.check for r in ran}
+    # float32 on the CPU is not row-count invariant: only the invariance checks that change it may differ
+    assert not failing([r for r in records if r.check in ("accuracy", "contract", "determinism", "batch")]), \
+        failing(records)
+    plans = [p for p in fake.plans if p["wrapper"] == "paged"]
+    assert any(p["logits_soft_cap"] for p in plans) and any(p.get("sinks") for p in plans)
+    assert any(p["window_left"] >= 0 for p in plans) and any(not p["causal"] for p in plans)
+    skipped = Counter(r.message for r in records if r.status == "skip")
+    assert any("no backward" in m for m in skipped) and any("no key padding mask" in m for m in skipped)
+    assert any("Sq <= Skv" in m for m in skipped)
+
+
+@pytest.mark.parametrize("defect", ["no-softcap", "no-sinks", "window-off-by-one"])
+def test_flashinfer_dense_variants_that_do_not_reach_flashinfer_are_caught(defect, fake, monkeypatch) -> None:
+    real_plan = fake.module.BatchPrefillWithPagedKVCacheWrapper.plan
+    real_run = fake.module.BatchPrefillWithPagedKVCacheWrapper.run
+
+    def plan(self, *args, **kwargs):
+        if defect == "no-softcap":
+            kwargs["logits_soft_cap"] = None
+        if defect == "window-off-by-one" and kwargs["window_left"] >= 0:
+            kwargs["window_left"] += 1
+        return real_plan(self, *args, **kwargs)
+
+    def run(self, q, kv, *, sinks=None):
+        return real_run(self, q, kv, sinks=None if defect == "no-sinks" else sinks)
+
+    monkeypatch.setattr(fake.module.BatchPrefillWithPagedKVCacheWrapper, "plan", plan)
+    monkeypatch.setattr(fake.module.BatchPrefillWithPagedKVCacheWrapper, "run", run)
+    family = {"no-softcap": "attention/softcap/*", "no-sinks": "attention/sinks/*",
+              "window-off-by-one": "attention/window/*"}[defect]
+    records = run_backend(fi.FlashInferDenseBackend("cpu"), select_cases(SMOKE, family),
+                          RunSettings(tolerances=TOLERANCES, reruns=2)).records
+    assert failing(records)["accuracy"] > 0

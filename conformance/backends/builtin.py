@@ -20,6 +20,7 @@ from .flashinfer import (
     FlashInferDecodeBackend,
     FlashInferDecodeFixedSplitBackend,
     FlashInferDecodeTensorCoresBackend,
+    FlashInferDenseBackend,
     FlashInferPrefillBackend,
     FlashInferPrefillNoSplitBackend,
 )
@@ -176,4 +177,5 @@ BUILTIN_BACKENDS: tuple[type, ...] = (
     FlashInferDecodeFixedSplitBackend,
     FlashInferPrefillBackend,
     FlashInferPrefillNoSplitBackend,
+    FlashInferDenseBackend,
 )

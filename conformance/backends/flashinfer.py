@@ -9,6 +9,7 @@ extra; CUDA), adapted to docs/backends.md#layouts. The harness's block table bec
 | ``flashinfer-decode-fixed-split`` | the same, ``use_tensor_cores=True`` and ``fixed_split_size`` set | paged decode |
 | ``flashinfer-prefill`` | ``BatchPrefillWithPagedKVCacheWrapper`` / ``…RaggedKVCacheWrapper`` | paged and packed |
 | ``flashinfer-prefill-no-split`` | the same, ``disable_split_kv=True`` | paged and packed |
+| ``flashinfer-dense`` | ``BatchPrefillWithPagedKVCacheWrapper`` | the dense ops, with the three variants |
 
 ``fixed_split_size`` and ``disable_split_kv`` are FlashInfer's batch-invariant settings (the ones vLLM
 and SGLang pass in their batch-invariant modes). FlashInfer 0.7 takes ``fixed_split_size`` only in
@@ -22,6 +23,15 @@ The sliding window (``variants = ("window",)``) is FlashInfer's ``window_left`` 
 to the left of its bottom-right aligned diagonal, inclusive: the contract's ``left``) in a causal
 case; FlashInfer bounds the right side only in its cute backend, so a non-causal case with a
 bounded window is skipped with that reason. Soft-capping and sinks do not compose with the layouts.
+
+``flashinfer-dense`` serves the dense ops (``attention``, and ``kv_cache_attention`` as the
+attention over the concatenated keys) through the paged prefill: each batch entry is one sequence
+of pages of :data:`DENSE_PAGE_SIZE` keys, in order. It declares all three variants:
+``window_left`` as above; ``logits_soft_cap`` (FlashInfer's ``cap·tanh(scale·s / cap)``: the
+contract's soft-capping of the scaled logits, applied before the mask) and ``sinks`` (``run``'s
+per-head logits, ``[Hq]`` float32, joined to each row's softmax denominator, uncapped). FlashInfer's
+sequences are whole, so a key padding mask with a masked key is a missing kernel, and so is a causal
+case with ``Sq > Skv`` (rows that see no key are outside FlashInfer's prefill); it has no backward.
 """
 
 from __future__ import annotations
@@ -31,10 +41,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from .contract import BackendUnavailable, KernelUnavailable, cuda_unavailable_reason, one_line
+from .contract import BackendUnavailable, KernelUnavailable, concat_kv_cache, cuda_unavailable_reason, one_line
 
 WORKSPACE_BYTES = 256 * 1024**2
 FIXED_SPLIT_SIZE = 2048  # keys per split in the fixed-split decode (vLLM's batch-invariant value)
+DENSE_PAGE_SIZE = 16  # keys per page when flashinfer-dense lays a dense batch out as pages
 
 
 def csr_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int
@@ -227,3 +238,62 @@ class FlashInferPrefillNoSplitBackend(FlashInferPrefillBackend):
     name = "flashinfer-prefill-no-split"
     description = "FlashInfer paged and packed prefill with disable_split_kv=True (its batch-invariant setting)"
     plan_extra: ClassVar[dict[str, Any]] = {"disable_split_kv": True}
+
+
+class FlashInferDenseBackend(FlashInferBackend):
+    name = "flashinfer-dense"
+    description = ("FlashInfer BatchPrefillWithPagedKVCacheWrapper serving the dense ops (one sequence per batch "
+                   "entry), with window_left, logits_soft_cap and sinks")
+    wrapper = "BatchPrefillWithPagedKVCacheWrapper"
+    variants = ("window", "softcap", "sinks")
+
+    def supports(self, op: str, case: Any) -> bool | str:
+        if op.endswith("_backward"):
+            return "FlashInfer's attention has no backward"
+        if case.mask != "none":
+            return "FlashInfer's sequences are whole: it takes no key padding mask"
+        if case.causal and case.sq > case.skv:
+            return ("FlashInfer's causal prefill needs Sq <= Skv: rows that see no key (Sq > Skv) are outside its "
+                    "kernels")
+        return super().supports(op, case)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
+                  window_size: tuple[int, int] = (-1, -1), softcap: float | None = None,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
+        import flashinfer
+
+        b, hq, sq, d = q.shape
+        hkv, skv = k.shape[1], k.shape[2]
+        if key_padding_mask is not None and not bool(key_padding_mask.all()):
+            raise KernelUnavailable(f"No available kernel: {self.name} takes no key padding mask (FlashInfer's "
+                                    "sequences are whole)")
+        if causal and sq > skv:
+            raise KernelUnavailable(f"No available kernel: {self.name}: FlashInfer's causal prefill needs Sq <= Skv, "
+                                    f"not {sq} > {skv}")
+        per_seq = -(-skv // DENSE_PAGE_SIZE)
+
+        def pages(t: torch.Tensor) -> torch.Tensor:  # [B, Hkv, Skv, D] -> [B * per_seq, page, Hkv, D]
+            x = torch.nn.functional.pad(t.transpose(1, 2), (0, 0, 0, 0, 0, per_seq * DENSE_PAGE_SIZE - skv))
+            return x.reshape(b * per_seq, DENSE_PAGE_SIZE, hkv, d).contiguous()
+
+        table = torch.arange(b * per_seq, dtype=torch.int32).reshape(b, per_seq)
+        indptr, indices, last = csr_pages(table, torch.full((b,), skv, dtype=torch.int32), DENSE_PAGE_SIZE)
+        dev = q.device
+        qo = torch.arange(b + 1, dtype=torch.int32, device=dev) * sq
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace(), "NHD")
+        w.plan(qo, indptr.to(dev), indices.to(dev), last.to(dev), hq, hkv, d, DENSE_PAGE_SIZE, causal=causal,
+               sm_scale=scale, window_left=window_left(window_size, causal), logits_soft_cap=softcap,
+               q_data_type=q.dtype, kv_data_type=k.dtype)
+        extra = {} if sinks is None else {"sinks": sinks.to(dev, torch.float32)}
+        out = w.run(q.transpose(1, 2).reshape(b * sq, hq, d).contiguous(), (pages(k), pages(v)), **extra)
+        return out.reshape(b, sq, hq, d).transpose(1, 2)
+
+    def kv_cache_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k_new: torch.Tensor, v_new: torch.Tensor, *, causal: bool = True,
+                           scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
+        k, v = concat_kv_cache(q, k_cache, v_cache, k_new, v_new)
+        return self.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                              window_size=window_size, softcap=softcap, sinks=sinks)
