@@ -24,6 +24,7 @@ from conformance.backends import (
     BackendUnavailable,
     KernelUnavailable,
     backend_ops,
+    implements,
     list_backends,
     load_backend,
     skip_reason,
@@ -279,6 +280,25 @@ def test_forced_kernel_refusal_raises_kernel_unavailable_never_falls_back() -> N
 
 def test_every_builtin_is_listed() -> None:
     assert list(BUILTIN_INFOS) == [cls.name for cls in BUILTIN_BACKENDS]
+
+
+def test_the_listing_names_the_ops_and_variants_each_backend_implements_available_or_not() -> None:
+    infos = BUILTIN_INFOS
+    assert infos["reference"].implements == "attention, kv-cache, varlen, paged; window, softcap, sinks"
+    assert infos["sdpa-math"].implements == "attention, kv-cache, varlen, paged; window"
+    # read from the class when the backend cannot be created here
+    assert infos["flashinfer-decode"].implements == "paged; window"
+    assert infos["flashinfer-dense"].implements == "attention, kv-cache; window, softcap, sinks"
+    assert infos["flex-layouts"].implements == "varlen, paged; window"
+
+    class OnlyDense:
+        name, device = "only-dense", "cpu"
+
+        def attention(self, q, k, v, *, causal=True, scale=None, key_padding_mask=None):
+            return q
+
+    assert implements(OnlyDense) == implements(OnlyDense()) == "attention"
+    assert implements(lambda: OnlyDense()) == ""  # a factory shows nothing until it is called
 
 
 @no_cuda

@@ -48,6 +48,23 @@ class BackendInfo:
     description: str
     source: str
     device: str | None = None
+    implements: str = ""
+
+
+# How ``rlk-conform backends`` names each op.
+OP_LABELS = {"attention": "attention", "kv_cache_attention": "kv-cache", "varlen_attention": "varlen",
+             "paged_kv_attention": "paged"}
+
+
+def implements(target: Any) -> str:
+    """The ops and variants a backend (an instance or a class) declares, e.g. ``"attention, kv-cache;
+    window"``: read from its members, nothing is created. Empty for a factory function, which shows
+    nothing until it is called."""
+    if target is None or (not isinstance(target, type) and not hasattr(target, "name")):
+        return ""
+    ops = [OP_LABELS.get(op, op) for op in (*backend_ops(target), *layout_ops(target))]
+    variants = [str(v) for v in (getattr(target, "variants", ()) or ())]
+    return ", ".join(ops) + (f"; {', '.join(variants)}" if variants else "")
 
 
 @dataclass(frozen=True)
@@ -75,13 +92,15 @@ def list_backends(skip: Collection[str] = ()) -> list[BackendInfo]:
             backend = _create(reg.factory, None, reg.name)
             validate_backend(backend, reg.name)
         except BackendUnavailable as exc:
-            infos.append(BackendInfo(reg.name, reg.factory, False, one_line(str(exc)), reg.description, reg.source))
+            infos.append(BackendInfo(reg.name, reg.factory, False, one_line(str(exc)), reg.description, reg.source,
+                                     implements=implements(reg.factory)))
         except Exception as exc:  # a broken third-party backend must not break the listing
-            infos.append(BackendInfo(reg.name, reg.factory, False, _describe(exc), reg.description, reg.source))
+            infos.append(BackendInfo(reg.name, reg.factory, False, _describe(exc), reg.description, reg.source,
+                                     implements=implements(reg.factory)))
         else:
             infos.append(BackendInfo(reg.name, reg.factory, True, None,
                                      str(getattr(backend, "description", "") or reg.description), reg.source,
-                                     backend.device))
+                                     backend.device, implements(backend)))
     return infos
 
 
