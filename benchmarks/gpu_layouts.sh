@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The packed and paged kernels, and FlashInfer's dense adapter, judged on one CUDA GPU, as in
+# docs/results/2026-12-01-h200-flashinfer.md:
+#
+#   benchmarks/gpu_layouts.sh OUTDIR [SECONDS_PER_RUN] [DEVICE]
+#
+# 1. the standard tier's layout goldens (the packed and paged cases and the dense goldens they are
+#    made of): `generate --tier standard --device cuda --filter '*layouts-*'` into OUTDIR/goldens;
+# 2. when flashinfer imports: its JIT modules for those cases, built side by side
+#    (benchmarks/flashinfer_warm.py), so that no judged run waits on a compile;
+# 3. every available layout kernel (torch-varlen*, flex-layouts, flashinfer-*) over the smoke and
+#    the standard layout cases, and flashinfer-dense over the whole smoke tier, each run limited to
+#    SECONDS_PER_RUN (default 600; a run stopped at its limit keeps its finished cases, complete:
+#    false): OUTDIR/<tier>-<backend>.{json,txt};
+# 4. OUTDIR/summary.md (`rlk-conform report --summary-md`) and OUTDIR/report.html over all of them.
+# DEVICE (default cuda) is where everything runs; `cpu` exercises the script where the CUDA kernels
+# are unavailable (they are listed as such). The package need not be installed: the repository
+# root goes on PYTHONPATH. A second call with the same OUTDIR keeps the goldens made (--resume).
+set -u -o pipefail
+out=${1:?usage: benchmarks/gpu_layouts.sh OUTDIR [SECONDS_PER_RUN] [DEVICE]}
+limit=${2:-600}
+device=${3:-cuda}
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+cd "$root"
+cli=(python3 -m conformance)
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+  python3 -c 'import flashinfer; print("flashinfer", flashinfer.__version__)' 2>/dev/null || echo "flashinfer: not installed"
+} 2>&1 | tee "$out/machine.txt"
+
+"${cli[@]}" generate --tier standard --device "$device" --filter '*layouts-*' --out "$out/goldens" --resume \
+  > "$out/generate.txt" 2>&1 || { echo "generation failed: $out/generate.txt"; exit 2; }
+
+if python3 -c 'import flashinfer' 2>/dev/null; then
+  python3 benchmarks/flashinfer_warm.py 2>&1 | tee "$out/flashinfer-warm.txt"
+fi
+
+available=$(python3 -c 'from conformance.backends import list_backends
+print("\n".join(i.name for i in list_backends() if i.available))' 2>/dev/null)
+judge() {  # tier backend goldens-args...
+  local tier=$1 backend=$2; shift 2
+  local start=$SECONDS
+  timeout --signal=TERM "$limit" "${cli[@]}" run --backend "$backend" --device "$device" "$@" \
+    --report-json "$out/$tier-$backend.json" > "$out/$tier-$backend.txt" 2>&1
+  echo "$tier $backend: exit $? in $((SECONDS - start)) s" | tee -a "$out/runs.txt"
+}
+for backend in torch-varlen torch-varlen-nosplit flex-layouts flashinfer-decode flashinfer-decode-tensor-cores \
+               flashinfer-decode-fixed-split flashinfer-prefill flashinfer-prefill-no-split; do
+  grep -qx "$backend" <<< "$available" || { echo "$backend: unavailable here" | tee -a "$out/runs.txt"; continue; }
+  judge smoke "$backend" --filter '*_attention/layouts-*'
+  judge standard "$backend" --goldens "$out/goldens" --filter '*_attention/layouts-*'
+done
+if grep -qx flashinfer-dense <<< "$available"; then
+  judge smoke flashinfer-dense
+fi
+
+shopt -s nullglob
+reports=("$out"/*.json)
+if [ ${#reports[@]} -gt 0 ]; then
+  "${cli[@]}" report "${reports[@]}" --summary-md "$out/summary.md" --html "$out/report.html" \
+    > "$out/report.txt" 2>&1
+fi
