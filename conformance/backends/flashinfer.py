@@ -287,7 +287,7 @@ class FlashInferDenseBackend(FlashInferBackend):
                q_data_type=q.dtype, kv_data_type=k.dtype)
         extra = {} if sinks is None else {"sinks": sinks.to(dev, torch.float32)}
         out = w.run(q.transpose(1, 2).reshape(b * sq, hq, d).contiguous(), (pages(k), pages(v)), **extra)
-        return out.reshape(b, sq, hq, d).transpose(1, 2)
+        return out.reshape(b, sq, hq, d).transpose(1, 2).contiguous()
 
     def kv_cache_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            k_new: torch.Tensor, v_new: torch.Tensor, *, causal: bool = True,
