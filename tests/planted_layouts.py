@@ -124,3 +124,16 @@ class WindowIgnoredWhenPacked(NaiveFp32Backend):
                          scale=None, window_size=(-1, -1)):
         return super().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                                         max_seqlen_k=max_seqlen_k, causal=causal, scale=scale)
+
+
+class SplitsFromPageSize(LayoutCorrect):
+    """The KV split follows the page size (what FlashInfer 0.7.2's paged decode showed on an H200: the
+    same logical cache in pages of 1, 5, 7 or 16 keys gives other bits), so a sequence's bits depend on
+    how its cache is paged: ``page``. Pages of 16 keys or more take the other reduction order."""
+
+    name = "layout-splits-from-page-size"
+
+    def paged_kv_attention(self, q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q,
+                           max_seqlen_k, causal, scale):
+        return attend_sequences(unpack_paged(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q), causal, scale,
+                                k_pages.shape[1] >= 16)

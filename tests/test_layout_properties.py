@@ -9,7 +9,13 @@ import pytest
 from conftest import SPEC_DIR
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planted_layouts import LayoutCorrect, ReadsUnusedTail, SplitsFromSequenceCount, TileFromPackMax
+from planted_layouts import (
+    LayoutCorrect,
+    ReadsUnusedTail,
+    SplitsFromPageSize,
+    SplitsFromSequenceCount,
+    TileFromPackMax,
+)
 from property_planted import PropertyCorrect
 from typer.testing import CliRunner
 
@@ -118,6 +124,13 @@ def test_page_finds_a_kernel_reading_the_unused_tail_of_the_last_page(repo_specs
     assert record.check == "page" and "unused page slots" in record.message
     assert token.count == 1 and token.skv % params["page_size"] != 0  # a last page with an unused tail
     assert params["block_table"] is not None and str(params["page_size"]) in record.message
+
+
+def test_page_finds_a_split_chosen_from_the_page_size(repo_specs: list[OpSpec]) -> None:
+    (result,) = search(SplitsFromPageSize(), repo_specs, ("page",))
+    record = failure(result)
+    assert record.check == "page" and "page size" in record.message
+    assert sum(t.count for t in pack_of(record)) == 1  # shrunk to one sequence
 
 
 def test_check_on_the_command_line_reports_the_drawn_composition(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from planted_layouts import (
     BlockTableOffByOne,
     LayoutCorrect,
     ReadsUnusedTail,
+    SplitsFromPageSize,
     SplitsFromSequenceCount,
     TileFromPackMax,
 )
@@ -168,6 +169,7 @@ def test_correct_adapters_show_no_false_layout_failure(backend: object) -> None:
     (TileFromPackMax(), {"pack"}, {"accuracy", "page", "contract"}),
     (SplitsFromSequenceCount(), {"pack"}, {"accuracy", "page", "contract"}),
     (ReadsUnusedTail(), {"page"}, set()),
+    (SplitsFromPageSize(), {"page"}, {"accuracy", "pack", "contract"}),
     (BlockTableOffByOne(), {"accuracy"}, {"pack", "contract"}),
     (AttendsIntoNeighbour(), {"accuracy", "pack"}, {"page", "contract"}),
 ], ids=lambda x: getattr(x, "name", ""))
