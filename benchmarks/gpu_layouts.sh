@@ -12,7 +12,11 @@
 #    the standard layout cases, and flashinfer-dense over the whole smoke tier, each run limited to
 #    SECONDS_PER_RUN (default 600; a run stopped at its limit keeps its finished cases, complete:
 #    false): OUTDIR/<tier>-<backend>.{json,txt};
-# 4. OUTDIR/summary.md (`rlk-conform report --summary-md`) and OUTDIR/report.html over all of them.
+# 4. the property search of `pack` and `page` (`check --search-profile nightly --time-budget B`, B =
+#    $RLK_CHECK_BUDGET seconds per property, default 30) on
+#    each available layout kernel: shrunk reproducers in OUTDIR/reproducers, reports in
+#    OUTDIR/checks/<backend>.{json,txt};
+# 5. OUTDIR/summary.md (`rlk-conform report --summary-md`) and OUTDIR/report.html over the runs.
 # DEVICE (default cuda) is where everything runs; `cpu` exercises the script where the CUDA kernels
 # are unavailable (they are listed as such). The package need not be installed: the repository
 # root goes on PYTHONPATH. A second call with the same OUTDIR keeps the goldens made (--resume).
@@ -20,11 +24,13 @@ set -u -o pipefail
 out=${1:?usage: benchmarks/gpu_layouts.sh OUTDIR [SECONDS_PER_RUN] [DEVICE]}
 limit=${2:-600}
 device=${3:-cuda}
+budget=${RLK_CHECK_BUDGET:-30}
 root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 cd "$root"
 cli=(python3 -m conformance)
+: > "$out/runs.txt"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
@@ -56,6 +62,16 @@ done
 if grep -qx flashinfer-dense <<< "$available"; then
   judge smoke flashinfer-dense
 fi
+for backend in torch-varlen torch-varlen-nosplit flex-layouts flashinfer-decode flashinfer-decode-tensor-cores \
+               flashinfer-decode-fixed-split flashinfer-prefill flashinfer-prefill-no-split; do
+  grep -qx "$backend" <<< "$available" || continue
+  start=$SECONDS
+  mkdir -p "$out/checks"
+  timeout --signal=TERM "$limit" "${cli[@]}" check --backend "$backend" --device "$device" --properties pack,page \
+    --search-profile nightly --time-budget "$budget" --reproducers "$out/reproducers" \
+    --report-json "$out/checks/$backend.json" > "$out/checks/$backend.txt" 2>&1
+  echo "check $backend: exit $? in $((SECONDS - start)) s" | tee -a "$out/runs.txt"
+done
 
 shopt -s nullglob
 reports=("$out"/*.json)
