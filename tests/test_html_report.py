@@ -290,6 +290,16 @@ def test_labels_tell_apart_two_runs_of_the_same_backend(report_files: list[Path]
     assert labels[0] != labels[2] and labels[0].startswith("naive") and GPU_NAME in labels[2]
 
 
+def test_labels_tell_apart_one_backend_run_on_two_tiers_by_the_tier(report_files: list[Path], tmp_path: Path) -> None:
+    naive = json.loads(report_files[0].read_text())
+    standard = json.loads(report_files[0].read_text())
+    standard["goldens"]["tier"] = "standard"
+    (tmp_path / "smoke.json").write_text(json.dumps(naive))
+    (tmp_path / "standard.json").write_text(json.dumps(standard))
+    labels = [run.label for run in load_runs([tmp_path / "smoke.json", tmp_path / "standard.json"])]
+    assert labels == ["naive · smoke", "naive · standard"]
+
+
 def test_replay_commands_keep_the_device_of_a_gpu_run(rendered: tuple[Path, Path]) -> None:
     gpu_rows = [w for w in read_page(rendered[0].read_text()).worst if "--device cuda" in w["replay"]]
     assert gpu_rows, "the synthetic GPU run's replay commands must pass --device cuda"

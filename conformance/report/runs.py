@@ -57,12 +57,19 @@ class BackendRun:
         return str(b.get("requested") or b.get("used") or "?")
 
 
+def _tier(report: dict) -> str:
+    return str((report.get("goldens") or {}).get("tier") or "")
+
+
 def load_runs(paths: Sequence[Path]) -> list[BackendRun]:
     """Load every report; labels are the requested backend (``(check)`` for a property search), made
-    unique by device name, then by index."""
+    unique by the goldens' tier where that tells them apart, then by device name, then by index."""
     reports = [(p, load_report(p)) for p in paths]
     labels = [str(r["backend"].get("requested") or r["backend"].get("used") or "?")
               + (" (check)" if "search" in r else "") for _, r in reports]
+    tiers = {lab: {_tier(r) for lb, (_, r) in zip(labels, reports) if lb == lab} for lab in labels}
+    labels = [f"{lab} · {_tier(r)}" if labels.count(lab) > 1 and len(tiers[lab]) > 1 else lab
+              for lab, (_, r) in zip(labels, reports)]
     if len(set(labels)) < len(labels):
         labels = [f"{lab} · {(r.get('execution_target') or {}).get('device_name') or r['backend'].get('device')}"
                   if labels.count(lab) > 1 else lab for lab, (_, r) in zip(labels, reports)]
