@@ -137,3 +137,26 @@ class SplitsFromPageSize(LayoutCorrect):
                            max_seqlen_k, causal, scale):
         return attend_sequences(unpack_paged(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q), causal, scale,
                                 k_pages.shape[1] >= 16)
+
+
+class WindowedSplitsFromSequenceCount(LayoutWindowCorrect):
+    """On the sliding-window path only, the split count follows the number of sequences (SGLang #26412:
+    the fixed split size dropped on that path), so a windowed sequence's bits depend on its pack:
+    ``pack``, found only by a search that draws windows."""
+
+    @property
+    def name(self) -> str:
+        return "layout-windowed-splits-from-count"
+
+    def varlen_attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k, causal=True,
+                         scale=None, window_size=(-1, -1)):
+        out = super().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                       max_seqlen_k=max_seqlen_k, causal=causal, scale=scale, window_size=window_size)
+        return ulp_up(out) if tuple(window_size) != (-1, -1) and cu_seqlens_q.numel() - 1 >= 3 else out
+
+    def paged_kv_attention(self, q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q, *, max_seqlen_q,
+                           max_seqlen_k, causal=True, scale=None, window_size=(-1, -1)):
+        out = super().paged_kv_attention(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q,
+                                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
+                                         scale=scale, window_size=window_size)
+        return ulp_up(out) if tuple(window_size) != (-1, -1) and seq_lens.numel() >= 3 else out

@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from planted_layouts import (
     LayoutCorrect,
+    LayoutWindowCorrect,
     ReadsUnusedTail,
     SplitsFromPageSize,
     SplitsFromSequenceCount,
     TileFromPackMax,
+    WindowedSplitsFromSequenceCount,
 )
 from property_planted import PropertyCorrect
 from typer.testing import CliRunner
@@ -131,6 +133,25 @@ def test_page_finds_a_split_chosen_from_the_page_size(repo_specs: list[OpSpec]) 
     record = failure(result)
     assert record.check == "page" and "page size" in record.message
     assert sum(t.count for t in pack_of(record)) == 1  # shrunk to one sequence
+
+
+def test_pack_draws_windows_for_a_backend_that_declares_them_and_finds_a_windowed_split(
+        repo_specs: list[OpSpec]) -> None:
+    (result,) = search(WindowedSplitsFromSequenceCount(), repo_specs, ("pack",))
+    record = failure(result)
+    params = record.metrics["parameters"]
+    assert record.check == "pack" and params["window"][1] == 0 and "-win" in record.case_id
+    assert f"'window': {params['window']}" in record.message
+    assert sum(t.count for t in pack_of(record)) <= 3  # three in a call: the pack and its added neighbours
+    # the same defect without a window declared is never drawn into one: the search holds
+    plain = WindowedSplitsFromSequenceCount()
+    plain.variants = ()
+    assert all(r.status == "pass" for res in search(plain, repo_specs, ("pack",)) for r in res.records)
+
+
+def test_windowed_layouts_drawn_for_a_correct_backend_pass(repo_specs: list[OpSpec]) -> None:
+    for res in search(LayoutWindowCorrect(), repo_specs, ("pack", "page"), max_examples=8):
+        assert all(r.status == "pass" for r in res.records), [r.message for r in res.records]
 
 
 def test_check_on_the_command_line_reports_the_drawn_composition(tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ MEMBER_OP = "attention"  # the dense op of the cases a drawn layout is composed 
 def _draw(name: str, data: st.DataObject, space: SpecSpace, ctx: PropertyContext) -> Example:
     ops = [op for op in LAYOUT_OPS_ORDER if ctx.invoker.has(op) and (name == "pack" or op == PAGED)]
     op = data.draw(st.sampled_from(ops), label="layout op")
-    model = draw_model(data, space)
+    model = draw_model(data, space, ctx.variants)
     tokens = draw_tokens(data, space, model)
     seed = data.draw(st.integers(0, MAX_SEED), label="input seed")
     page_size = draw_page_size(data) if op == PAGED else None
@@ -77,6 +77,8 @@ def _draw(name: str, data: st.DataObject, space: SpecSpace, ctx: PropertyContext
                          () if page_size is None else (page_size, *others))
     params = {"op": op, "pack": case.pack_text, "sequences": case.batch, "page_size": page_size,
               "page_sizes": list(case.page_sizes), "block_table": block_table, "seed": seed}
+    if model.window != (-1, -1):
+        params["window"] = list(model.window)
     return Example(name, case, params)  # type: ignore[arg-type]  # a LayoutCase reads like a dense case
 
 

@@ -7,8 +7,10 @@ A composition is a tuple of pack tokens (``1x129+7x17``, :mod:`conformance.spec.
 that ``(sq, skv)`` (:func:`member_cases`, made with the drawn seed), so the layout case's exact outputs
 are those cases' references. Lengths are drawn anywhere up to the profile's key cap and more often on
 both sides of the 16-, 64- and 128-row tile edges; one long sequence may be put among many short ones.
-Hypothesis shrinks towards fewer tokens, one sequence per token, shorter lengths, prefills, the first
-page size and the reversed block table.
+A backend that declares the sliding window also gets causal packs with a window (every sequence
+the same ``(left, 0)``, left anywhere up to the key cap or beside a tile edge), as the specs'
+``layouts-window`` families compose them. Hypothesis shrinks towards fewer tokens, one sequence per
+token, shorter lengths, prefills, no window, the first page size and the reversed block table.
 """
 
 from __future__ import annotations
@@ -47,15 +49,17 @@ class LayoutModel:
     causal: bool
     scale: float | None
     dist: str
+    window: tuple[int, int] = (-1, -1)
 
     @staticmethod
     def of(case: LayoutCase) -> LayoutModel:
-        return LayoutModel(case.hq, case.hkv, case.d, case.dtype, case.causal, case.scale, case.dist)
+        return LayoutModel(case.hq, case.hkv, case.d, case.dtype, case.causal, case.scale, case.dist,
+                           tuple(case.window))  # type: ignore[arg-type]
 
 
-def draw_model(data: st.DataObject, space: SpecSpace) -> LayoutModel:
+def draw_model(data: st.DataObject, space: SpecSpace, variants: Sequence[str] = ()) -> LayoutModel:
     """Heads, head dim, dtype, causal flag, scale and distribution from the specs' space (no mask: the
-    layouts have none)."""
+    layouts have none), and a causal sliding window when ``variants`` (the backend's) has ``window``."""
     dtype = data.draw(st.sampled_from(space.dtypes), label="dtype")
     d = data.draw(st.sampled_from(space.head_dims), label="head_dim")
     group = data.draw(st.sampled_from(space.groups), label="gqa group")
@@ -63,7 +67,10 @@ def draw_model(data: st.DataObject, space: SpecSpace) -> LayoutModel:
     causal = data.draw(st.sampled_from(space.causal), label="causal")
     scale = data.draw(st.sampled_from(space.scales), label="scale")
     dist = data.draw(st.sampled_from(space.dists), label="value distribution")
-    return LayoutModel(group * hkv, hkv, d, dtype, causal, scale, dist)
+    window = (-1, -1)
+    if "window" in variants and causal and data.draw(st.booleans(), label="sliding window"):
+        window = (_length(data, "window left", 0, max(0, min(space.skv[1], space.limits.max_skv))), 0)
+    return LayoutModel(group * hkv, hkv, d, dtype, causal, scale, dist, window)
 
 
 def _length(data: st.DataObject, label: str, lo: int, hi: int) -> int:
@@ -165,7 +172,8 @@ def member_cases(name: str, tier: str, model: LayoutModel, tokens: Sequence[Pack
         counts[(t.sq, t.skv)] = counts.get((t.sq, t.skv), 0) + t.count
     return {(sq, skv): make_case(f"{name}-member", op="attention", batch=b, hq=model.hq, hkv=model.hkv, d=model.d,
                                  sq=sq, skv=skv, dtype=model.dtype, causal=model.causal, scale=model.scale,
-                                 mask="none", dist=model.dist, seed=(seed + i) % (MAX_SEED + 1), tier=tier)
+                                 mask="none", dist=model.dist, seed=(seed + i) % (MAX_SEED + 1), tier=tier,
+                                 window=model.window)
             for i, ((sq, skv), b) in enumerate(counts.items())}
 
 
