@@ -1,15 +1,19 @@
-"""Build FlashInfer's JIT modules for the configurations the layout and dense cases use, one process
-per configuration at once (FlashInfer builds a module on first use, one at a time per process, and
+"""Build FlashInfer's JIT modules for the configurations a tier's cases use, one process per
+configuration at once (FlashInfer builds a module on first use, one at a time per process, and
 its sm90 prefill takes about a minute alone on 16 cores), so that the judged runs that follow load
 them from the cache instead of each paying the compile:
 
-    python benchmarks/flashinfer_warm.py                  # the smoke and standard tiers' configurations
-    python benchmarks/flashinfer_warm.py bf16:128:32:8    # dtype:head_dim:Hq:Hkv[:window_left[:softcap]]
+    python benchmarks/flashinfer_warm.py                  # the standard tier's configurations (smoke's too)
+    python benchmarks/flashinfer_warm.py --tier smoke
+    python benchmarks/flashinfer_warm.py --tier standard --layouts   # the packed and paged cases only
+    python benchmarks/flashinfer_warm.py bf16:128:32:8    # dtype:head_dim:Hq:Hkv[:window_left[:softcap[:sinks]]]
 
-Each configuration builds the CUDA-core decode, the tensor-core decode (with ``fixed_split_size``),
-the paged prefill and the ragged prefill (with ``disable_split_kv``), timing each; the cache is
-``$FLASHINFER_WORKSPACE_BASE/.cache/flashinfer``. A step FlashInfer cannot build or run is printed
-with its error and the others go on.
+A tier's configurations come from the shipped specs: one per FlashInfer module its float16 and
+bfloat16 cases need (dtype, head dimension, whether a window, soft-capping, sinks), dense and
+layout cases alike. Each builds the CUDA-core decode, the tensor-core decode (with
+``fixed_split_size``), the paged prefill and the ragged prefill (with ``disable_split_kv``), timing
+each; the cache is ``$FLASHINFER_WORKSPACE_BASE/.cache/flashinfer``. A step FlashInfer cannot build
+or run is printed with its error and the others go on.
 """
 
 from __future__ import annotations
@@ -18,19 +22,42 @@ import subprocess
 import sys
 import time
 
-# dtype:head_dim:Hq:Hkv[:window_left[:softcap]] of the committed layout and variant families.
-DEFAULT = ("bf16:64:4:1", "fp16:64:2:1", "bf16:64:4:2:8", "bf16:128:28:4", "bf16:128:32:8", "bf16:64:2:1::30.0")
+SHORT = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def tier_configs(tier: str, layouts_only: bool = False) -> list[str]:
+    """``dtype:head_dim:Hq:Hkv[:window_left[:softcap[:sinks]]]``, one per FlashInfer module the tier's
+    float16 and bfloat16 cases (dense and layout) need: the first case of each (dtype, head dim, and
+    whether it has a window, soft-capping, sinks) names it."""
+    from conformance.spec.load import default_spec_paths, load_specs
+
+    configs: dict[tuple, str] = {}
+    for spec in load_specs(default_spec_paths()):
+        dense = [] if layouts_only else spec.cases_for_tier(tier)
+        for case in [*dense, *spec.layouts_for_tier(tier)]:
+            if case.dtype not in SHORT:
+                continue
+            window = tuple(getattr(case, "window", (-1, -1)))
+            softcap = getattr(case, "softcap", None)
+            sinks = getattr(case, "sinks", None) is not None
+            key = (case.dtype, case.d, window != (-1, -1), softcap is not None, sinks)
+            left = str(window[0]) if window != (-1, -1) else ""
+            text = (f"{SHORT[case.dtype]}:{case.d}:{case.hq}:{case.hkv}:{left}:{softcap or ''}:"
+                    f"{'sinks' if sinks else ''}").rstrip(":")
+            configs.setdefault(key, text)
+    return list(configs.values())
 
 
 def build(config: str) -> None:
     import flashinfer
     import torch
 
-    parts = config.split(":") + [""] * 6
+    parts = config.split(":") + [""] * 7
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[parts[0]]
     d, hq, hkv = int(parts[1]), int(parts[2]), int(parts[3])
     wl = int(parts[4]) if parts[4] else -1
     cap = float(parts[5]) if parts[5] else None
+    sinks = {"sinks": torch.zeros(hq, dtype=torch.float32, device="cuda")} if parts[6] == "sinks" else {}
     dev = "cuda"
     ws = torch.empty(256 * 1024**2, dtype=torch.uint8, device=dev)
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
@@ -52,13 +79,13 @@ def build(config: str) -> None:
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
         w.plan(indptr, idx, last, hq, hkv, d, ps, pos_encoding_mode="NONE", q_data_type=dt, kv_data_type=dt,
                window_left=wl, logits_soft_cap=cap, **extra)
-        w.run(torch.randn(2, hq, d, device=dev, dtype=dt), (kp, kp))
+        w.run(torch.randn(2, hq, d, device=dev, dtype=dt), (kp, kp), **sinks)
 
     def paged(extra: dict) -> None:
         w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
         w.plan(cu, indptr, idx, last, hq, hkv, d, ps, causal=True, window_left=wl, logits_soft_cap=cap,
                q_data_type=dt, kv_data_type=dt, **extra)
-        w.run(torch.randn(50, hq, d, device=dev, dtype=dt), (kp, kp))
+        w.run(torch.randn(50, hq, d, device=dev, dtype=dt), (kp, kp), **sinks)
 
     def ragged(extra: dict) -> None:
         w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")
@@ -70,7 +97,8 @@ def build(config: str) -> None:
     step("decode (CUDA cores)", lambda: decode(False, {}))
     step("decode (tensor cores, fixed split)", lambda: decode(True, {"fixed_split_size": 2048}))
     step("paged prefill (no split)", lambda: paged({"disable_split_kv": True}))
-    step("ragged prefill (no split)", lambda: ragged({"disable_split_kv": True}))
+    if not sinks:  # FlashInfer's ragged run takes no sinks (flashinfer-dense uses the paged prefill)
+        step("ragged prefill (no split)", lambda: ragged({"disable_split_kv": True}))
 
 
 def main(argv: list[str]) -> int:
@@ -80,7 +108,13 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--one"]:
         build(argv[1])
         return 0
-    configs = argv or list(DEFAULT)
+    tier = "standard"
+    if argv[:1] == ["--tier"] and len(argv) > 1:
+        tier, argv = argv[1], argv[2:]
+    layouts_only = "--layouts" in argv
+    argv = [a for a in argv if a != "--layouts"]
+    configs = argv or tier_configs(tier, layouts_only)
+    print(f"{len(configs)} configurations: {' '.join(configs)}", flush=True)
     t = time.time()
     procs = [subprocess.Popen([sys.executable, __file__, "--one", c]) for c in configs]
     codes = [p.wait() for p in procs]

@@ -41,7 +41,9 @@ cli=(python3 -m conformance)
   > "$out/generate.txt" 2>&1 || { echo "generation failed: $out/generate.txt"; exit 2; }
 
 if python3 -c 'import flashinfer' 2>/dev/null; then
-  python3 benchmarks/flashinfer_warm.py 2>&1 | tee "$out/flashinfer-warm.txt"
+  # what the runs below use: the standard tier's layout cases and the whole smoke tier (flashinfer-dense)
+  python3 benchmarks/flashinfer_warm.py --tier standard --layouts 2>&1 | tee "$out/flashinfer-warm.txt"
+  python3 benchmarks/flashinfer_warm.py --tier smoke 2>&1 | tee -a "$out/flashinfer-warm.txt"
 fi
 
 available=$(python3 -c 'from conformance.backends import list_backends
