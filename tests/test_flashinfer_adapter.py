@@ -155,7 +155,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeFlashInfer:
     """The stand-in installed as ``flashinfer``, with the adapters allowed onto the CPU."""
     f = FakeFlashInfer()
     monkeypatch.setitem(sys.modules, "flashinfer", f.module)
-    monkeypatch.setattr(fi, "device_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(fi, "cuda_only_reason", lambda device, kernel: None)
     monkeypatch.setattr(fi, "WORKSPACE_BYTES", 1024)
     return f
 

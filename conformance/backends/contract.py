@@ -153,6 +153,14 @@ def cuda_unavailable_reason(device: str) -> str | None:
     return f"CUDA is not available: torch {torch.__version__} sees no CUDA device"
 
 
+def cuda_only_reason(device: str, kernel: str) -> str | None:
+    """Why ``kernel``, which runs on CUDA devices only, cannot run on ``device``: not a CUDA device, or
+    :func:`cuda_unavailable_reason`; None when it can."""
+    if torch.device(device).type != "cuda":
+        return f"{kernel} runs on CUDA devices; {device!r} is not one"
+    return cuda_unavailable_reason(device)
+
+
 def device_unavailable_reason(device: str) -> str | None:
     """Why ``device`` cannot hold tensors here (malformed string, no CUDA, index out of range), or None."""
     try:

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .contract import BackendUnavailable, KernelUnavailable, concat_kv_cache, cuda_unavailable_reason, one_line
+from .contract import BackendUnavailable, KernelUnavailable, concat_kv_cache, cuda_only_reason, one_line
 
 WORKSPACE_BYTES = 256 * 1024**2
 FIXED_SPLIT_SIZE = 2048  # keys per split in the fixed-split decode (vLLM's batch-invariant value)
@@ -75,13 +75,6 @@ def plan_parameters(cls: Any) -> set[str] | None:
     return names
 
 
-def device_unavailable_reason(device: str) -> str | None:
-    """Why FlashInfer cannot run on ``device``: it runs on CUDA devices only."""
-    if torch.device(device).type != "cuda":
-        return f"FlashInfer runs on CUDA devices; {device!r} is not one"
-    return cuda_unavailable_reason(device)
-
-
 def flashinfer_unavailable_reason(device: str, wrapper: str, needs: str | None) -> str | None:
     """Why FlashInfer's ``wrapper`` cannot be judged on ``device`` (with its ``plan`` argument ``needs``)."""
     try:
@@ -90,7 +83,7 @@ def flashinfer_unavailable_reason(device: str, wrapper: str, needs: str | None) 
         return f"flashinfer is not installed ({exc}); pip install flashinfer-python (the 'flashinfer' extra)"
     except Exception as exc:  # a broken install must not break the listing
         return f"importing flashinfer failed: {type(exc).__name__}: {exc}"
-    reason = device_unavailable_reason(device)
+    reason = cuda_only_reason(device, "FlashInfer")
     if reason is not None:
         return reason
     cls = getattr(flashinfer, wrapper, None)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .contract import BackendUnavailable, cuda_unavailable_reason
+from .contract import BackendUnavailable, cuda_only_reason
 
 
 def varlen_unavailable_reason(device: str) -> str | None:
@@ -39,9 +39,7 @@ def varlen_unavailable_reason(device: str) -> str | None:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (it needs torch >= 2.10)"
-    if torch.device(device).type != "cuda":
-        return f"varlen_attn is a CUDA kernel (FlashAttention); {device!r} is not a CUDA device"
-    return cuda_unavailable_reason(device)
+    return cuda_only_reason(device, "varlen_attn (FlashAttention)")
 
 
 def _varlen_attn() -> Callable[..., Any]:
