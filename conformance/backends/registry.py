@@ -63,7 +63,7 @@ def implements(target: Any) -> str:
     if target is None or (not isinstance(target, type) and not hasattr(target, "name")):
         return ""
     ops = [OP_LABELS.get(op, op) for op in (*backend_ops(target), *layout_ops(target))]
-    variants = [str(v) for v in (getattr(target, "variants", ()) or ())]
+    variants = declared_variants(target)
     return ", ".join(ops) + (f"; {', '.join(variants)}" if variants else "")
 
 
