@@ -69,8 +69,13 @@ def draw_model(data: st.DataObject, space: SpecSpace, variants: Sequence[str] = 
     dist = data.draw(st.sampled_from(space.dists), label="value distribution")
     window = (-1, -1)
     if "window" in variants and causal and data.draw(st.booleans(), label="sliding window"):
-        window = (_length(data, "window left", 0, max(0, min(space.skv[1], space.limits.max_skv))), 0)
+        window = (_length(data, "window left", 0, max_keys(space)), 0)
     return LayoutModel(group * hkv, hkv, d, dtype, causal, scale, dist, window)
+
+
+def max_keys(space: SpecSpace) -> int:
+    """The longest sequence a drawn pack may have: the specs' longest keys within the profile's cap."""
+    return max(1, min(space.skv[1], space.limits.max_skv))
 
 
 def _length(data: st.DataObject, label: str, lo: int, hi: int) -> int:
@@ -94,7 +99,7 @@ def draw_tokens(data: st.DataObject, space: SpecSpace, model: LayoutModel) -> tu
     """A pack composition within the profile's budgets (``B·Hq·Sq·D`` and ``B·Hq·Sq·Skv`` summed over the
     sequences). Tokens whose sequences no longer fit lose sequences; the pack has at least one."""
     lim = space.limits
-    max_len = max(1, min(space.skv[1], lim.max_skv))
+    max_len = max_keys(space)
     rows_left = lim.max_out_elements // (model.hq * model.d)
     scores_left = lim.max_score_elements // model.hq
     with_long = data.draw(st.booleans(), label="one long sequence among short ones")
