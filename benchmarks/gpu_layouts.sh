@@ -55,8 +55,9 @@ judge() {  # tier backend goldens-args...
     --report-json "$out/$tier-$backend.json" > "$out/$tier-$backend.txt" 2>&1
   echo "$tier $backend: exit $? in $((SECONDS - start)) s" | tee -a "$out/runs.txt"
 }
-for backend in torch-varlen torch-varlen-nosplit flex-layouts flashinfer-decode flashinfer-decode-tensor-cores \
-               flashinfer-decode-fixed-split flashinfer-prefill flashinfer-prefill-no-split; do
+layout_kernels=(torch-varlen torch-varlen-nosplit flex-layouts flashinfer-decode flashinfer-decode-tensor-cores
+                flashinfer-decode-fixed-split flashinfer-prefill flashinfer-prefill-no-split)
+for backend in "${layout_kernels[@]}"; do
   grep -qx "$backend" <<< "$available" || { echo "$backend: unavailable here" | tee -a "$out/runs.txt"; continue; }
   judge smoke "$backend" --filter '*_attention/layouts-*'
   judge standard "$backend" --goldens "$out/goldens" --filter '*_attention/layouts-*'
@@ -64,8 +65,7 @@ done
 if grep -qx flashinfer-dense <<< "$available"; then
   judge smoke flashinfer-dense
 fi
-for backend in torch-varlen torch-varlen-nosplit flex-layouts flashinfer-decode flashinfer-decode-tensor-cores \
-               flashinfer-decode-fixed-split flashinfer-prefill flashinfer-prefill-no-split; do
+for backend in "${layout_kernels[@]}"; do
   grep -qx "$backend" <<< "$available" || continue
   start=$SECONDS
   mkdir -p "$out/checks"
