@@ -7,6 +7,10 @@ them from the cache instead of each paying the compile:
     python benchmarks/flashinfer_warm.py --tier smoke
     python benchmarks/flashinfer_warm.py --tier standard --layouts   # the packed and paged cases only
     python benchmarks/flashinfer_warm.py bf16:128:32:8    # dtype:head_dim:Hq:Hkv[:window_left[:softcap[:sinks]]]
+    python benchmarks/flashinfer_warm.py --tier smoke --filter '*/window/*' --paged-only
+
+``--filter GLOB`` keeps the cases whose id matches (as ``run --filter``); ``--paged-only`` builds the
+paged prefill alone (all that ``flashinfer-dense`` uses).
 
 A tier's configurations come from the shipped specs: one per FlashInfer module its float16 and
 bfloat16 cases need (dtype, head dimension, whether a window, soft-capping, sinks), dense and
@@ -25,17 +29,19 @@ import time
 SHORT = {"bfloat16": "bf16", "float16": "fp16"}
 
 
-def tier_configs(tier: str, layouts_only: bool = False) -> list[str]:
+def tier_configs(tier: str, layouts_only: bool = False, pattern: str = "*") -> list[str]:
     """``dtype:head_dim:Hq:Hkv[:window_left[:softcap[:sinks]]]``, one per FlashInfer module the tier's
     float16 and bfloat16 cases (dense and layout) need: the first case of each (dtype, head dim, and
     whether it has a window, soft-capping, sinks) names it."""
+    from fnmatch import fnmatchcase
+
     from conformance.spec.load import default_spec_paths, load_specs
 
     configs: dict[tuple, str] = {}
     for spec in load_specs(default_spec_paths()):
         dense = [] if layouts_only else spec.cases_for_tier(tier)
         for case in [*dense, *spec.layouts_for_tier(tier)]:
-            if case.dtype not in SHORT:
+            if case.dtype not in SHORT or not fnmatchcase(case.id, pattern):
                 continue
             window = tuple(getattr(case, "window", (-1, -1)))
             softcap = getattr(case, "softcap", None)
@@ -48,7 +54,7 @@ def tier_configs(tier: str, layouts_only: bool = False) -> list[str]:
     return list(configs.values())
 
 
-def build(config: str) -> None:
+def build(config: str, paged_only: bool = False) -> None:
     import flashinfer
     import torch
 
@@ -94,6 +100,9 @@ def build(config: str) -> None:
         k = torch.randn(50, hkv, d, device=dev, dtype=dt)
         w.run(torch.randn(50, hq, d, device=dev, dtype=dt), k, k)
 
+    if paged_only:
+        step("paged prefill (no split)", lambda: paged({"disable_split_kv": True}))
+        return
     step("decode (CUDA cores)", lambda: decode(False, {}))
     step("decode (tensor cores, fixed split)", lambda: decode(True, {"fixed_split_size": 2048}))
     step("paged prefill (no split)", lambda: paged({"disable_split_kv": True}))
@@ -105,18 +114,25 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    paged_only = "--paged-only" in argv
+    argv = [a for a in argv if a != "--paged-only"]
     if argv[:1] == ["--one"]:
-        build(argv[1])
+        build(argv[1], paged_only)
         return 0
-    tier = "standard"
-    if argv[:1] == ["--tier"] and len(argv) > 1:
-        tier, argv = argv[1], argv[2:]
+    tier, pattern = "standard", "*"
+    while argv[:1] in (["--tier"], ["--filter"]) and len(argv) > 1:
+        if argv[0] == "--tier":
+            tier = argv[1]
+        else:
+            pattern = argv[1]
+        argv = argv[2:]
     layouts_only = "--layouts" in argv
     argv = [a for a in argv if a != "--layouts"]
-    configs = argv or tier_configs(tier, layouts_only)
+    configs = argv or tier_configs(tier, layouts_only, pattern)
     print(f"{len(configs)} configurations: {' '.join(configs)}", flush=True)
     t = time.time()
-    procs = [subprocess.Popen([sys.executable, __file__, "--one", c]) for c in configs]
+    extra = ["--paged-only"] if paged_only else []
+    procs = [subprocess.Popen([sys.executable, __file__, "--one", c, *extra]) for c in configs]
     codes = [p.wait() for p in procs]
     print(f"{len(configs)} configurations built in {time.time() - t:.1f} s", flush=True)
     return max(codes)

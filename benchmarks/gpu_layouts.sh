@@ -17,9 +17,14 @@
 #    each available layout kernel: shrunk reproducers in OUTDIR/reproducers, reports in
 #    OUTDIR/checks/<backend>.{json,txt};
 # 5. OUTDIR/summary.md (`rlk-conform report --summary-md`) and OUTDIR/report.html over the runs.
+# Environment: RLK_LAYOUT_KERNELS (space-separated) judges a subset of the layout kernels, in that
+# order; RLK_DENSE_FILTER (a `run --filter` glob, default '*') the smoke cases of flashinfer-dense,
+# whose JIT modules step 2 builds (the paged prefill of each configuration they need).
 # DEVICE (default cuda) is where everything runs; `cpu` exercises the script where the CUDA kernels
 # are unavailable (they are listed as such). The package need not be installed: the repository
-# root goes on PYTHONPATH. A second call with the same OUTDIR keeps the goldens made (--resume).
+# root goes on PYTHONPATH. A second call with the same OUTDIR keeps what the first finished: the
+# goldens (--resume), the JIT build, and each run or search that ended (a `.done` file beside its
+# report); one stopped at its limit or interrupted runs again.
 set -u -o pipefail
 out=${1:?usage: benchmarks/gpu_layouts.sh OUTDIR [SECONDS_PER_RUN] [DEVICE]}
 limit=${2:-600}
@@ -30,7 +35,7 @@ mkdir -p "$out"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 cd "$root"
 cli=(python3 -m conformance)
-: > "$out/runs.txt"
+echo "--- $(date -u +%FT%TZ)" >> "$out/runs.txt"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
@@ -40,39 +45,51 @@ cli=(python3 -m conformance)
 "${cli[@]}" generate --tier standard --device "$device" --filter '*layouts-*' --out "$out/goldens" --resume \
   > "$out/generate.txt" 2>&1 || { echo "generation failed: $out/generate.txt"; exit 2; }
 
-if python3 -c 'import flashinfer' 2>/dev/null; then
-  # what the runs below use: the standard tier's layout cases and the whole smoke tier (flashinfer-dense)
-  python3 benchmarks/flashinfer_warm.py --tier standard --layouts 2>&1 | tee "$out/flashinfer-warm.txt"
-  python3 benchmarks/flashinfer_warm.py --tier smoke 2>&1 | tee -a "$out/flashinfer-warm.txt"
+dense_filter=${RLK_DENSE_FILTER:-*}
+if python3 -c 'import flashinfer' 2>/dev/null && [ ! -e "$out/flashinfer-warm.done" ]; then
+  # what the runs below use: the layout cases of both tiers (smoke's configurations are among the
+  # standard tier's) and flashinfer-dense's smoke cases
+  { python3 benchmarks/flashinfer_warm.py --tier standard --layouts &&
+    python3 benchmarks/flashinfer_warm.py --tier smoke --filter "$dense_filter" --paged-only; } 2>&1 |
+    tee "$out/flashinfer-warm.txt" && touch "$out/flashinfer-warm.done"
 fi
 
 available=$(python3 -c 'from conformance.backends import list_backends
 print("\n".join(i.name for i in list_backends() if i.available))' 2>/dev/null)
-judge() {  # tier backend goldens-args...
-  local tier=$1 backend=$2; shift 2
-  local start=$SECONDS
-  timeout --signal=TERM "$limit" "${cli[@]}" run --backend "$backend" --device "$device" "$@" \
-    --report-json "$out/$tier-$backend.json" > "$out/$tier-$backend.txt" 2>&1
-  echo "$tier $backend: exit $? in $((SECONDS - start)) s" | tee -a "$out/runs.txt"
+finished() {  # report-stem exit-code: a run or search that ended (0 or 1) is kept for a later call
+  case $2 in 0|1) touch "$1.done" ;; esac
 }
-layout_kernels=(torch-varlen torch-varlen-nosplit flex-layouts flashinfer-decode flashinfer-decode-tensor-cores
-                flashinfer-decode-fixed-split flashinfer-prefill flashinfer-prefill-no-split)
+judge() {  # tier backend run-args...
+  local tier=$1 backend=$2; shift 2
+  local start=$SECONDS stem="$out/$tier-$backend" code
+  [ -e "$stem.done" ] && { echo "$tier $backend: kept from an earlier call" | tee -a "$out/runs.txt"; return; }
+  timeout --signal=TERM "$limit" "${cli[@]}" run --backend "$backend" --device "$device" "$@" \
+    --report-json "$stem.json" > "$stem.txt" 2>&1
+  code=$?
+  finished "$stem" $code
+  echo "$tier $backend: exit $code in $((SECONDS - start)) s" | tee -a "$out/runs.txt"
+}
+read -r -a layout_kernels <<< "${RLK_LAYOUT_KERNELS:-torch-varlen torch-varlen-nosplit flex-layouts flashinfer-decode \
+flashinfer-decode-tensor-cores flashinfer-decode-fixed-split flashinfer-prefill flashinfer-prefill-no-split}"
 for backend in "${layout_kernels[@]}"; do
   grep -qx "$backend" <<< "$available" || { echo "$backend: unavailable here" | tee -a "$out/runs.txt"; continue; }
   judge smoke "$backend" --filter '*_attention/layouts-*'
   judge standard "$backend" --goldens "$out/goldens" --filter '*_attention/layouts-*'
 done
 if grep -qx flashinfer-dense <<< "$available"; then
-  judge smoke flashinfer-dense
+  judge smoke flashinfer-dense --filter "$dense_filter"
 fi
 for backend in "${layout_kernels[@]}"; do
   grep -qx "$backend" <<< "$available" || continue
-  start=$SECONDS
+  start=$SECONDS stem="$out/checks/$backend"
   mkdir -p "$out/checks"
+  [ -e "$stem.done" ] && { echo "check $backend: kept from an earlier call" | tee -a "$out/runs.txt"; continue; }
   timeout --signal=TERM "$limit" "${cli[@]}" check --backend "$backend" --device "$device" --properties pack,page \
     --search-profile nightly --time-budget "$budget" --reproducers "$out/reproducers" \
-    --report-json "$out/checks/$backend.json" > "$out/checks/$backend.txt" 2>&1
-  echo "check $backend: exit $? in $((SECONDS - start)) s" | tee -a "$out/runs.txt"
+    --report-json "$stem.json" > "$stem.txt" 2>&1
+  code=$?
+  finished "$stem" $code
+  echo "check $backend: exit $code in $((SECONDS - start)) s" | tee -a "$out/runs.txt"
 done
 
 shopt -s nullglob
