@@ -158,7 +158,7 @@ COMMITTED = [
     "attention/scale/hq2-hkv1-d64-b1-sq17-skv33-fp32-causal-scale0p0.h5",
     "attention/padding/hq2-hkv1-d64-b2-sq17-skv17-bf16-causal-allmasked.h5",
     "attention/presets/qwen2.5-0.5b-b1-sq5-skv17-bf16-causal.h5",
-    "kv_cache_attention/chunked-prefill/hq4-hkv2-d64-b2-past17-new16-bf16-causal.h5",
+    "kv_cache_attention/chunked-prefill/hq4-hkv2-d64-b2-past63-new16-bf16-causal.h5",
     "kv_cache_attention/distributions/hq2-hkv1-d64-b1-past63-new2-fp32-causal-neartie.h5",
 ]
 

@@ -31,6 +31,7 @@ SMOKE = ROOT / "goldens" / "smoke"
 ROBUSTNESS = ROOT / "tests" / "robustness"
 COMMON = ["--goldens", str(SMOKE), "--tolerances", str(ROOT / "specs" / "tolerances.yaml"), "--no-regression"]
 GQA = ["--filter", "attention/gqa/*", "--checks", "accuracy,batch,determinism,contract"]
+GQA_CASES = len(select_cases(SMOKE, "attention/gqa/*"))  # the committed smoke tier's (tests count, never hard-code)
 
 
 def invoke(*args: str | Path) -> Result:
@@ -64,7 +65,7 @@ def check_profile(profile: dict, cases: int) -> None:
 def test_profile_phases_are_non_negative_and_add_up_to_the_wall_time(tmp_path: Path) -> None:
     result, report = run_report(tmp_path, "profiled", "--backend", "naive", *GQA, "--profile")
     profile = report["profile"]
-    check_profile(profile, 12)
+    check_profile(profile, GQA_CASES)
     assert profile["process_s"] == profile["wall_s"]  # one process
     assert "devices" not in profile
     largest = max((read_golden(p) for p in select_cases(SMOKE, "attention/gqa/*")),
@@ -73,7 +74,7 @@ def test_profile_phases_are_non_negative_and_add_up_to_the_wall_time(tmp_path: P
                                                                           declared_bytes(largest.case))
     assert list(report)[-2:] == ["profile", "records"]  # after the summary, before the records
     text = " ".join(result.stdout.split())
-    assert "profile of the run (12 cases)" in text and "peak RSS" in text
+    assert f"profile of the run ({GQA_CASES} cases)" in text and "peak RSS" in text
     assert all(f"│ {phase} " in result.stdout for phase in (*PHASES, "other"))
 
 
@@ -86,7 +87,7 @@ def test_without_profile_the_report_has_no_profile(tmp_path: Path) -> None:
 
 def test_isolated_run_profiles_the_work_of_its_worker(tmp_path: Path) -> None:
     _, report = run_report(tmp_path, "isolated", "--backend", "naive", *GQA, "--isolate", "--profile")
-    check_profile(report["profile"], 12)
+    check_profile(report["profile"], GQA_CASES)
 
 
 def test_phase_timer_charges_nested_phases_to_the_inner_one_only() -> None:
@@ -158,7 +159,7 @@ def test_merge_combines_the_profiles_of_profiled_shards(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["merge", *map(str, files), "--out", str(tmp_path / "merged.json")])
     assert result.exit_code in (0, 1), result.output
     merged = json.loads((tmp_path / "merged.json").read_text())["profile"]
-    check_profile(merged, 12)
+    check_profile(merged, GQA_CASES)
     assert merged["wall_s"] == pytest.approx(sum(s["profile"]["wall_s"] for s in shards), abs=1e-5)
     assert merged["phases_s"]["backend"] == pytest.approx(sum(s["profile"]["phases_s"]["backend"] for s in shards),
                                                           abs=1e-5)

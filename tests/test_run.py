@@ -77,7 +77,7 @@ def test_wrong_gqa_head_mapping_fails_accuracy_only_on_grouped_cases():
     records = run_on(WrongGqaMapping(), "attention/gqa/*", ("accuracy",))
     by_case = {r.case_id: r.status for r in records}
     assert by_case["attention/gqa/hq14-hkv2-d64-b1-sq17-skv17-bf16-causal"] == "fail"
-    assert by_case["attention/gqa/hq8-hkv8-d64-b1-sq17-skv17-bf16-causal"] == "pass"  # MHA: same mapping
+    assert by_case["attention/gqa/hq8-hkv8-d64-b1-sq1-skv17-bf16-causal"] == "pass"  # MHA: same mapping
     assert by_case["attention/gqa/hq8-hkv1-d64-b1-sq17-skv17-bf16-causal"] == "pass"  # MQA: same mapping
 
 
