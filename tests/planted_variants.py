@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 
 DEFECTS = ("softcap_after_mask", "window_left_off_by_one", "window_top_left", "sink_in_numerator",
-           "sink_ignored_when_fully_masked")
+           "sink_ignored_when_fully_masked", "sinks_dropped")
+# sinks_dropped: the sinks argument accepted and never used (FlashInfer 0.7.2's paged prefill on sm90,
+# docs/results/2026-12-01-h200-flashinfer.md)
 
 
 @dataclass
@@ -59,6 +61,8 @@ class PlantedVariants:
         if softcap is not None and self.defect == "softcap_after_mask":
             s = torch.tanh(s / softcap) * softcap  # −inf becomes −softcap: masked keys get weight
         cols = [s]
+        if self.defect == "sinks_dropped":
+            sinks = None
         if sinks is not None:
             cols.append(sinks.double()[None, :, None, None].expand(b, hq, sq, 1))
         full = torch.cat(cols, -1)
