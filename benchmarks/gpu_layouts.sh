@@ -18,7 +18,8 @@
 #    OUTDIR/checks/<backend>.{json,txt};
 # 5. OUTDIR/summary.md (`rlk-conform report --summary-md`) and OUTDIR/report.html over the runs.
 # Environment: RLK_LAYOUT_KERNELS (space-separated) judges a subset of the layout kernels, in that
-# order; RLK_DENSE_FILTER (a `run --filter` glob, default '*') the smoke cases of flashinfer-dense,
+# order; RLK_CHECK_FILTER (a `check --filter` glob, default '*') narrows step 4's search space (e.g.
+# '*-d64-*-bf16-*': the head dims and dtypes whose FlashInfer modules step 2 built); RLK_DENSE_FILTER (a `run --filter` glob, default '*') the smoke cases of flashinfer-dense,
 # whose JIT modules step 2 builds (the paged prefill of each configuration they need).
 # DEVICE (default cuda) is where everything runs; `cpu` exercises the script where the CUDA kernels
 # are unavailable (they are listed as such). The package need not be installed: the repository
@@ -30,6 +31,7 @@ out=${1:?usage: benchmarks/gpu_layouts.sh OUTDIR [SECONDS_PER_RUN] [DEVICE]}
 limit=${2:-600}
 device=${3:-cuda}
 budget=${RLK_CHECK_BUDGET:-30}
+check_filter=${RLK_CHECK_FILTER:-*}
 root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
@@ -85,7 +87,7 @@ for backend in "${layout_kernels[@]}"; do
   mkdir -p "$out/checks"
   [ -e "$stem.done" ] && { echo "check $backend: kept from an earlier call" | tee -a "$out/runs.txt"; continue; }
   timeout --signal=TERM "$limit" "${cli[@]}" check --backend "$backend" --device "$device" --properties pack,page \
-    --search-profile nightly --time-budget "$budget" --reproducers "$out/reproducers" \
+    --filter "$check_filter" --search-profile nightly --time-budget "$budget" --reproducers "$out/reproducers" \
     --report-json "$stem.json" > "$stem.txt" 2>&1
   code=$?
   finished "$stem" $code

@@ -77,6 +77,45 @@ def test_the_space_is_every_value_the_specs_use_capped_by_the_profile(ci_space: 
     assert {63, 65, 127, 129} <= set(ci_space.skv_hints)  # lengths the specs name on purpose
 
 
+def test_a_filter_keeps_the_space_to_the_matching_cases(repo_specs: list[OpSpec]) -> None:
+    space = space_from_specs(repo_specs, CI.tier, CI.limits, "*-d64-*-bf16-*")
+    assert space.dtypes == ("bfloat16",) and space.head_dims == (64,)
+    with pytest.raises(ValueError, match="matches 'nothing-\\*'"):
+        space_from_specs(repo_specs, CI.tier, CI.limits, "nothing-*")
+
+
+class RecordingCorrect(PropertyCorrect):
+    """Correct; remembers the dtype and head dim of every call."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[torch.dtype, int]] = set()
+
+    def attention(self, q, k, v, *, causal, scale, key_padding_mask):
+        self.seen.add((q.dtype, q.shape[-1]))
+        return super().attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+
+
+def test_a_filtered_search_draws_only_the_matching_dtypes_and_head_dims(repo_specs: list[OpSpec]) -> None:
+    backend = RecordingCorrect()
+    settings = SearchSettings(profile=CI, max_examples=12, case_filter="*-d128-*-fp16-*")
+    [result] = check_backend(backend, repo_specs, TOLERANCES, ("accuracy",), settings)
+    assert result.status == "pass"
+    assert backend.seen == {(torch.float16, 128)}
+
+
+def test_check_with_a_filter_matching_no_case_is_a_one_line_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from conformance.cli.app import app
+
+    result = CliRunner().invoke(app, ["check", "--backend", "reference", "--filter", "nothing-*",
+                                      "--reproducers", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--filter nothing-*" in lines[0] and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())
+
+
 @dataclass(frozen=True)
 class NeedsCase:
     needs: Needs

@@ -68,6 +68,9 @@ def check(
     device: Annotated[str | None, typer.Option(help="Torch device for the backend (nightly: cuda if "
                                                "available).")] = None,
     spec: SpecOpt = None,
+    filter_: Annotated[str, typer.Option("--filter", help="Search only the space of the profile tier's cases "
+                                         "whose id matches this glob (as run --filter), e.g. '*-d64-*-bf16-*': "
+                                         "their dtypes, head dims, heads and lengths.")] = "*",
     memory_cap_mib: CapOpt = DEFAULT_MEMORY_CAP_BYTES // 2**20,
     rules: RulesOpt = "default",
     tolerances: TolerancesOpt = DEFAULT_TOLERANCES,
@@ -93,13 +96,14 @@ def check(
     request = CheckRequest(backend=backend, profile=search_profile.value, max_examples=max_examples,
                            time_budget=time_budget, seed=seed, properties=properties, device=device, specs=spec,
                            memory_cap_bytes=memory_cap_mib * 2**20, rules=rules, tolerances=tolerances, reruns=reruns,
-                           database=database, reproducers=reproducers)
+                           database=database, reproducers=reproducers, filter=filter_)
     with progress_bar("check") as bar:
         done = run_check(request, on_start=lambda n, name: bar.start(n, title=name),
                          on_property=lambda result: bar.advance(_describe(result)))
     impl, settings, records = done.backend, done.settings, done.records
     seed_text = "random seed" if settings.effective_seed is None else f"seed {settings.effective_seed}"
     budget_text = "" if time_budget is None else f", at most {time_budget:g} s"
+    budget_text += "" if filter_ == "*" else f", the space of the cases {filter_}"
     print_summary(out, records, f"rlk-conform check — backend {impl.name} on {impl.device}, profile "
                   f"{done.profile.name} ({settings.examples} examples per property{budget_text}, {seed_text})")
     print_search(out, done.results, time_budget)

@@ -48,6 +48,7 @@ class CheckRequest:
     reruns: int | None = None
     database: Path | None = None
     reproducers: Path = DEFAULT_REPRODUCER_DIR
+    filter: str = "*"
 
 
 @dataclass
@@ -105,13 +106,17 @@ def run_check(request: CheckRequest, on_start: Callable[[int, str], None] | None
     tol = load_rules(request.tolerances, request.rules)
     specs = load_specs(request.specs or default_spec_paths(), request.memory_cap_bytes)
     chosen = PROFILES[request.profile]
+    try:
+        space = space_from_specs(specs, chosen.tier, chosen.limits, request.filter)
+    except ValueError as exc:
+        raise UsageError(f"--filter {request.filter}: {exc}" if request.filter != "*" else str(exc)) from None
     device, reference_device = search_device(chosen, request.device)
     requested = request.backend or default_backend()
     impl = load_backend(requested, device)
     settings = SearchSettings(profile=chosen, max_examples=request.max_examples, seed=request.seed,
                               database_dir=request.database or DEFAULT_DATABASE_DIR,
-                              reproducer_dir=request.reproducers, time_budget=request.time_budget)
-    space = space_from_specs(specs, chosen.tier, chosen.limits)
+                              reproducer_dir=request.reproducers, time_budget=request.time_budget,
+                              case_filter=request.filter)
     if on_start is not None:
         on_start(len(names), impl.name)
     results = check_backend(impl, specs, tol, names, settings, request.rules, request.reruns, reference_device,
@@ -121,7 +126,7 @@ def run_check(request: CheckRequest, on_start: Callable[[int, str], None] | None
         "compare_to": None,
         "execution_target": execution_target(str(impl.device)),
         "goldens": None,
-        "search": {"profile": chosen.name, "tier": chosen.tier, "properties": list(names),
+        "search": {"profile": chosen.name, "tier": chosen.tier, "filter": request.filter, "properties": list(names),
                    "max_examples": settings.examples, "time_budget_s": request.time_budget,
                    "seed": settings.effective_seed,
                    "database": None if settings.effective_seed is not None else str(settings.database_dir),

@@ -111,6 +111,7 @@ class SearchSettings:
     # Seconds per property: no new example starts after it (one in flight finishes); shrinking a
     # counterexample found in time goes on until twice the budget. None = no limit but max_examples.
     time_budget: float | None = None
+    case_filter: str = "*"  # glob over the tier's case ids: the space is what the matching cases describe
 
     @property
     def effective_seed(self) -> int | None:
@@ -361,7 +362,7 @@ def check_backend(backend: Any, specs: Sequence[OpSpec], tolerances: Tolerances,
     """Search every property in ``names`` on ``backend`` over the space of ``specs`` at the
     profile's tier. Returns one result per property, in order; ``on_property`` sees each as it ends.
     ``backend_spec`` is how the backend was named (recorded in reproducers for ``replay``)."""
-    space = space_from_specs(specs, settings.profile.tier, settings.profile.limits)
+    space = space_from_specs(specs, settings.profile.tier, settings.profile.limits, settings.case_filter)
     ctx = PropertyContext(Invoker(backend), tolerances, rule_set, reruns, reference_device, backend_spec)
     results = []
     for name in names:

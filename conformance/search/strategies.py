@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from hypothesis import assume
 from hypothesis import strategies as st
@@ -79,14 +80,17 @@ class SpecSpace:
         return out
 
 
-def space_from_specs(specs: Sequence[OpSpec], tier: str, limits: Limits) -> SpecSpace:
-    """Collect the space the cases of ``tier`` (cumulative) describe, capped by ``limits``.
+def space_from_specs(specs: Sequence[OpSpec], tier: str, limits: Limits, pattern: str = "*") -> SpecSpace:
+    """Collect the space the cases of ``tier`` (cumulative) whose id matches the glob ``pattern``
+    describe, capped by ``limits``: a pattern such as ``*-d64-*-bf16-*`` keeps a search to the head
+    dims and dtypes of those cases (a kernel whose every new configuration is a JIT compile).
 
-    Raises ``ValueError`` when the specs declare no case in ``tier``.
+    Raises ``ValueError`` when the specs declare no such case in ``tier``.
     """
-    cases = [c for spec in specs for c in spec.cases_for_tier(tier)]
+    cases = [c for spec in specs for c in spec.cases_for_tier(tier) if fnmatchcase(c.id, pattern)]
     if not cases:
-        raise ValueError(f"the specs declare no case in tier {tier!r}")
+        matching = "" if pattern == "*" else f" whose id matches {pattern!r}"
+        raise ValueError(f"the specs declare no case{matching} in tier {tier!r}")
     attention = [c for c in cases if c.op == "attention"]
     kv = [c for c in cases if c.op == "kv_cache_attention"]
 
@@ -94,9 +98,11 @@ def space_from_specs(specs: Sequence[OpSpec], tier: str, limits: Limits) -> Spec
         return tuple(v for v in order if v in values)
 
     def capped(values: list[int], cap: int, floor: int) -> tuple[int, int]:
+        """The range of ``values`` within the profile's ``cap`` (a range wholly above it becomes the cap)."""
         if not values:
             return floor, floor
-        return min(values), max(min(max(values), cap), min(values))
+        lo = min(min(values), max(cap, floor))
+        return lo, max(min(max(values), cap), lo)
 
     max_heads = limits.max_heads
     groups = sorted({c.group for c in cases if c.group <= max_heads})
