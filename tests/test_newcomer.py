@@ -65,6 +65,23 @@ def test_a_failure_pattern_names_the_parameter_that_separates_failing_cases() ->
     assert failure_patterns([_record(ids[0], "chunk", "fail"), _record(ids[1], "chunk", "pass")]) == []
 
 
+def test_a_failure_pattern_names_a_variant_the_failing_cases_share() -> None:
+    # FlashInfer's paged prefill dropping the sinks (docs/results/2026-12-01-h200-flashinfer.md): the
+    # failures span families, the sinks are what they share.
+    failing = ["attention/sinks/hq4-hkv2-d64-b1-sq17-skv17-bf16-causal-sinks",
+               "attention/variants-combined/hq8-hkv1-d64-b2-sq5-skv17-bf16-causal-win5.inf-softcap20p0-sinks",
+               "kv_cache_attention/variants/hq4-hkv1-d64-b2-past17-new1-bf16-causal-sinks"]
+    passing = ["attention/softcap/hq2-hkv1-d64-b1-sq17-skv17-bf16-causal-softcap1p0",
+               "attention/window/hq2-hkv1-d64-b1-sq17-skv17-bf16-causal-win4.inf",
+               "kv_cache_attention/variants/hq4-hkv1-d64-b2-past17-new4-bf16-causal-sinks"]
+    records = [_record(i, "accuracy", "fail") for i in failing] + [_record(i, "accuracy", "pass") for i in passing]
+    assert failure_patterns(records) == ["all 3 failing accuracy cases have attention sinks; 0 of 2 without sinks fail"]
+    windowed = [_record(passing[1], "chunk", "fail"), _record(failing[1], "chunk", "fail"),
+                _record(passing[0], "chunk", "pass")]
+    assert failure_patterns(windowed) == [
+        "all 2 failing chunk cases have a sliding window; 0 of 1 without a window fail"]
+
+
 def test_guidance_names_the_kinds_of_failure_and_a_green_baseline() -> None:
     records = [_record("attention/dtypes/hq2-hkv2-d64-b1-sq65-skv65-bf16-causal", check, "fail")
                for check in ("chunk", "padding")]

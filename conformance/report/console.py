@@ -89,15 +89,22 @@ def print_summary(console: Console, records: Sequence[Record], title: str, worst
 
 
 # Case parameters a failure pattern may name, and how a value reads in a sentence.
-PATTERN_PARAMETERS = ("op", "family", "dtype", "causal", "mask", "dist", "decode", "group")
+PATTERN_PARAMETERS = ("op", "family", "dtype", "causal", "mask", "dist", "decode", "group", "sinks", "softcapped",
+                      "windowed")
+# Yes/no parameters: how the failing cases and the others read for each value.
+_FLAGS = {
+    "causal": (("are causal", "non-causal"), ("are non-causal", "causal")),
+    "decode": (("are decodes (Sq = 1)", "with Sq > 1"), ("have Sq > 1", "decodes (Sq = 1)")),
+    "sinks": (("have attention sinks", "without sinks"), ("have no sinks", "with sinks")),
+    "softcapped": (("are soft-capped", "without soft-capping"), ("are not soft-capped", "soft-capped")),
+    "windowed": (("have a sliding window", "without a window"), ("have no window", "with a window")),
+}
 
 
 def _phrase(param: str, value: Any) -> tuple[str, str]:
     """What the failing cases share, and how the other cases are named: ("are causal", "non-causal")."""
-    if param == "causal":
-        return ("are causal", "non-causal") if value else ("are non-causal", "causal")
-    if param == "decode":
-        return ("are decodes (Sq = 1)", "with Sq > 1") if value else ("have Sq > 1", "decodes (Sq = 1)")
+    if param in _FLAGS:
+        return _FLAGS[param][0 if value else 1]
     if param == "op":
         return f"are {value} cases", "of the other op"
     if param == "group":
@@ -119,7 +126,8 @@ def failure_patterns(records: Sequence[Record]) -> list[str]:
         p = params.get(r.case_id) or parse_case_id(r.case_id)
         if p is None or "seed" in p:
             continue
-        params[r.case_id] = {**p, "decode": p["sq"] == 1}
+        params[r.case_id] = {**p, "decode": p["sq"] == 1, "softcapped": p.get("softcap") is not None,
+                             "windowed": tuple(p.get("window", (-1, -1))) != (-1, -1)}
         by_check[r.check]["fail" if r.status in ("fail", "error") else "pass"].add(r.case_id)
     lines = []
     for check in [c for c in CHECKS if c in by_check] + sorted(set(by_check) - set(CHECKS)):
