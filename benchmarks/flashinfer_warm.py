@@ -10,7 +10,8 @@ them from the cache instead of each paying the compile:
     python benchmarks/flashinfer_warm.py --tier smoke --filter '*/window/*' --paged-only
 
 ``--filter GLOB`` keeps the cases whose id matches (as ``run --filter``); ``--paged-only`` builds the
-paged prefill alone (all that ``flashinfer-dense`` uses).
+paged prefill alone (all that ``flashinfer-dense`` uses). A configuration with sinks and no
+soft-capping also builds ``BatchAttentionWithAttentionSinkWrapper``'s module (``flashinfer-sink-wrapper``).
 
 A tier's configurations come from the shipped specs: one per FlashInfer module its float16 and
 bfloat16 cases need (dtype, head dimension, whether a window, soft-capping, sinks), dense and
@@ -100,6 +101,15 @@ def build(config: str, paged_only: bool = False) -> None:
         k = torch.randn(50, hkv, d, device=dev, dtype=dt)
         w.run(torch.randn(50, hq, d, device=dev, dtype=dt), k, k)
 
+    def sink_wrapper() -> None:  # flashinfer-sink-wrapper's module: the sink variant, the window compiled in
+        w = flashinfer.BatchAttentionWithAttentionSinkWrapper(ws, "NHD", q_data_type=dt, kv_data_type=dt,
+                                                              head_dim_qk=d, head_dim_vo=d, window_left=wl)
+        w.plan(cu, indptr, idx, last, hq, hkv, d, ps, causal=True, sm_scale=d ** -0.5, window_left=wl,
+               q_data_type=dt, kv_data_type=dt)
+        w.run(torch.randn(50, hq, d, device=dev, dtype=dt), (kp, kp), sinks["sinks"], d ** -0.5)
+
+    if sinks and cap is None:
+        step("sink wrapper", sink_wrapper)
     if paged_only:
         step("paged prefill (no split)", lambda: paged({"disable_split_kv": True}))
         return

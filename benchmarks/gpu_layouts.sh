@@ -9,7 +9,8 @@
 # 2. when flashinfer imports: its JIT modules for those cases, built side by side
 #    (benchmarks/flashinfer_warm.py), so that no judged run waits on a compile;
 # 3. every available layout kernel (torch-varlen*, flex-layouts, flashinfer-*) over the smoke and
-#    the standard layout cases, and flashinfer-dense over the whole smoke tier, each run limited to
+#    the standard layout cases, and flashinfer-dense and flashinfer-sink-wrapper over the smoke tier
+#    (RLK_DENSE_FILTER below), each run limited to
 #    SECONDS_PER_RUN (default 600; a run stopped at its limit keeps its finished cases, complete:
 #    false): OUTDIR/<tier>-<backend>.{json,txt};
 # 4. the property search of `pack` and `page` (`check --search-profile nightly --time-budget B`, B =
@@ -19,8 +20,10 @@
 # 5. OUTDIR/summary.md (`rlk-conform report --summary-md`) and OUTDIR/report.html over the runs.
 # Environment: RLK_LAYOUT_KERNELS (space-separated) judges a subset of the layout kernels, in that
 # order; RLK_CHECK_FILTER (a `check --filter` glob, default '*') narrows step 4's search space (e.g.
-# '*-d64-*-bf16-*': the head dims and dtypes whose FlashInfer modules step 2 built); RLK_DENSE_FILTER (a `run --filter` glob, default '*') the smoke cases of flashinfer-dense,
-# whose JIT modules step 2 builds (the paged prefill of each configuration they need).
+# '*-d64-*-bf16-*': the head dims and dtypes whose FlashInfer modules step 2 built); RLK_DENSE_FILTER
+# (a `run --filter` glob, default '*') the smoke cases of flashinfer-dense and flashinfer-sink-wrapper,
+# whose JIT modules step 2 builds (the paged prefill, and the sink wrapper's module, of each
+# configuration they need).
 # DEVICE (default cuda) is where everything runs; `cpu` exercises the script where the CUDA kernels
 # are unavailable (they are listed as such). The package need not be installed: the repository
 # root goes on PYTHONPATH. A second call with the same OUTDIR keeps what the first finished: the
@@ -78,9 +81,9 @@ for backend in "${layout_kernels[@]}"; do
   judge smoke "$backend" --filter '*_attention/layouts-*'
   judge standard "$backend" --goldens "$out/goldens" --filter '*_attention/layouts-*'
 done
-if grep -qx flashinfer-dense <<< "$available"; then
-  judge smoke flashinfer-dense --filter "$dense_filter"
-fi
+for backend in flashinfer-dense flashinfer-sink-wrapper; do
+  grep -qx "$backend" <<< "$available" && judge smoke "$backend" --filter "$dense_filter"
+done
 for backend in "${layout_kernels[@]}"; do
   grep -qx "$backend" <<< "$available" || continue
   start=$SECONDS stem="$out/checks/$backend"

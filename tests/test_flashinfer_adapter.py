@@ -143,7 +143,29 @@ class FakeFlashInfer:
                                          v[int(kvp[b]):int(kvp[b + 1])], causal=causal, window_left=wl,
                                          scale=scale) for b in range(len(qo) - 1)])
 
+        class SinkWrapper(PagedPrefill):
+            """0.7.2's BatchAttentionWithAttentionSinkWrapper: the sliding window is compiled in (its
+            constructor's ``window_left``), the sinks and ``sm_scale`` are ``run``'s extra arguments."""
+
+            def __init__(self, workspace: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False, *,
+                         backend: str = "auto", q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                         head_dim_qk: int = 128, head_dim_vo: int = 128, window_left: int = -1) -> None:
+                super().__init__(workspace, kv_layout)
+                self.dims, self.swa = (head_dim_qk, head_dim_vo), window_left >= 0
+
+            def run(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], *args: Any) -> torch.Tensor:
+                sink, sm_scale = args
+                assert self.dims == (q.shape[-1], q.shape[-1]) and sink.dtype == torch.float32
+                qo, indptr, indices, last, causal, wl, scale, cap = self.layout
+                assert scale == sm_scale and cap is None
+                fake.plans[-1].update(wrapper="sink", sinks=True)
+                wl = wl if self.swa else -1  # a module built without the window runs none
+                return torch.cat([attend(q[int(qo[b]):int(qo[b + 1])], paged_keys(kv[0], indptr, indices, last, b),
+                                         paged_keys(kv[1], indptr, indices, last, b), causal=causal,
+                                         window_left=wl, scale=sm_scale, sinks=sink) for b in range(len(last))])
+
         self.module = types.ModuleType("flashinfer")
+        self.module.BatchAttentionWithAttentionSinkWrapper = SinkWrapper
         self.module.__version__ = "0.7.2"
         self.module.BatchDecodeWithPagedKVCacheWrapper = Decode
         self.module.BatchPrefillWithPagedKVCacheWrapper = PagedPrefill
@@ -163,7 +185,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeFlashInfer:
 LAYOUT_BACKENDS = (fi.FlashInferDecodeBackend, fi.FlashInferDecodeTensorCoresBackend,
                    fi.FlashInferDecodeFixedSplitBackend, fi.FlashInferPrefillBackend,
                    fi.FlashInferPrefillNoSplitBackend)
-BACKENDS = (*LAYOUT_BACKENDS, fi.FlashInferDenseBackend)
+BACKENDS = (*LAYOUT_BACKENDS, fi.FlashInferDenseBackend, fi.FlashInferSinkWrapperBackend)
 
 
 @pytest.mark.parametrize("cls", LAYOUT_BACKENDS, ids=lambda c: c.name)
@@ -311,5 +333,46 @@ def test_flashinfer_dense_variants_that_do_not_reach_flashinfer_are_caught(defec
     family = {"no-softcap": "attention/softcap/*", "no-sinks": "attention/sinks/*",
               "window-off-by-one": "attention/window/*"}[defect]
     records = run_backend(fi.FlashInferDenseBackend("cpu"), select_cases(SMOKE, family),
+                          RunSettings(tolerances=TOLERANCES, reruns=2)).records
+    assert failing(records)["accuracy"] > 0
+
+
+# --- flashinfer-sink-wrapper: the cases with sinks through FlashInfer's sink wrapper --------------------
+
+
+def test_flashinfer_sink_wrapper_passes_the_sink_cases_and_leaves_the_others(fake) -> None:
+    backend = fi.FlashInferSinkWrapperBackend("cpu")
+    validate_backend(backend)
+    records = dense_records(backend)
+    ran = [r for r in records if r.status != "skip"]
+    assert ran and all("sinks" in r.case_id for r in ran)
+    assert {"accuracy", "batch", "determinism", "contract"} <= {r.check for r in ran}
+    assert not failing([r for r in records if r.check in ("accuracy", "contract", "determinism", "batch")]), \
+        failing(records)
+    assert {p["wrapper"] for p in fake.plans} == {"sink"}
+    assert any(p["window_left"] >= 0 for p in fake.plans)  # gpt-oss-like windows with sinks ran
+    skipped = Counter(r.message for r in records if r.status == "skip")
+    assert any("has no sinks: flashinfer-dense runs it" in m for m in skipped)
+    assert any("softcap" in m for m in skipped)  # its sink variant has no soft-capping: never run without it
+
+
+@pytest.mark.parametrize("defect", ["sinks-dropped", "window-not-compiled"])
+def test_flashinfer_sink_wrapper_arguments_that_do_not_reach_the_kernel_are_caught(defect, fake, monkeypatch) -> None:
+    cls = fake.module.BatchAttentionWithAttentionSinkWrapper
+    real_init, real_run = cls.__init__, cls.run
+
+    def init(self, *args, **kwargs):
+        if defect == "window-not-compiled":
+            kwargs["window_left"] = -1
+        real_init(self, *args, **kwargs)
+
+    def run(self, q, kv, sink, sm_scale):
+        return real_run(self, q, kv, torch.full_like(sink, -torch.inf) if defect == "sinks-dropped" else sink,
+                        sm_scale)
+
+    monkeypatch.setattr(cls, "__init__", init)
+    monkeypatch.setattr(cls, "run", run)
+    family = {"sinks-dropped": "attention/sinks/*", "window-not-compiled": "attention/variant-presets/gpt-oss*"}[defect]
+    records = run_backend(fi.FlashInferSinkWrapperBackend("cpu"), select_cases(SMOKE, family),
                           RunSettings(tolerances=TOLERANCES, reruns=2)).records
     assert failing(records)["accuracy"] > 0

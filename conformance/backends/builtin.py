@@ -23,6 +23,7 @@ from .flashinfer import (
     FlashInferDenseBackend,
     FlashInferPrefillBackend,
     FlashInferPrefillNoSplitBackend,
+    FlashInferSinkWrapperBackend,
 )
 from .flex import FlexBackend
 from .flex_layouts import FlexLayoutsBackend
@@ -178,4 +179,5 @@ BUILTIN_BACKENDS: tuple[type, ...] = (
     FlashInferPrefillBackend,
     FlashInferPrefillNoSplitBackend,
     FlashInferDenseBackend,
+    FlashInferSinkWrapperBackend,
 )

@@ -10,6 +10,7 @@ extra; CUDA), adapted to docs/backends.md#layouts. The harness's block table bec
 | ``flashinfer-prefill`` | ``BatchPrefillWithPagedKVCacheWrapper`` / ``…RaggedKVCacheWrapper`` | paged and packed |
 | ``flashinfer-prefill-no-split`` | the same, ``disable_split_kv=True`` | paged and packed |
 | ``flashinfer-dense`` | ``BatchPrefillWithPagedKVCacheWrapper`` | the dense ops, with the three variants |
+| ``flashinfer-sink-wrapper`` | ``BatchAttentionWithAttentionSinkWrapper`` | the dense ops' cases with sinks |
 
 ``fixed_split_size`` and ``disable_split_kv`` are FlashInfer's batch-invariant settings (the ones vLLM
 and SGLang pass in their batch-invariant modes). FlashInfer 0.7 takes ``fixed_split_size`` only in
@@ -32,6 +33,9 @@ contract's soft-capping of the scaled logits, applied before the mask) and ``sin
 per-head logits, ``[Hq]`` float32, joined to each row's softmax denominator, uncapped). FlashInfer's
 sequences are whole, so a key padding mask with a masked key is a missing kernel, and so is a causal
 case with ``Sq > Skv`` (rows that see no key are outside FlashInfer's prefill); it has no backward.
+On an H200 (0.7.2) that ``run(sinks=…)`` left the sinks out of the result without an error
+(docs/results/2026-12-01-h200-flashinfer.md); ``flashinfer-sink-wrapper`` judges the same cases
+through FlashInfer's dedicated sink wrapper instead.
 """
 
 from __future__ import annotations
@@ -254,8 +258,6 @@ class FlashInferDenseBackend(FlashInferBackend):
                   scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                   window_size: tuple[int, int] = (-1, -1), softcap: float | None = None,
                   sinks: torch.Tensor | None = None) -> torch.Tensor:
-        import flashinfer
-
         b, hq, sq, d = q.shape
         hkv, skv = k.shape[1], k.shape[2]
         if key_padding_mask is not None and not bool(key_padding_mask.all()):
@@ -274,13 +276,21 @@ class FlashInferDenseBackend(FlashInferBackend):
         indptr, indices, last = csr_pages(table, torch.full((b,), skv, dtype=torch.int32), DENSE_PAGE_SIZE)
         dev = q.device
         qo = torch.arange(b + 1, dtype=torch.int32, device=dev) * sq
-        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace(), "NHD")
-        w.plan(qo, indptr.to(dev), indices.to(dev), last.to(dev), hq, hkv, d, DENSE_PAGE_SIZE, causal=causal,
-               sm_scale=scale, window_left=window_left(window_size, causal), logits_soft_cap=softcap,
-               q_data_type=q.dtype, kv_data_type=k.dtype)
-        extra = {} if sinks is None else {"sinks": sinks.to(dev, torch.float32)}
-        out = w.run(q.transpose(1, 2).reshape(b * sq, hq, d).contiguous(), (pages(k), pages(v)), **extra)
+        layout = (qo, indptr.to(dev), indices.to(dev), last.to(dev), hq, hkv, d, DENSE_PAGE_SIZE)
+        out = self.prefill(layout, q.transpose(1, 2).reshape(b * sq, hq, d).contiguous(), (pages(k), pages(v)),
+                           causal=causal, scale=scale, window=window_left(window_size, causal), softcap=softcap,
+                           sinks=None if sinks is None else sinks.to(dev, torch.float32))
         return out.reshape(b, sq, hq, d).transpose(1, 2).contiguous()
+
+    def prefill(self, layout: tuple, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], *, causal: bool,
+                scale: float | None, window: int, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        """One plan and run of the paged prefill over ``layout`` (``plan``'s leading arguments)."""
+        import flashinfer
+
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace(), "NHD")
+        w.plan(*layout, causal=causal, sm_scale=scale, window_left=window, logits_soft_cap=softcap,
+               q_data_type=q.dtype, kv_data_type=kv[0].dtype)
+        return w.run(q, kv, **({} if sinks is None else {"sinks": sinks}))
 
     def kv_cache_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            k_new: torch.Tensor, v_new: torch.Tensor, *, causal: bool = True,
@@ -290,3 +300,40 @@ class FlashInferDenseBackend(FlashInferBackend):
         k, v = concat_kv_cache(q, k_cache, v_cache, k_new, v_new)
         return self.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                               window_size=window_size, softcap=softcap, sinks=sinks)
+
+
+class FlashInferSinkWrapperBackend(FlashInferDenseBackend):
+    """The dense ops' cases with sinks through ``BatchAttentionWithAttentionSinkWrapper``: FlashInfer's
+    attention-sink JIT variant (``AttentionSink``, its FA2/FA3 kernels), the path its own sink tests
+    take, with the sinks and ``sm_scale`` as the variant's extra ``run`` arguments. That variant has no
+    soft-capping, so a soft-capped case is skipped (undeclared variant), and a case without sinks is
+    ``flashinfer-dense``'s."""
+
+    name = "flashinfer-sink-wrapper"
+    description = ("FlashInfer BatchAttentionWithAttentionSinkWrapper (its attention-sink variant) serving the dense "
+                   "ops' cases with sinks, with window_left")
+    wrapper = "BatchAttentionWithAttentionSinkWrapper"
+    variants = ("window", "sinks")
+
+    def supports(self, op: str, case: Any) -> bool | str:
+        if getattr(case, "sinks", None) is None and not op.endswith("_backward"):
+            return "the case has no sinks: flashinfer-dense runs it through the same paged prefill"
+        return super().supports(op, case)
+
+    def prefill(self, layout: tuple, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], *, causal: bool,
+                scale: float | None, window: int, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        import flashinfer
+
+        if softcap is not None:
+            raise KernelUnavailable(f"No available kernel: {self.name}: FlashInfer's attention-sink variant has no "
+                                    "soft-capping")
+        if sinks is None:
+            raise KernelUnavailable(f"No available kernel: {self.name} runs the cases with sinks")
+        d = q.shape[-1]
+        w = flashinfer.BatchAttentionWithAttentionSinkWrapper(
+            self.workspace(), "NHD", q_data_type=q.dtype, kv_data_type=kv[0].dtype, head_dim_qk=d, head_dim_vo=d,
+            window_left=window)
+        sm_scale = d ** -0.5 if scale is None else scale
+        w.plan(*layout, causal=causal, sm_scale=sm_scale, window_left=window, q_data_type=q.dtype,
+               kv_data_type=kv[0].dtype)
+        return w.run(q, kv, sinks, sm_scale)
