@@ -22,7 +22,7 @@ from conformance.reference.compute import Golden, compute_reference
 from conformance.reference.crosscheck import crosscheck, exact_element, sample_elements
 from conformance.reference.rounding import round_fraction_to_f32, rounding_interval
 from conformance.spec.case import Case
-from conformance.spec.inputs import CaseInputs, make_inputs
+from conformance.spec.inputs import TORCH_DTYPES, CaseInputs, make_inputs
 
 F32_TINY = np.float32(np.finfo(np.float32).smallest_subnormal)
 
@@ -456,20 +456,96 @@ def test_tier2_in_tiny_chunks_gives_the_same_bits(name: str, monkeypatch: pytest
     assert (chunked.stats.double_double, chunked.stats.exact) == (whole.stats.double_double, whole.stats.exact)
 
 
-@pytest.mark.parametrize("n", [300, 4096, 4097, 9000])
+@pytest.mark.parametrize("n", [300, 1024, 1025, 4097, 9000])
 def test_blocked_sums_error_is_within_its_stated_bound(n: int) -> None:
     from fractions import Fraction
 
-    from conformance.reference.float64 import blocked_sums
+    from conformance.reference.float64 import CASCADE_BLOCKS, SUM_BLOCK, blocked_sums
 
     rng = np.random.Generator(np.random.PCG64(n))
     p = torch.from_numpy(rng.random((3, n)) ** 4)  # weights in [0, 1], many small
     x = torch.from_numpy(np.stack([rng.standard_normal(n) * np.exp(rng.standard_normal(n) * 3), np.ones(n)], 1))
     r, got = blocked_sums(p, x)
-    assert r == (256 if n <= 4096 else 256 + (-(-n // 256) - 1).bit_length() - 1)
+    kb = SUM_BLOCK
+    assert r == (kb if n <= kb * CASCADE_BLOCKS else kb + (-(-n // kb) - 1).bit_length() - 1)
     for i in range(3):
         for c in range(2):
             terms = [Fraction(float(a)) * Fraction(float(b)) for a, b in zip(p[i], x[:, c])]
             exact, mag = sum(terms), sum(abs(t) for t in terms)
             bound = (r + 1) * Fraction(2) ** -53 * mag * (1 + Fraction(1, 1000))
             assert abs(Fraction(float(got[i, c])) - exact) <= bound
+
+
+# --- exact dot products: where tier 1 drops the dot product's rounding from its bound ----------------
+
+
+def _wide_inputs(dtype: str, rows: int, d: int, seed: int) -> torch.Tensor:
+    """Values of ``dtype`` with a wide exponent spread (some tiny), as float64."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    x = rng.standard_normal((rows, d)) * np.exp2(rng.integers(-40, 4, (rows, d)) * (rng.random((rows, d)) < 0.05))
+    return torch.from_numpy(x).to(TORCH_DTYPES[dtype]).to(torch.float64)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_dot_products_called_exact_are_exact_in_every_order_of_summation(dtype: str) -> None:
+    from conformance.reference.float64 import inexact_dots, lowest_bit_exponents
+
+    q, k = _wide_inputs(dtype, 24, 64, 1), _wide_inputs(dtype, 40, 64, 2)
+    adot = q.abs() @ k.abs().T
+    inexact = inexact_dots(adot, lowest_bit_exponents(q, dtype), lowest_bit_exponents(k, dtype).T)
+    if dtype != "float32":
+        assert 0 < int(inexact.sum()) < inexact.numel()  # both kinds occur in these inputs
+    matmul = q @ k.T
+    rng = np.random.Generator(np.random.PCG64(3))
+    for i, j in zip(*np.nonzero(~inexact.numpy())):
+        products = [float(a) * float(b) for a, b in zip(q[i], k[j])]  # exact: 2p ≤ 48 bits
+        exact = sum(Fraction(t) for t in products)
+        orders = [products, products[::-1], [products[t] for t in rng.permutation(len(products))]]
+        for terms in orders:
+            total = 0.0
+            for t in terms:
+                total += t
+            assert Fraction(total) == exact
+        assert Fraction(float(matmul[i, j])) == exact
+
+
+def test_a_dot_product_whose_sum_needs_more_than_53_bits_is_inexact() -> None:
+    from conformance.reference.float64 import inexact_dots, lowest_bit_exponents
+
+    k = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    # 1 + 2^-20 fits (the test counts each factor's whole significand: 2^-20 · 1 is a multiple of
+    # 2^-34, and 1 < 2^(−34 + 52)); 1 + 2^-60 is no float64
+    for tiny, expected in ((2.0**-20, False), (2.0**-60, True)):
+        q = torch.tensor([[1.0, tiny]], dtype=torch.float64)
+        adot = q.abs() @ k.abs().T
+        flag = inexact_dots(adot, lowest_bit_exponents(q, "bfloat16"), lowest_bit_exponents(k, "bfloat16").T)
+        assert bool(flag[0, 0]) is expected
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tier1_bound_with_exact_dots_holds_against_a_50_digit_recomputation(dtype: str) -> None:
+    """Wide-spread inputs, so that some logits' dot products round and most do not: |out − exact| stays
+    within tier 1's bound for every element of the block."""
+    import mpmath
+
+    from conformance.reference.float64 import float64_block, lowest_bit_exponents
+
+    rows, n, d, scale = 4, 96, 64, 0.125
+    q, k, v = _wide_inputs(dtype, rows, d, 4), _wide_inputs(dtype, n, d, 5), _wide_inputs(dtype, n, d, 6)
+    q4, k4, v4 = q[None, None], k[None, None], v[None, None]
+    vx = torch.cat([v4, v4.abs(), torch.ones_like(v4[..., :1])], -1)
+    vis = torch.ones(1, 1, rows, n, dtype=torch.bool)
+    k_bits = lowest_bit_exponents(k4, dtype).transpose(-1, -2)
+    res = float64_block(q4, k4, k4.abs(), v4, vx, v4.abs().amax(-2, keepdim=True), vis, scale, dtype,
+                        k_bits=k_bits)
+    mpmath.mp.dps = 50
+    for i in range(rows):
+        logits = [mpmath.fsum(mpmath.mpf(float(a)) * mpmath.mpf(float(b)) for a, b in zip(q[i], k[j])) * scale
+                  for j in range(n)]
+        m = max(logits)
+        weights = [mpmath.exp(x - m) for x in logits]
+        total = mpmath.fsum(weights)
+        for c in range(d):
+            exact = mpmath.fsum(w * mpmath.mpf(float(v[j, c])) for j, w in enumerate(weights)) / total
+            err = abs(mpmath.mpf(float(res["out"][0, 0, i, c])) - exact)
+            assert err <= mpmath.mpf(float(res["bound"][0, 0, i, c])), (i, c)

@@ -33,7 +33,13 @@ import torch
 
 from conformance.reference.double_double import double_double_elements, tier2_batches, tier2_limit
 from conformance.reference.exact import exact_lse, exact_row
-from conformance.reference.float64 import BLOCK_ELEMENTS, CUDA_BLOCK_ELEMENTS, float64_block, tier1_decision
+from conformance.reference.float64 import (
+    BLOCK_ELEMENTS,
+    CUDA_BLOCK_ELEMENTS,
+    float64_block,
+    lowest_bit_exponents,
+    tier1_decision,
+)
 from conformance.reference.rounding import rounding_interval
 from conformance.spec.case import Case
 from conformance.spec.inputs import CaseInputs, key_limit, visible
@@ -103,6 +109,7 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     # Per-case operands of every block: [v, |v|, 1] for the blocked sums, |k|, and max|v| per column.
     vx = torch.cat([v64, v64.abs(), torch.ones_like(v64[..., :1])], dim=-1)
     kabs = k64.abs()
+    k_bits = lowest_bit_exponents(k64, case.dtype).transpose(-1, -2)  # [b, hkv, 1, skv]
     vmax = vx[..., d:2 * d].amax(-2, keepdim=True)
     # Sinks: one logit per query head, as the rows of a KV head's group see them ([1, hkv, g, 1, 1]).
     sinks = None if inputs.sinks is None else inputs.sinks.to(dev, torch.float64).reshape(1, hkv, g, 1, 1)
@@ -129,7 +136,7 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
         q = q64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
         sink = None if sinks is None else sinks.expand(1, hkv, g, n, 1).reshape(1, hkv, g * n, 1)
         res = float64_block(q, k64[:, :, :kmax], kabs[:, :, :kmax], v64[:, :, :kmax], vx[:, :, :kmax], vmax, vis,
-                             scale, case.dtype, case.softcap, sink)
+                             scale, case.dtype, case.softcap, sink, k_bits[..., :kmax])
         shape5 = (b, hkv, g, n)
         o32, open_ = tier1_decision(res["out"], res["bound"])
         out32_t[:, :, :, i0:i1] = o32.reshape(*shape5, d).cpu()

@@ -46,23 +46,53 @@ def with_sink_key(sink: torch.Tensor, vis: torch.Tensor, *keys: torch.Tensor) ->
     return (vis, *(torch.cat([x, x.new_zeros(*x.shape[:-2], 1, x.shape[-1])], -2) for x in keys))
 
 
+# Significand bits (the implicit one included) of the input dtypes: a value is a multiple of
+# 2^(e − p) where frexp gives it the exponent e.
+SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11, "float32": 24}
+NO_BITS = 4096  # the lowest-bit exponent given a zero value: it constrains nothing
+
+
+def lowest_bit_exponents(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Per vector of the last dim: the exponent E with every element of ``x`` (float64 values of
+    ``dtype``) an integer multiple of 2^E (``NO_BITS`` for an all-zero vector). [..., d] -> [..., 1]."""
+    e = torch.frexp(x).exponent.to(torch.int32) - SIGNIFICAND_BITS[dtype]
+    return torch.where(x != 0, e, NO_BITS).amin(-1, keepdim=True)
+
+
+def inexact_dots(adot: torch.Tensor, q_bits: torch.Tensor, k_bits: torch.Tensor) -> torch.Tensor:
+    """Where a float64 dot product ``q·k_j`` may round ([b,h,r,n] bool); elsewhere it is exact in any
+    order of summation, with or without FMA: each product is a multiple of 2^(E_q + E_k) (``q_bits``
+    [b,h,r,1], ``k_bits`` [b,h,1,n]), so is every partial sum of any subset of them, and a multiple of
+    that power of two below 2^(E_q + E_k + 53) is a float64. ``adot`` (the computed Σ_d |q_d k_jd|,
+    within a factor 1 + d·u of the true one) below 2^(E_q + E_k + 52) bounds every partial sum so."""
+    exponent = (q_bits + k_bits).clamp(-2000, 2000).to(torch.float64)
+    return torch.ldexp(adot, -exponent) >= 2.0**52
+
+
 def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch.Tensor, vx: torch.Tensor,
                    vmax: torch.Tensor, vis: torch.Tensor, scale: float, dtype: str, softcap: float | None = None,
-                   sink: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   sink: torch.Tensor | None = None, k_bits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Float64 attention of one block with its error bound. q [b,h,r,d], k/v [b,h,n,d], ``kabs`` |k|,
     ``vx`` [v, |v|, 1] [b,h,n,2d+1], ``vmax`` [b,h,1,d] ≥ max|v| over the keys, vis [b,1,r,n];
-    ``softcap`` caps the scaled logits, ``sink`` [1,h,r,1] the rows' sink logits (a key of value 0)."""
+    ``softcap`` caps the scaled logits, ``sink`` [1,h,r,1] the rows' sink logits (a key of value 0);
+    ``k_bits`` [b,h,1,n], the keys' :func:`lowest_bit_exponents`: with it, the logits whose dot products
+    are exact (:func:`inexact_dots`: most of them for bfloat16 and float16 inputs) drop the dot
+    product's d·u from their error."""
     d = q.shape[-1]
     naive_vis = vis
     dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
     s = softcap64(dots * scale, softcap)
-    w = abs(scale) * (q.abs() @ kabs.transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
+    adot = q.abs() @ kabs.transpose(-1, -2)
+    inexact = None if k_bits is None else inexact_dots(adot, lowest_bit_exponents(q, dtype), k_bits)
+    w = adot.mul_(abs(scale))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
     if sink is not None:
         rows = (*q.shape[:-1], 1)
         vis, vx = with_sink_key(sink, vis.expand(*q.shape[:-1], vis.shape[-1]), vx)
         vx[..., -1, -1] = 1.0  # the ones column: the sink's weight joins Σp
         s = torch.cat([s, sink.expand(rows)], -1)
         w = torch.cat([w, sink.abs().expand(rows)], -1)  # ≥ |sink|, which the shift's rounding sees
+        if inexact is not None:  # the sink's logit is given, not computed
+            inexact = torch.cat([inexact, torch.zeros(rows, dtype=torch.bool, device=inexact.device)], -1)
     n = s.shape[-1]
     all_visible = bool(vis.all())  # no mask to apply (non-causal or decode blocks without padding)
     s_masked = s if all_visible else s.masked_fill_(~vis, -math.inf)
@@ -83,13 +113,24 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
     error_scale = sensitivity + mean_abs_v
     # Rigorous first-order bound of this block's float64 error: logit error (d+3)·u·w_j from the
     # dot product and the scale (+ SOFTCAP_LOGIT_TERMS·u·w_j soft-capped), u·|s_j−m| from the shift,
-    # ≤4u from exp; kb+1 roundings in the blocked sums (see blocked_sums) and the division.
-    logit_terms = d + 4 + (SOFTCAP_LOGIT_TERMS if softcap is not None else 0)
-    total = logit_terms * sensitivity + (m.abs() + 4) * (mean_abs_v + ao) + (kb + 3) * (mean_abs_v + ao)
+    # ≤4u from exp; kb+1 roundings in the blocked sums (see blocked_sums) and the division. With
+    # ``k_bits`` the d·u·w_j of the dot product counts only where it may round: the sums over j of
+    # the logits' terms are split, (4 + softcap)·Σ_j p_j w_j |v_j − o| + d·Σ_{j inexact} p_j w_j |v_j − o|.
+    capped = SOFTCAP_LOGIT_TERMS if softcap is not None else 0
+    if inexact is None:
+        logit_error, logit_lse = (d + 4 + capped) * sensitivity, (d + 4 + capped) * pw_sum
+    elif not bool(inexact.any()):
+        logit_error, logit_lse = (4 + capped) * sensitivity, (4 + capped) * pw_sum
+    else:
+        pwi_sums = (pw * inexact) @ vx[..., d:] / l_safe
+        pwi_v, pwi_sum = pwi_sums[..., :d], pwi_sums[..., d:]
+        logit_error = (4 + capped) * sensitivity + d * (pwi_v + ao * pwi_sum)
+        logit_lse = (4 + capped) * pw_sum + d * pwi_sum
+    total = logit_error + (m.abs() + 4) * (mean_abs_v + ao) + (kb + 3) * (mean_abs_v + ao)
     bound = 2 * U * total + n * 2.0**-1000 * vmax
     # The log-sum-exp m + log(l): relative error of l from the logits, exp and the sums, then log and +.
     lse = m + torch.log(l_safe)
-    lse_bound = 2 * U * (logit_terms * pw_sum + m.abs() + kb + 8 + lse.abs() + torch.log(l_safe).abs())
+    lse_bound = 2 * U * (logit_lse + m.abs() + kb + 8 + lse.abs() + torch.log(l_safe).abs())
 
     naive = naive_same_dtype(dots, None if bool(naive_vis.all()) else naive_vis, scale, v, dtype, softcap, sink)
     seen_rows = seen.squeeze(-1)
@@ -112,7 +153,7 @@ def tier1_decision(out: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor
     return o32, ~((out - bound > mid_lo) & (out + bound < mid_hi))
 
 
-SUM_BLOCK = 256  # keys per matmul of the blocked sums
+SUM_BLOCK = 64  # keys per matmul of the blocked sums
 CASCADE_BLOCKS = 16  # up to this many blocks, TwoSum adds the partials; beyond, a pairwise tree
 
 
@@ -120,11 +161,13 @@ def blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """``p @ x`` with a small, known rounding error (``x`` carries a ones column for ``Σp``).
 
     Returns ``(r, p @ x)`` with error ≤ (r + 1)·u·Σ|terms| (first order), instead of n·u for one long
-    sum. Keys are cut into blocks of ``SUM_BLOCK`` (256); each block is one matmul, error ≤ 256·u·Σ|terms|.
-    Up to 16 blocks the partials are added with TwoSum, whose own error is second order: r = 256. With
-    more blocks (rows longer than 4096 keys) the partials come from one batched matmul and are added
-    by a fixed pairwise tree of L levels, each level one rounding: r = 256 + L − 1 (263 at 32k keys,
-    where 16 blocks of 2048 keys gave 2048: a bound 5× tighter leaves 2-3× fewer elements to tier 2).
+    sum. Keys are cut into blocks of ``SUM_BLOCK`` (64); each block is one matmul, error ≤ 64·u·Σ|terms|.
+    Up to 16 blocks (1024 keys) the partials are added with TwoSum, whose own error is second order:
+    r = 64. With more blocks the partials come from one batched matmul and are added by a fixed
+    pairwise tree of L levels, each level one rounding: r = 64 + L − 1 (72 at 32k keys; with 256-key
+    blocks it was 263, and with 16 blocks of 2048 keys, 2048). The bound's sum term is the largest
+    of tier 1's once the dot products are exact (:func:`inexact_dots`): 64-key blocks leave 2-3×
+    fewer elements to tier 2 than 256-key ones (``benchmarks/tier1_decisions.py``).
     """
     n = p.shape[-1]
     kb = SUM_BLOCK
