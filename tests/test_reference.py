@@ -492,7 +492,7 @@ def test_dot_products_called_exact_are_exact_in_every_order_of_summation(dtype: 
 
     q, k = _wide_inputs(dtype, 24, 64, 1), _wide_inputs(dtype, 40, 64, 2)
     adot = q.abs() @ k.abs().T
-    inexact = inexact_dots(adot, lowest_bit_exponents(q, dtype), lowest_bit_exponents(k, dtype).T)
+    inexact = inexact_dots(adot, lowest_bit_exponents(q), lowest_bit_exponents(k).T)
     if dtype != "float32":
         assert 0 < int(inexact.sum()) < inexact.numel()  # both kinds occur in these inputs
     matmul = q @ k.T
@@ -509,16 +509,31 @@ def test_dot_products_called_exact_are_exact_in_every_order_of_summation(dtype: 
         assert Fraction(float(matmul[i, j])) == exact
 
 
+@pytest.mark.parametrize("n", [1, 63, 64, 1024, 1025, 4097, 32768])
+def test_sum_roundings_is_the_r_blocked_sums_returns(n: int) -> None:
+    from conformance.reference.float64 import blocked_sums, sum_roundings
+
+    r, _ = blocked_sums(torch.ones(1, n, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64))
+    assert sum_roundings(n) == min(r, n)
+
+
+def test_lowest_bit_exponents_are_those_of_the_lowest_set_bit() -> None:
+    from conformance.reference.float64 import NO_BITS, lowest_bit_exponents
+
+    x = torch.tensor([[1.0, 0.75, -6.0], [2.0**-30 * 5, 0.0, 3.0], [0.0, 0.0, 0.0], [2.0**-1074, 1.0, 2.0]],
+                     dtype=torch.float64)
+    assert lowest_bit_exponents(x).flatten().tolist() == [-2, -30, NO_BITS, -1074]
+
+
 def test_a_dot_product_whose_sum_needs_more_than_53_bits_is_inexact() -> None:
     from conformance.reference.float64 import inexact_dots, lowest_bit_exponents
 
     k = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
-    # 1 + 2^-20 fits (the test counts each factor's whole significand: 2^-20 · 1 is a multiple of
-    # 2^-34, and 1 < 2^(−34 + 52)); 1 + 2^-60 is no float64
-    for tiny, expected in ((2.0**-20, False), (2.0**-60, True)):
+    # 1 + 2^-40 is a float64 (every product a multiple of 2^-40, the sum below 2^(−40 + 52)); 1 + 2^-60 is not
+    for tiny, expected in ((2.0**-40, False), (2.0**-60, True)):
         q = torch.tensor([[1.0, tiny]], dtype=torch.float64)
         adot = q.abs() @ k.abs().T
-        flag = inexact_dots(adot, lowest_bit_exponents(q, "bfloat16"), lowest_bit_exponents(k, "bfloat16").T)
+        flag = inexact_dots(adot, lowest_bit_exponents(q), lowest_bit_exponents(k).T)
         assert bool(flag[0, 0]) is expected
 
 
@@ -535,7 +550,7 @@ def test_tier1_bound_with_exact_dots_holds_against_a_50_digit_recomputation(dtyp
     q4, k4, v4 = q[None, None], k[None, None], v[None, None]
     vx = torch.cat([v4, v4.abs(), torch.ones_like(v4[..., :1])], -1)
     vis = torch.ones(1, 1, rows, n, dtype=torch.bool)
-    k_bits = lowest_bit_exponents(k4, dtype).transpose(-1, -2)
+    k_bits = lowest_bit_exponents(k4).transpose(-1, -2)
     res = float64_block(q4, k4, k4.abs(), v4, vx, v4.abs().amax(-2, keepdim=True), vis, scale, dtype,
                         k_bits=k_bits)
     mpmath.mp.dps = 50

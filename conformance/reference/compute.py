@@ -109,7 +109,7 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     # Per-case operands of every block: [v, |v|, 1] for the blocked sums, |k|, and max|v| per column.
     vx = torch.cat([v64, v64.abs(), torch.ones_like(v64[..., :1])], dim=-1)
     kabs = k64.abs()
-    k_bits = lowest_bit_exponents(k64, case.dtype).transpose(-1, -2)  # [b, hkv, 1, skv]
+    k_bits = lowest_bit_exponents(k64).transpose(-1, -2)  # [b, hkv, 1, skv]
     vmax = vx[..., d:2 * d].amax(-2, keepdim=True)
     # Sinks: one logit per query head, as the rows of a KV head's group see them ([1, hkv, g, 1, 1]).
     sinks = None if inputs.sinks is None else inputs.sinks.to(dev, torch.float64).reshape(1, hkv, g, 1, 1)

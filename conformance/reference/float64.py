@@ -46,17 +46,18 @@ def with_sink_key(sink: torch.Tensor, vis: torch.Tensor, *keys: torch.Tensor) ->
     return (vis, *(torch.cat([x, x.new_zeros(*x.shape[:-2], 1, x.shape[-1])], -2) for x in keys))
 
 
-# Significand bits (the implicit one included) of the input dtypes: a value is a multiple of
-# 2^(e − p) where frexp gives it the exponent e.
-SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11, "float32": 24}
 NO_BITS = 4096  # the lowest-bit exponent given a zero value: it constrains nothing
 
 
-def lowest_bit_exponents(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Per vector of the last dim: the exponent E with every element of ``x`` (float64 values of
-    ``dtype``) an integer multiple of 2^E (``NO_BITS`` for an all-zero vector). [..., d] -> [..., 1]."""
-    e = torch.frexp(x).exponent.to(torch.int32) - SIGNIFICAND_BITS[dtype]
-    return torch.where(x != 0, e, NO_BITS).amin(-1, keepdim=True)
+def lowest_bit_exponents(x: torch.Tensor) -> torch.Tensor:
+    """Per vector of the last dim of the float64 ``x``: the largest E with every element an integer
+    multiple of 2^E (the exponent of the lowest set bit among them; ``NO_BITS`` for an all-zero
+    vector), whatever the dtype the values came from. [..., d] -> [..., 1] int32."""
+    mant, e = torch.frexp(x)  # x = mant·2^e, 0.5 <= |mant| < 1: mant·2^53 is an integer
+    digits = (mant.abs() * 2.0**53).to(torch.int64)
+    low = torch.frexp((digits & -digits).to(torch.float64)).exponent - 1  # its lowest set bit
+    bits = e.to(torch.int32) - 53 + low.to(torch.int32)
+    return torch.where(x != 0, bits, NO_BITS).amin(-1, keepdim=True)
 
 
 def inexact_dots(adot: torch.Tensor, q_bits: torch.Tensor, k_bits: torch.Tensor) -> torch.Tensor:
@@ -65,8 +66,9 @@ def inexact_dots(adot: torch.Tensor, q_bits: torch.Tensor, k_bits: torch.Tensor)
     [b,h,r,1], ``k_bits`` [b,h,1,n]), so is every partial sum of any subset of them, and a multiple of
     that power of two below 2^(E_q + E_k + 53) is a float64. ``adot`` (the computed Σ_d |q_d k_jd|,
     within a factor 1 + d·u of the true one) below 2^(E_q + E_k + 52) bounds every partial sum so."""
-    exponent = (q_bits + k_bits).clamp(-2000, 2000).to(torch.float64)
-    return torch.ldexp(adot, -exponent) >= 2.0**52
+    # 2^-E overflows to inf for a far-below-one E (inexact, unless adot = 0: NaN, and an all-zero
+    # vector's dot products are exactly 0) and underflows to 0 with an all-zero vector's NO_BITS.
+    return torch.ldexp(adot, -(q_bits + k_bits).to(torch.float64)) >= 2.0**52
 
 
 def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch.Tensor, vx: torch.Tensor,
@@ -83,7 +85,7 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
     dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
     s = softcap64(dots * scale, softcap)
     adot = q.abs() @ kabs.transpose(-1, -2)
-    inexact = None if k_bits is None else inexact_dots(adot, lowest_bit_exponents(q, dtype), k_bits)
+    inexact = None if k_bits is None else inexact_dots(adot, lowest_bit_exponents(q), k_bits)
     w = adot.mul_(abs(scale))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
     if sink is not None:
         rows = (*q.shape[:-1], 1)
@@ -183,6 +185,14 @@ def blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     summed = pairwise_sum(parts.movedim(-3, -1))  # [..., r, c, 1]
     levels = max(parts.shape[-3] - 1, 0).bit_length()
     return kb + levels - 1, summed.squeeze(-1)
+
+
+def sum_roundings(m: int) -> int:
+    """The ``r`` of :func:`blocked_sums` over ``m`` terms, at most ``m`` (one block of m < 64 terms
+    rounds m − 1 times): its error is ≤ (r + 1)·u·Σ|terms|."""
+    kb = SUM_BLOCK
+    r = kb if m <= kb * CASCADE_BLOCKS else kb + (-(-m // kb) - 1).bit_length() - 1
+    return min(r, m)
 
 
 def pairwise_sum(x: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ from conformance.reference.double_double import (
     U,
     two_sum,
 )
-from conformance.reference.float64 import round_like_dtype
+from conformance.reference.float64 import lowest_bit_exponents, round_like_dtype
 from conformance.reference.gradient_double_double import tier2
 from conformance.reference.gradient_exact import exact_tier
 from conformance.reference.gradient_float64 import (
@@ -191,6 +191,8 @@ def _compute(case: Case, inputs: CaseInputs, g64: torch.Tensor, dev: torch.devic
     has_sink = int(sinks is not None)
     kshift = k64 - kappa
     ones = torch.ones(skv, 1, dtype=torch.float64, device=dev)
+    k_bits = lowest_bit_exponents(k64).transpose(-1, -2)  # [b, hkv, 1, skv]: exact dot products
+    v_bits = lowest_bit_exponents(v64).transpose(-1, -2)
 
     rows5 = (b, hkv, g, sq)
     dq64 = torch.zeros(*rows5, d, dtype=torch.float64)
@@ -227,7 +229,8 @@ def _compute(case: Case, inputs: CaseInputs, g64: torch.Tensor, dev: torch.devic
         blk_single = ((n_vis == 1) & (not has_sink)).expand(b, hkv, g * n)
         sink = None if sinks is None else sinks.expand(1, hkv, g, n, 1).reshape(1, hkv, g * n, 1)
         res = backward_block(q, do, k64[:, :, :kmax], kabs[:, :, :kmax], kshift[:, :, :kmax], v64[:, :, :kmax],
-                             vabs[:, :, :kmax], ones[:kmax], vis, blk_active, blk_single, case, sink)
+                             vabs[:, :, :kmax], ones[:kmax], vis, blk_active, blk_single, case, sink,
+                             k_bits[..., :kmax], v_bits[..., :kmax])
         shape5 = (b, hkv, g, n)
         dq64[:, :, :, i0:i1] = res["dq"].reshape(*shape5, d).cpu()
         dq_bnd[:, :, :, i0:i1] = res["dq_bound"].reshape(*shape5, d).cpu()

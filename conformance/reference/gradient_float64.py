@@ -14,11 +14,15 @@ from conformance.reference.double_double import (
     U,
 )
 from conformance.reference.float64 import (
+    NO_BITS,
     SOFTCAP_LOGIT_TERMS,
     blocked_sums,
+    inexact_dots,
+    lowest_bit_exponents,
     naive_probs,
     pairwise_sum,
     round_like_dtype,
+    sum_roundings,
     tier1_decision,
     with_sink_key,
 )
@@ -74,7 +78,8 @@ def logits64(dots: torch.Tensor, scale: float, vis: torch.Tensor, all_visible: b
 
 def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, kshift: torch.Tensor,
                    v: torch.Tensor, vabs: torch.Tensor, ones: torch.Tensor, vis: torch.Tensor, active: torch.Tensor,
-                   single: torch.Tensor, case: Case, sink: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   single: torch.Tensor, case: Case, sink: torch.Tensor | None = None,
+                   k_bits: torch.Tensor | None = None, v_bits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Float64 backward of one block of rows with its error bounds (module docstring, tier 1).
 
     q, do [b, h, r, d] (r = g·rows: a KV head's group), k/v [b, h, n, d] with ``kabs``/``vabs`` their
@@ -86,13 +91,19 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
 
     Soft-capped logits s = cap·tanh(x/cap) (x the scaled dot) multiply dS by c = 1 − tanh²(x/cap)
     before the contractions; c is off by Δc ≤ 2|t|·Δt + 2u with Δt ≤ ((d+4)·u·w)/cap + 4u (the
-    argument's error, the division, tanh's 4 ulp), and the product adds u·|dS·c|."""
+    argument's error, the division, tanh's 4 ulp), and the product adds u·|dS·c|.
+
+    ``k_bits``/``v_bits`` [b, h, 1, n], the keys' and values' :func:`~conformance.reference.float64.
+    lowest_bit_exponents`: with them the d·u of the dot products Q·Kᵀ and dO·Vᵀ counts only where
+    :func:`~conformance.reference.float64.inexact_dots` says they may round (as in the forward)."""
     d, n_real, r = q.shape[-1], k.shape[-2], q.shape[-2]
     scale = case.effective_scale
     naive_vis = vis
     all_visible = bool(vis.all())
     dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
-    w = abs(scale) * (q.abs() @ kabs.transpose(-1, -2))  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
+    adot = q.abs() @ kabs.transpose(-1, -2)
+    inexact = None if k_bits is None else inexact_dots(adot, lowest_bit_exponents(q), k_bits)
+    w = abs(scale) * adot  # |scale|·Σ_d |q_d k_jd| ≥ |s_j|
     tanh_t = None
     if case.softcap is None:
         s = logits64(dots, scale, vis, all_visible)
@@ -107,6 +118,11 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
         ones = torch.cat([ones, torch.ones_like(ones[:1])], 0)
         s = torch.cat([s, sink.expand(rows)], -1)
         w = torch.cat([w, sink.abs().expand(rows)], -1)
+        if inexact is not None:  # the sink's logit is given, and its value row is 0: dP = 0 exactly
+            inexact = torch.cat([inexact, torch.zeros(rows, dtype=torch.bool, device=inexact.device)], -1)
+        if v_bits is not None:
+            v_bits = torch.cat([v_bits, torch.full((*v_bits.shape[:-1], 1), NO_BITS, dtype=v_bits.dtype,
+                                                   device=v_bits.device)], -1)
         if tanh_t is not None:
             tanh_t = torch.cat([tanh_t, torch.zeros(rows, dtype=tanh_t.dtype, device=tanh_t.device)], -1)
     n = k.shape[-2]
@@ -117,23 +133,27 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     kb_l, l_sum = blocked_sums(p, ones)
     kb_l = min(kb_l, n)  # one block of n < kb terms: n − 1 additions
     p.div_(torch.where(has_key, l_sum, torch.ones_like(l_sum)))
-    logit_terms = d + 4 + (SOFTCAP_LOGIT_TERMS if case.softcap is not None else 0)
-    h = w * logit_terms + (m.abs() + 4)  # the weights' relative error / u (forward's logit analysis)
+    capped = SOFTCAP_LOGIT_TERMS if case.softcap is not None else 0
+    # the logits' error / u: d·u·w_j of the dot product only where it may round
+    lw = w * (d + 4 + capped) if inexact is None else w * (4 + capped) + (w * d).mul_(inexact)
+    h = lw + (m.abs() + 4)  # the weights' relative error / u (forward's logit analysis)
     dp = do @ v.transpose(-1, -2)
     a = do.abs() @ vabs.transpose(-1, -2)  # ≥ |dP| and the scale of dP's rounding
+    # dP_j's own rounding is ≤ d·u·a_j, and 0 where the dot product dO·v_j is exact
+    a_round = a if v_bits is None else a * inexact_dots(a, lowest_bit_exponents(do), v_bits)
     # dP − D = (dP − dP_ref) − Σ_i P_i (dP_i − dP_ref) with ref the row's largest weight: when that key
     # dominates, D ≈ dP_ref and this form has no cancellation (and dP_ref's own error cancels).
     ref = p.argmax(-1, keepdim=True)
     not_ref = torch.ones_like(p).scatter_(-1, ref, 0.0)
     delta = dp - dp.gather(-1, ref)
-    a2 = (a + a.gather(-1, ref)).mul_(not_ref)  # dP_j − dP_ref is off by ≤ d·u·(a_j + a_ref), 0 at ref
+    a2 = (a_round + a_round.gather(-1, ref)).mul_(not_ref)  # dP_j − dP_ref is off by ≤ d·u·(a_j + a_ref), 0 at ref
     kb_d, dsum = blocked_sums(p * delta, ones)  # D − dP_ref
     kb_d = min(kb_d, n)
     diff = delta - dsum
     adiff = diff.abs()
     ds = torch.where(active[..., None], p * diff, torch.zeros_like(diff))
     # The contractions' blocked sums: over the keys (dQ) and over the rows (dK, dV).
-    kb = max(min(max(256, -(-n // 16)), n), min(max(256, -(-r // 16)), r))
+    kb = max(sum_roundings(n), sum_roundings(r))
     ph = p * h
     lam = U * (ph.sum(-1, keepdim=True) + kb_l + 1)
     adelta = delta.abs()
@@ -146,7 +166,7 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     gerr = torch.where(active[..., None], gerr, torch.zeros_like(gerr))
     if tanh_t is not None:  # dS of the capped logits times c = 1 − t² gives dS of the scaled dots
         c = 1 - tanh_t * tanh_t
-        dc = U * (2 * (logit_terms * w / case.softcap + 4) + 2)
+        dc = U * (2 * (lw / case.softcap + 4) + 2)
         gerr = gerr * c + (p * adiff + gerr) * dc + U * ds.abs() * c
         ds = ds * c
         gerr = torch.where(active[..., None], gerr, torch.zeros_like(gerr))
@@ -156,7 +176,7 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     yscale = p * (dp.abs() + dsum.abs()) * (1 + w)
     wbar = (p * w).sum(-1, keepdim=True)
     yv = p * (1 + w + wbar)
-    del ph, h, a, a2, not_ref, delta, adelta
+    del ph, h, a, a_round, a2, not_ref, delta, adelta
 
     res: dict[str, torch.Tensor] = {}
     _, dq_u = blocked_sums(ds, kshift)
