@@ -65,7 +65,9 @@ def inexact_dots(adot: torch.Tensor, q_bits: torch.Tensor, k_bits: torch.Tensor)
     order of summation, with or without FMA: each product is a multiple of 2^(E_q + E_k) (``q_bits``
     [b,h,r,1], ``k_bits`` [b,h,1,n]), so is every partial sum of any subset of them, and a multiple of
     that power of two below 2^(E_q + E_k + 53) is a float64. ``adot`` (the computed Σ_d |q_d k_jd|,
-    within a factor 1 + d·u of the true one) below 2^(E_q + E_k + 52) bounds every partial sum so."""
+    within a factor 1 + d·u of the true one) below 2^(E_q + E_k + 52) bounds every partial sum so.
+    The matmuls are IEEE float64 operations, as the rest of tier 1's bound assumes (a BLAS that
+    emulated float64 with lower-precision slices would void both)."""
     # 2^-E overflows to inf for a far-below-one E (inexact, unless adot = 0: NaN, and an all-zero
     # vector's dot products are exactly 0) and underflows to 0 with an all-zero vector's NO_BITS.
     return torch.ldexp(adot, -(q_bits + k_bits).to(torch.float64)) >= 2.0**52
