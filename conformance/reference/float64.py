@@ -178,23 +178,27 @@ def blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     if n <= kb * CASCADE_BLOCKS:
         parts = [p[..., j:j + kb] @ x[..., j:j + kb, :] for j in range(0, n, kb)]
         hi, lo = cascade(parts)
-        return kb, hi + lo
+        return block_roundings(n), hi + lo
     full = n // kb * kb
     # [..., r, nb, kb] → [..., nb, r, kb] @ [..., nb, kb, c]: one matmul per block, batched.
     parts = p[..., :full].unflatten(-1, (-1, kb)).movedim(-2, -3) @ x[..., :full, :].unflatten(-2, (-1, kb))
     if full < n:
         parts = torch.cat([parts, (p[..., full:] @ x[..., full:, :]).unsqueeze(-3)], -3)
     summed = pairwise_sum(parts.movedim(-3, -1))  # [..., r, c, 1]
-    levels = max(parts.shape[-3] - 1, 0).bit_length()
-    return kb + levels - 1, summed.squeeze(-1)
+    return block_roundings(n), summed.squeeze(-1)
+
+
+def block_roundings(m: int) -> int:
+    """The ``r`` :func:`blocked_sums` states for ``m`` terms: ``SUM_BLOCK`` up to ``CASCADE_BLOCKS``
+    blocks, else ``SUM_BLOCK`` + L − 1 for the L levels of the pairwise tree over ⌈m / SUM_BLOCK⌉ partials."""
+    kb = SUM_BLOCK
+    return kb if m <= kb * CASCADE_BLOCKS else kb + (-(-m // kb) - 1).bit_length() - 1
 
 
 def sum_roundings(m: int) -> int:
-    """The ``r`` of :func:`blocked_sums` over ``m`` terms, at most ``m`` (one block of m < 64 terms
-    rounds m − 1 times): its error is ≤ (r + 1)·u·Σ|terms|."""
-    kb = SUM_BLOCK
-    r = kb if m <= kb * CASCADE_BLOCKS else kb + (-(-m // kb) - 1).bit_length() - 1
-    return min(r, m)
+    """:func:`block_roundings`, at most ``m`` (one block of m < 64 terms rounds m − 1 times): the error
+    of :func:`blocked_sums` over ``m`` terms is ≤ (r + 1)·u·Σ|terms|."""
+    return min(block_roundings(m), m)
 
 
 def pairwise_sum(x: torch.Tensor) -> torch.Tensor:

@@ -130,8 +130,8 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     has_key = torch.isfinite(m)
     m = torch.where(has_key, m, torch.zeros_like(m))
     p = torch.exp_(s.sub_(m))
-    kb_l, l_sum = blocked_sums(p, ones)
-    kb_l = min(kb_l, n)  # one block of n < kb terms: n − 1 additions
+    _, l_sum = blocked_sums(p, ones)
+    kb_l = sum_roundings(n)  # one block of n < 64 terms: n − 1 additions
     p.div_(torch.where(has_key, l_sum, torch.ones_like(l_sum)))
     capped = SOFTCAP_LOGIT_TERMS if case.softcap is not None else 0
     # the logits' error / u: d·u·w_j of the dot product only where it may round
@@ -147,8 +147,8 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     not_ref = torch.ones_like(p).scatter_(-1, ref, 0.0)
     delta = dp - dp.gather(-1, ref)
     a2 = (a_round + a_round.gather(-1, ref)).mul_(not_ref)  # dP_j − dP_ref is off by ≤ d·u·(a_j + a_ref), 0 at ref
-    kb_d, dsum = blocked_sums(p * delta, ones)  # D − dP_ref
-    kb_d = min(kb_d, n)
+    _, dsum = blocked_sums(p * delta, ones)  # D − dP_ref
+    kb_d = sum_roundings(n)
     diff = delta - dsum
     adiff = diff.abs()
     ds = torch.where(active[..., None], p * diff, torch.zeros_like(diff))
