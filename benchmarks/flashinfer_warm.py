@@ -11,7 +11,8 @@ them from the cache instead of each paying the compile:
 
 ``--filter GLOB`` keeps the cases whose id matches (as ``run --filter``); ``--paged-only`` builds the
 paged prefill alone (all that ``flashinfer-dense`` uses). A configuration with sinks and no
-soft-capping also builds ``BatchAttentionWithAttentionSinkWrapper``'s module (``flashinfer-sink-wrapper``).
+soft-capping also builds ``BatchAttentionWithAttentionSinkWrapper``'s module (``flashinfer-sink-wrapper``);
+``--sink-wrapper-only`` builds that module alone.
 
 A tier's configurations come from the shipped specs: one per FlashInfer module its float16 and
 bfloat16 cases need (dtype, head dimension, whether a window, soft-capping, sinks), dense and
@@ -55,7 +56,7 @@ def tier_configs(tier: str, layouts_only: bool = False, pattern: str = "*") -> l
     return list(configs.values())
 
 
-def build(config: str, paged_only: bool = False) -> None:
+def build(config: str, paged_only: bool = False, sink_only: bool = False) -> None:
     import flashinfer
     import torch
 
@@ -110,6 +111,8 @@ def build(config: str, paged_only: bool = False) -> None:
 
     if sinks and cap is None:
         step("sink wrapper", sink_wrapper)
+    if sink_only:
+        return
     if paged_only:
         step("paged prefill (no split)", lambda: paged({"disable_split_kv": True}))
         return
@@ -124,10 +127,10 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    paged_only = "--paged-only" in argv
-    argv = [a for a in argv if a != "--paged-only"]
+    paged_only, sink_only = "--paged-only" in argv, "--sink-wrapper-only" in argv
+    argv = [a for a in argv if a not in ("--paged-only", "--sink-wrapper-only")]
     if argv[:1] == ["--one"]:
-        build(argv[1], paged_only)
+        build(argv[1], paged_only, sink_only)
         return 0
     tier, pattern = "standard", "*"
     while argv[:1] in (["--tier"], ["--filter"]) and len(argv) > 1:
@@ -141,7 +144,7 @@ def main(argv: list[str]) -> int:
     configs = argv or tier_configs(tier, layouts_only, pattern)
     print(f"{len(configs)} configurations: {' '.join(configs)}", flush=True)
     t = time.time()
-    extra = ["--paged-only"] if paged_only else []
+    extra = (["--paged-only"] if paged_only else []) + (["--sink-wrapper-only"] if sink_only else [])
     procs = [subprocess.Popen([sys.executable, __file__, "--one", c, *extra]) for c in configs]
     codes = [p.wait() for p in procs]
     print(f"{len(configs)} configurations built in {time.time() - t:.1f} s", flush=True)

@@ -8,6 +8,10 @@ two passes (``_tier2_pass``: the first pass and the double-double exp pass), the
 backward's stages, writing and hashing. On CUDA every stage boundary synchronises the device, so a
 stage's time is its own. Also printed: the card's float64 matmul rate (8192³) and float64
 elementwise bandwidth, measured in the same run, and the GPU memory peak of each case.
+
+``--kernels N`` also runs each case under ``torch.profiler`` and prints, per stage, the N operators
+with the most device time (CUDA kernels on a GPU, CPU time on the CPU) and their share of the
+stage: which kernels bound it. The profiler slows the case; its stage seconds are not the figures.
 """
 
 from __future__ import annotations
@@ -35,6 +39,41 @@ STAGES = [(gen, "make_inputs"), (fwd, "float64_block"), (fwd, "_tier2_pass"), (f
           (bwd, "exact_tier"), (gen, "write_golden"), (gen, "sha256_file")]
 
 
+STAGE_MARK = "stage:"
+
+
+def _own_time(event: Any, cuda: bool) -> float:
+    """An operator's own device time (CUDA) or CPU time, in microseconds, whatever the torch version."""
+    names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    return next((float(getattr(event, n)) for n in names if hasattr(event, n)), 0.0)
+
+
+def kernel_shares(events: Any, cuda: bool, top: int) -> dict[str, list[tuple[str, float, float]]]:
+    """Per stage (the innermost stage marker above an operator), its ``top`` operators by own time:
+    (operator, seconds, share of the stage's operator time)."""
+    per_stage: dict[str, dict[str, float]] = {}
+    for event in events:
+        if event.name.startswith(STAGE_MARK) or event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # a kernel's own event: its time is counted on the operator that launched it
+        own = _own_time(event, cuda)
+        if own <= 0:
+            continue
+        parent, stage = event.cpu_parent, "outside the stages"
+        while parent is not None:
+            if parent.name.startswith(STAGE_MARK):
+                stage = parent.name[len(STAGE_MARK):]
+                break
+            parent = parent.cpu_parent
+        ops = per_stage.setdefault(stage, {})
+        ops[event.name] = ops.get(event.name, 0.0) + own
+    shares = {}
+    for stage, ops in per_stage.items():
+        total = sum(ops.values())
+        ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+        shares[stage] = [(name, us / 1e6, us / total) for name, us in ranked]
+    return shares
+
+
 def timed(module: Any, name: str, seconds: dict[str, float], sync: Callable[[], None]) -> None:
     """Replace ``module.name`` by a wrapper that adds its (synchronised) time to ``seconds``."""
     original = getattr(module, name)
@@ -45,7 +84,8 @@ def timed(module: Any, name: str, seconds: dict[str, float], sync: Callable[[], 
         sync()
         start = time.perf_counter()
         try:
-            return original(*args, **kwargs)
+            with torch.profiler.record_function(STAGE_MARK + label):
+                return original(*args, **kwargs)
         finally:
             sync()
             seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
@@ -74,11 +114,29 @@ def card_rates(device: str) -> dict[str, float]:
     return {"float64_matmul_gflops": matmul, "float64_elementwise_gbps": bandwidth}
 
 
+def profile_kernels(job: Any, device: str, cuda: bool, top: int) -> dict[str, list[tuple[str, float, float]]]:
+    """Generate ``job``'s golden again under ``torch.profiler``; print and return :func:`kernel_shares`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        gen.generate_case(job, device)
+    job.path.unlink()
+    shares = kernel_shares(prof.events(), cuda, top)
+    for stage, ops in shares.items():
+        print(f"  {stage}:")
+        for name, seconds, share in ops:
+            print(f"    {share:6.1%} {seconds:8.3f} s  {name}")
+    return shares
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="+", metavar="CASE_ID")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                        help="also profile each case: the N operators with the most device time per stage")
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -107,6 +165,8 @@ def main() -> None:
             figures["cases"][cid] = row
             print(cid, json.dumps(row), flush=True)
             job.path.unlink()
+            if args.kernels:
+                row["kernels"] = profile_kernels(job, args.device, cuda, args.kernels)
     if cuda:
         figures.update(card_rates(args.device))
     print(json.dumps({k: v for k, v in figures.items() if k != "cases"}))
