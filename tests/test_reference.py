@@ -509,6 +509,48 @@ def test_dot_products_called_exact_are_exact_in_every_order_of_summation(dtype: 
         assert Fraction(float(matmul[i, j])) == exact
 
 
+def _zero_padded_tree(x: torch.Tensor) -> torch.Tensor:
+    """The pairwise tree over the last dim as zero padding to a power of two defines it."""
+    n = x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, (1 << max(n - 1, 0).bit_length()) - n))
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 33, 100])
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_pairwise_sum_along_any_dim_with_a_tail_adds_as_zero_padding_does(n: int, with_tail: bool) -> None:
+    from conformance.reference.float64 import pairwise_sum
+
+    rng = np.random.Generator(np.random.PCG64(n))
+    x = torch.from_numpy(rng.standard_normal((2, n, 3, 4)) * np.exp2(rng.integers(-30, 30, (2, n, 3, 4))))
+    x[0, :, 0, 0] = -0.0  # signed zeros: x + 0.0 turns -0 into +0, as the padding's additions do
+    tail = torch.from_numpy(rng.standard_normal((2, 1, 3, 4))) if with_tail else None
+    got = pairwise_sum(x, -3, tail)
+    joined = torch.cat([x, tail], 1) if with_tail else x
+    want = _zero_padded_tree(joined.movedim(1, -1)).movedim(-1, 1)
+    assert got.shape == (2, 1, 3, 4)
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))  # bit for bit, signs of zeros included
+
+
+def test_inexact_dots_is_the_power_of_two_test_it_states() -> None:
+    """adot ≥ 2^(E_q + E_k + 52) exactly, by the exponent field, for values on both sides of it."""
+    from conformance.reference.float64 import NO_BITS, inexact_dots
+
+    rng = np.random.Generator(np.random.PCG64(7))
+    q_bits = torch.from_numpy(rng.integers(-160, 20, (6, 1))).to(torch.int32)
+    k_bits = torch.from_numpy(rng.integers(-160, 20, (1, 9))).to(torch.int32)
+    q_bits[0, 0], k_bits[0, 0] = NO_BITS, NO_BITS  # all-zero vectors
+    limit = torch.ldexp(torch.ones(6, 9, dtype=torch.float64), (q_bits + k_bits + 52).to(torch.float64))
+    for factor in (0.5, np.nextafter(1.0, 0.0), 1.0, np.nextafter(1.0, 2.0), 3.0):
+        adot = limit * factor
+        adot[torch.isinf(adot)] = 1e300  # a zero vector's dots: any finite adot is below 2^(4096 + ...)
+        want = torch.ldexp(adot, -(q_bits + k_bits).to(torch.float64)) >= 2.0**52
+        assert torch.equal(inexact_dots(adot, q_bits, k_bits), want)
+    assert not bool(inexact_dots(torch.zeros(6, 9, dtype=torch.float64), q_bits, k_bits).any())
+
+
 @pytest.mark.parametrize("n", [1, 63, 64, 1024, 1025, 4097, 32768])
 def test_sum_roundings_is_the_r_blocked_sums_returns(n: int) -> None:
     from conformance.reference.float64 import blocked_sums, sum_roundings

@@ -68,9 +68,11 @@ def inexact_dots(adot: torch.Tensor, q_bits: torch.Tensor, k_bits: torch.Tensor)
     within a factor 1 + d·u of the true one) below 2^(E_q + E_k + 52) bounds every partial sum so.
     The matmuls are IEEE float64 operations, as the rest of tier 1's bound assumes (a BLAS that
     emulated float64 with lower-precision slices would void both)."""
-    # 2^-E overflows to inf for a far-below-one E (inexact, unless adot = 0: NaN, and an all-zero
-    # vector's dot products are exactly 0) and underflows to 0 with an all-zero vector's NO_BITS.
-    return torch.ldexp(adot, -(q_bits + k_bits).to(torch.float64)) >= 2.0**52
+    # adot ≥ 0 is finite (float64 products of float32-range values cannot overflow). For a normal
+    # adot = 1.f·2^(B − 1023), with B its biased exponent field, adot < 2^(E + 52) ⇔ B − 1023 < E + 52
+    # ⇔ B ≤ E + 1074; for a subnormal or zero adot (B = 0) the test errs toward "inexact". An all-zero
+    # vector's NO_BITS makes every one of its dot products exact (they are 0).
+    return (adot.view(torch.int64) >> 52) > (q_bits + 1074) + k_bits
 
 
 def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch.Tensor, vx: torch.Tensor,
@@ -182,10 +184,8 @@ def blocked_sums(p: torch.Tensor, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     full = n // kb * kb
     # [..., r, nb, kb] → [..., nb, r, kb] @ [..., nb, kb, c]: one matmul per block, batched.
     parts = p[..., :full].unflatten(-1, (-1, kb)).movedim(-2, -3) @ x[..., :full, :].unflatten(-2, (-1, kb))
-    if full < n:
-        parts = torch.cat([parts, (p[..., full:] @ x[..., full:, :]).unsqueeze(-3)], -3)
-    summed = pairwise_sum(parts.movedim(-3, -1))  # [..., r, c, 1]
-    return block_roundings(n), summed.squeeze(-1)
+    tail = (p[..., full:] @ x[..., full:, :]).unsqueeze(-3) if full < n else None  # the last, shorter block
+    return block_roundings(n), pairwise_sum(parts, -3, tail).squeeze(-3)
 
 
 def block_roundings(m: int) -> int:
@@ -201,17 +201,30 @@ def sum_roundings(m: int) -> int:
     return min(block_roundings(m), m)
 
 
-def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
-    """``x.sum(-1, keepdim=True)`` by a fixed pairwise tree of elementwise additions (zeros pad the
-    last dim to a power of two): every addition is one IEEE rounding in a fixed order, so the bits
-    are the same on every device and thread count, unlike a reduction kernel's. For the naive
-    model's sums whose rounding to the case dtype is sensitive to the last float64 bit."""
-    n = x.shape[-1]
-    width = 1 << max(n - 1, 0).bit_length()
-    if width != n:
-        x = torch.nn.functional.pad(x, (0, width - n))
-    while x.shape[-1] > 1:
-        x = x[..., 0::2] + x[..., 1::2]
+def pairwise_sum(x: torch.Tensor, dim: int = -1, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """``x.sum(dim, keepdim=True)`` by a fixed pairwise tree of elementwise additions: every addition
+    is one IEEE rounding in a fixed order, so the bits are the same on every device and thread count,
+    unlike a reduction kernel's. For the naive model's sums whose rounding to the case dtype is
+    sensitive to the last float64 bit, and for the blocked sums' partials (``dim`` -3).
+
+    Each level adds elements 2i and 2i + 1; an odd last element gets + 0.0: the additions of zero
+    padding to a power of two, without the padded copy. ``tail`` (size 1 along ``dim``) is one more
+    element after ``x``'s, joined at the first level instead of by a copy of ``x``."""
+    dim = dim % x.dim()
+    if x.shape[dim] == 0:  # no element: the sum of the zero padding (or the tail alone)
+        return tail if tail is not None else x.new_zeros(*x.shape[:dim], 1, *x.shape[dim + 1:])
+    while x.shape[dim] + (tail is not None) > 1:
+        n = x.shape[dim]
+        half, odd = n // 2, n % 2 == 1
+        extra = odd or tail is not None  # one element left over: x's last, the tail, or their sum
+        level = x.new_empty(*x.shape[:dim], half + extra, *x.shape[dim + 1:])
+        pairs = x.narrow(dim, 0, 2 * half).unflatten(dim, (half, 2))
+        torch.add(pairs.select(dim + 1, 0), pairs.select(dim + 1, 1), out=level.narrow(dim, 0, half))
+        if extra:
+            first = x.narrow(dim, n - 1, 1) if odd else tail
+            second = tail if odd and tail is not None else 0.0
+            torch.add(first, second, out=level.narrow(dim, half, 1))
+        x, tail = level, None
     return x
 
 
