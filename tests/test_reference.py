@@ -551,6 +551,25 @@ def test_inexact_dots_is_the_power_of_two_test_it_states() -> None:
     assert not bool(inexact_dots(torch.zeros(6, 9, dtype=torch.float64), q_bits, k_bits).any())
 
 
+@pytest.mark.parametrize("density", [0.002, 0.6])
+def test_inexact_weighted_sums_are_the_masked_product(density: float) -> None:
+    """Few inexact keys (gathered per batch entry and head) or many (the dense product): the same
+    sums, each (b, h) with its own keys, the values broadcast over the heads."""
+    from conformance.reference.float64 import inexact_weighted_sums
+
+    rng = np.random.Generator(np.random.PCG64(11))
+    pw = torch.from_numpy(rng.random((2, 3, 40, 700)))
+    inexact = torch.from_numpy(rng.random((2, 3, 40, 700)) < density)
+    inexact[1, 2] = False  # a head with no inexact dot at all
+    inexact[0, 1, :, 5] = True  # a key inexact in every row
+    x = torch.from_numpy(rng.random((2, 1, 700, 9)))
+    got = inexact_weighted_sums(pw, inexact, x)
+    want = (pw * inexact) @ x
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-13, atol=0.0)
+    assert torch.equal(got[1, 2], torch.zeros_like(got[1, 2]))
+
+
 @pytest.mark.parametrize("n", [1, 63, 64, 1024, 1025, 4097, 32768])
 def test_sum_roundings_is_the_r_blocked_sums_returns(n: int) -> None:
     from conformance.reference.float64 import blocked_sums, sum_roundings

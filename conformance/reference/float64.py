@@ -128,7 +128,7 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
     elif not bool(inexact.any()):
         logit_error, logit_lse = (4 + capped) * sensitivity, (4 + capped) * pw_sum
     else:
-        pwi_sums = (pw * inexact) @ vx[..., d:] / l_safe
+        pwi_sums = inexact_weighted_sums(pw, inexact, vx[..., d:]) / l_safe
         pwi_v, pwi_sum = pwi_sums[..., :d], pwi_sums[..., d:]
         logit_error = (4 + capped) * sensitivity + d * (pwi_v + ao * pwi_sum)
         logit_lse = (4 + capped) * pw_sum + d * pwi_sum
@@ -149,6 +149,24 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
         "error_scale": torch.where(seen_rows, error_scale.amax(-1), torch.zeros_like(error_scale[..., 0])),
         "naive": torch.where(seen, naive, zero),
     }
+
+
+def inexact_weighted_sums(pw: torch.Tensor, inexact: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(pw * inexact) @ x`` for the nonnegative ``pw`` [b,h,r,n] and ``x`` [b,h|1,n,c]: the bound's
+    sums over the logits whose dot products may round. Those are few and gather in a few keys (a key
+    with a very small element, against a row with one), so when at most a quarter of the keys has an
+    inexact dot in any row, only those keys' columns are multiplied (the others add exact zeros)."""
+    n = pw.shape[-1]
+    keys = inexact.any(-2)  # [b,h,n]: keys with an inexact dot in some row
+    count = int(keys.sum(-1).max()) if keys.numel() else 0
+    if 4 * count > n:
+        return (pw * inexact) @ x
+    # Per (b, h), its inexact keys first (a stable sort keeps their order), padded with exact ones.
+    order = torch.argsort((~keys).to(torch.int32), dim=-1, stable=True)[..., :count]  # [b,h,count]
+    rows = order.unsqueeze(-2).expand(*pw.shape[:-1], count)
+    weights = torch.gather(pw, -1, rows) * torch.gather(inexact, -1, rows)
+    cols = order.unsqueeze(-1).expand(*order.shape, x.shape[-1])
+    return weights @ torch.gather(x.expand(*pw.shape[:2], *x.shape[-2:]), -2, cols)
 
 
 def tier1_decision(out: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
