@@ -10,7 +10,9 @@
 # 3. peak memory of the full tier's largest 32k-context case (benchmarks/memory.py), unless
 #    RLK_SKIP_MEMORY=1;
 # 4. the stage profile of the largest prefill, KV-cache prefill and gradient goldens
-#    (benchmarks/profile_generation.py), unless RLK_SKIP_PROFILE=1.
+#    (benchmarks/profile_generation.py), then the operators with the most device time in each stage
+#    of an 8k x 32k prefill (--kernels), and tier 1's decisions on the probes
+#    (benchmarks/tier1_decisions.py), unless RLK_SKIP_PROFILE=1.
 # The package need not be installed: the repository root goes on PYTHONPATH.
 set -u -o pipefail
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [TIER]}
@@ -47,4 +49,8 @@ if [ "${RLK_SKIP_PROFILE:-0}" != 1 ]; then
     attention/presets/llama3.1-8b-b1-sq32768-skv32768-bf16-causal \
     kv_cache_attention/presets/llama3.1-8b-b1-past24576-new8192-bf16-causal \
     kv_cache_attention/grad-presets/qwen3-8b-b1-past2048-new2048-bf16-causal-grad 2>&1 | tee "$out/profile.txt"
+  timeout "${RLK_PROFILE_TIMEOUT:-300}" python3 benchmarks/profile_generation.py --device cuda --kernels 12 \
+    --json "$out/kernels.json" attention/presets/llama3.1-8b-b1-sq8192-skv32768-bf16-causal 2>&1 | tee "$out/kernels.txt"
+  timeout "${RLK_PROFILE_TIMEOUT:-300}" python3 benchmarks/tier1_decisions.py --device cuda --json "$out/tier1.json" \
+    2>&1 | tee "$out/tier1.txt"
 fi
