@@ -488,7 +488,7 @@ def _wide_inputs(dtype: str, rows: int, d: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_dot_products_called_exact_are_exact_in_every_order_of_summation(dtype: str) -> None:
-    from conformance.reference.float64 import inexact_dots, lowest_bit_exponents
+    from conformance.reference.exact_dots import inexact_dots, lowest_bit_exponents
 
     q, k = _wide_inputs(dtype, 24, 64, 1), _wide_inputs(dtype, 40, 64, 2)
     adot = q.abs() @ k.abs().T
@@ -536,7 +536,7 @@ def test_pairwise_sum_along_any_dim_with_a_tail_adds_as_zero_padding_does(n: int
 
 def test_inexact_dots_is_the_power_of_two_test_it_states() -> None:
     """adot ≥ 2^(E_q + E_k + 52) exactly, by the exponent field, for values on both sides of it."""
-    from conformance.reference.float64 import NO_BITS, inexact_dots
+    from conformance.reference.exact_dots import NO_BITS, inexact_dots
 
     rng = np.random.Generator(np.random.PCG64(7))
     q_bits = torch.from_numpy(rng.integers(-160, 20, (6, 1))).to(torch.int32)
@@ -579,7 +579,7 @@ def test_sum_roundings_is_the_r_blocked_sums_returns(n: int) -> None:
 
 
 def test_lowest_bit_exponents_are_those_of_the_lowest_set_bit() -> None:
-    from conformance.reference.float64 import NO_BITS, lowest_bit_exponents
+    from conformance.reference.exact_dots import NO_BITS, lowest_bit_exponents
 
     x = torch.tensor([[1.0, 0.75, -6.0], [2.0**-30 * 5, 0.0, 3.0], [0.0, 0.0, 0.0], [2.0**-1074, 1.0, 2.0]],
                      dtype=torch.float64)
@@ -587,7 +587,7 @@ def test_lowest_bit_exponents_are_those_of_the_lowest_set_bit() -> None:
 
 
 def test_a_dot_product_whose_sum_needs_more_than_53_bits_is_inexact() -> None:
-    from conformance.reference.float64 import inexact_dots, lowest_bit_exponents
+    from conformance.reference.exact_dots import inexact_dots, lowest_bit_exponents
 
     k = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     # 1 + 2^-40 is a float64 (every product a multiple of 2^-40, the sum below 2^(−40 + 52)); 1 + 2^-60 is not
@@ -598,13 +598,39 @@ def test_a_dot_product_whose_sum_needs_more_than_53_bits_is_inexact() -> None:
         assert bool(flag[0, 0]) is expected
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_double_double_dots_are_within_their_bound_exact_pairs_with_bound_zero(dtype: str) -> None:
+    """dd_dots against exact rational dot products: every pair within its bound; the pairs the
+    lowest-bit test calls exact come back as (q·k, 0) with bound 0, the others from the Ozaki slices
+    (gathered keys for bfloat16's few inexact ones, every key for float32's many)."""
+    from conformance.reference.double_double import dd_dots, ozaki_dots
+    from conformance.reference.exact_dots import inexact_dots, lowest_bit_exponents
+
+    q, k = _wide_inputs(dtype, 12, 32, 21)[None], _wide_inputs(dtype, 50, 32, 22)[None]
+    k = torch.cat([k, _wide_inputs(dtype, 1, 32, 23)[None] * 2.0**-30], 1)  # one key far below the others
+    kt = k.transpose(-1, -2)
+    hi, lo, err = dd_dots(q, kt)
+    inexact = inexact_dots(q.abs() @ kt.abs(), lowest_bit_exponents(q), lowest_bit_exponents(k).transpose(-1, -2))
+    assert 0 < int(inexact.sum()) < inexact.numel() if dtype == "bfloat16" else bool(inexact.any())
+    for i in range(q.shape[1]):
+        for j in range(k.shape[1]):
+            exact = sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(q[0, i], k[0, j]))
+            got = Fraction(float(hi[0, i, j])) + Fraction(float(lo[0, i, j]))
+            assert abs(got - exact) <= Fraction(float(err[0, i, j]))
+            if not inexact[0, i, j] and dtype == "bfloat16" and not inexact[0, :, j].any():
+                assert (float(lo[0, i, j]), float(err[0, i, j])) == (0.0, 0.0) and got == exact
+    o_hi, o_lo, o_err = ozaki_dots(q, kt)  # the slices alone: the same sums, within both bounds
+    assert torch.all((hi + lo - (o_hi + o_lo)).abs() <= err + o_err)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tier1_bound_with_exact_dots_holds_against_a_50_digit_recomputation(dtype: str) -> None:
     """Wide-spread inputs, so that some logits' dot products round and most do not: |out − exact| stays
     within tier 1's bound for every element of the block."""
     import mpmath
 
-    from conformance.reference.float64 import float64_block, lowest_bit_exponents
+    from conformance.reference.exact_dots import lowest_bit_exponents
+    from conformance.reference.float64 import float64_block
 
     rows, n, d, scale = 4, 96, 64, 0.125
     q, k, v = _wide_inputs(dtype, rows, d, 4), _wide_inputs(dtype, n, d, 5), _wide_inputs(dtype, n, d, 6)

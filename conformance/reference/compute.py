@@ -33,11 +33,11 @@ import torch
 
 from conformance.reference.double_double import double_double_elements, tier2_batches, tier2_limit
 from conformance.reference.exact import exact_lse, exact_row
+from conformance.reference.exact_dots import lowest_bit_exponents
 from conformance.reference.float64 import (
     BLOCK_ELEMENTS,
     CUDA_BLOCK_ELEMENTS,
     float64_block,
-    lowest_bit_exponents,
     tier1_decision,
 )
 from conformance.reference.rounding import rounding_interval

@@ -17,6 +17,7 @@ import mpmath
 import numpy as np
 import torch
 
+from conformance.reference.exact_dots import gathered_keys, inexact_dots, lowest_bit_exponents
 from conformance.reference.rounding import float32_neighbours
 from conformance.spec.case import Case
 from conformance.spec.inputs import visible
@@ -141,6 +142,29 @@ def ozaki_slices(x: torch.Tensor, beta: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def dd_dots(q: torch.Tensor, kt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dot products of the rows of ``q`` [..., R, D] with the columns of ``kt`` [..., D, n] as double-doubles:
+    (hi, lo, bound on |hi + lo − exact dot|). Where the float64 dot product is exact
+    (:func:`~conformance.reference.exact_dots.inexact_dots`: most pairs of bfloat16 and float16
+    inputs) it is (q·k, 0) with bound 0; :func:`ozaki_dots` computes the columns (keys) with an inexact
+    pair, or every column when more than a quarter have one."""
+    plain = q @ kt
+    q_bits = lowest_bit_exponents(q)
+    k_bits = lowest_bit_exponents(kt.transpose(-1, -2)).transpose(-1, -2)
+    inexact = inexact_dots(q.abs() @ kt.abs(), q_bits, k_bits)
+    order = gathered_keys(inexact.any(-2))  # [..., c]: per leading index its keys with an inexact pair
+    count = order.shape[-1]
+    if 4 * count > kt.shape[-1]:
+        return ozaki_dots(q, kt)
+    zero = torch.zeros_like(plain)
+    if count == 0:
+        return plain, zero, zero
+    kt = kt.expand(*plain.shape[:-2], *kt.shape[-2:])
+    hi, lo, err = ozaki_dots(q, torch.gather(kt, -1, order.unsqueeze(-2).expand(*kt.shape[:-1], count)))
+    at = order.unsqueeze(-2).expand(*plain.shape[:-1], count)
+    return plain.scatter(-1, at, hi), zero.scatter(-1, at, lo), zero.scatter(-1, at, err)
+
+
+def ozaki_dots(q: torch.Tensor, kt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dot products of the rows of ``q`` [..., R, D] with the columns of ``kt`` [..., D, n] as double-doubles,
     from matmuls: both sides are sliced (:func:`ozaki_slices`) so that the four products of leading
     slices are exact integer matmuls (D·2^(2β) ≤ 2^53); the remainders enter through two ordinary

@@ -9,6 +9,7 @@ import math
 import torch
 
 from conformance.reference.double_double import U, cascade
+from conformance.reference.exact_dots import gathered_keys, inexact_dots, lowest_bit_exponents
 from conformance.reference.rounding import float32_neighbours
 from conformance.spec.inputs import TORCH_DTYPES
 
@@ -44,35 +45,6 @@ def with_sink_key(sink: torch.Tensor, vis: torch.Tensor, *keys: torch.Tensor) ->
     shape = (*vis.shape[:-1], 1)
     vis = torch.cat([vis, torch.ones(shape, dtype=torch.bool, device=vis.device)], -1)
     return (vis, *(torch.cat([x, x.new_zeros(*x.shape[:-2], 1, x.shape[-1])], -2) for x in keys))
-
-
-NO_BITS = 4096  # the lowest-bit exponent given a zero value: it constrains nothing
-
-
-def lowest_bit_exponents(x: torch.Tensor) -> torch.Tensor:
-    """Per vector of the last dim of the float64 ``x``: the largest E with every element an integer
-    multiple of 2^E (the exponent of the lowest set bit among them; ``NO_BITS`` for an all-zero
-    vector), whatever the dtype the values came from. [..., d] -> [..., 1] int32."""
-    mant, e = torch.frexp(x)  # x = mant·2^e, 0.5 <= |mant| < 1: mant·2^53 is an integer
-    digits = (mant.abs() * 2.0**53).to(torch.int64)
-    low = torch.frexp((digits & -digits).to(torch.float64)).exponent - 1  # its lowest set bit
-    bits = e.to(torch.int32) - 53 + low.to(torch.int32)
-    return torch.where(x != 0, bits, NO_BITS).amin(-1, keepdim=True)
-
-
-def inexact_dots(adot: torch.Tensor, q_bits: torch.Tensor, k_bits: torch.Tensor) -> torch.Tensor:
-    """Where a float64 dot product ``q·k_j`` may round ([b,h,r,n] bool); elsewhere it is exact in any
-    order of summation, with or without FMA: each product is a multiple of 2^(E_q + E_k) (``q_bits``
-    [b,h,r,1], ``k_bits`` [b,h,1,n]), so is every partial sum of any subset of them, and a multiple of
-    that power of two below 2^(E_q + E_k + 53) is a float64. ``adot`` (the computed Σ_d |q_d k_jd|,
-    within a factor 1 + d·u of the true one) below 2^(E_q + E_k + 52) bounds every partial sum so.
-    The matmuls are IEEE float64 operations, as the rest of tier 1's bound assumes (a BLAS that
-    emulated float64 with lower-precision slices would void both)."""
-    # adot ≥ 0 is finite (float64 products of float32-range values cannot overflow). For a normal
-    # adot = 1.f·2^(B − 1023), with B its biased exponent field, adot < 2^(E + 52) ⇔ B − 1023 < E + 52
-    # ⇔ B ≤ E + 1074; for a subnormal or zero adot (B = 0) the test errs toward "inexact". An all-zero
-    # vector's NO_BITS makes every one of its dot products exact (they are 0).
-    return (adot.view(torch.int64) >> 52) > (q_bits + 1074) + k_bits
 
 
 def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch.Tensor, vx: torch.Tensor,
@@ -156,13 +128,10 @@ def inexact_weighted_sums(pw: torch.Tensor, inexact: torch.Tensor, x: torch.Tens
     sums over the logits whose dot products may round. Those are few and gather in a few keys (a key
     with a very small element, against a row with one), so when at most a quarter of the keys has an
     inexact dot in any row, only those keys' columns are multiplied (the others add exact zeros)."""
-    n = pw.shape[-1]
-    keys = inexact.any(-2)  # [b,h,n]: keys with an inexact dot in some row
-    count = int(keys.sum(-1).max()) if keys.numel() else 0
-    if 4 * count > n:
+    order = gathered_keys(inexact.any(-2))  # [b,h,c]: per (b, h) its keys with an inexact dot, first
+    count = order.shape[-1]
+    if 4 * count > pw.shape[-1]:
         return (pw * inexact) @ x
-    # Per (b, h), its inexact keys first (a stable sort keeps their order), padded with exact ones.
-    order = torch.argsort((~keys).to(torch.int32), dim=-1, stable=True)[..., :count]  # [b,h,count]
     rows = order.unsqueeze(-2).expand(*pw.shape[:-1], count)
     weights = torch.gather(pw, -1, rows) * torch.gather(inexact, -1, rows)
     cols = order.unsqueeze(-1).expand(*order.shape, x.shape[-1])

@@ -109,7 +109,8 @@ from conformance.reference.double_double import (
     U,
     two_sum,
 )
-from conformance.reference.float64 import lowest_bit_exponents, round_like_dtype
+from conformance.reference.exact_dots import lowest_bit_exponents
+from conformance.reference.float64 import round_like_dtype
 from conformance.reference.gradient_double_double import tier2
 from conformance.reference.gradient_exact import exact_tier
 from conformance.reference.gradient_float64 import (

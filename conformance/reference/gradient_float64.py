@@ -13,12 +13,10 @@ import torch
 from conformance.reference.double_double import (
     U,
 )
+from conformance.reference.exact_dots import NO_BITS, inexact_dots, lowest_bit_exponents
 from conformance.reference.float64 import (
-    NO_BITS,
     SOFTCAP_LOGIT_TERMS,
     blocked_sums,
-    inexact_dots,
-    lowest_bit_exponents,
     naive_probs,
     pairwise_sum,
     round_like_dtype,
