@@ -430,7 +430,11 @@ def test_double_double_exp_is_accurate_to_2_to_the_minus_88() -> None:
     import mpmath
 
     rng = np.random.Generator(np.random.PCG64(3))
-    x = np.concatenate([-rng.exponential(4.0, 400), -rng.uniform(0, 650, 200), [0.0, -0.5 * np.log(2), -np.log(2)]])
+    # the reduction's boundaries: x = (k ± 1/2)·ln2/64, where |r| is largest and j wraps around
+    k = rng.integers(-60000, 1, 100)
+    edges = np.concatenate([(k + 0.5), (k - 0.5), k]) * (np.log(2) / 64)
+    x = np.concatenate([-rng.exponential(4.0, 400), -rng.uniform(0, 650, 200), [0.0, -0.5 * np.log(2), -np.log(2)],
+                        edges[edges > -650], np.nextafter(edges[edges > -650], 0.0)])
     x_lo = rng.uniform(-1, 1, x.size) * np.abs(x) * 2.0**-53
     hi, lo = double_double.exp_dd(torch.from_numpy(x), torch.from_numpy(x_lo))
     with mpmath.workprec(240):
