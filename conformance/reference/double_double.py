@@ -8,6 +8,7 @@ with relative error ≤ 2^-88 (:func:`exp_dd`), and the tier-2 decision of outpu
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -232,8 +233,33 @@ def _fraction(x: mpmath.mpf) -> Fraction:
 
 with mpmath.workprec(300):
     _TABLE = [dd_constant(_fraction(mpmath.power(2, mpmath.mpf(j) / 64))) for j in range(64)]
-_TABLE_HI = torch.tensor([hi for hi, _ in _TABLE], dtype=torch.float64)
-_TABLE_LO = torch.tensor([lo for _, lo in _TABLE], dtype=torch.float64)
+
+
+@functools.cache
+def _exp_table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2^(j/64) table's high and low parts on ``device`` (built once per device)."""
+    return (torch.tensor([hi for hi, _ in _TABLE], dtype=torch.float64, device=device),
+            torch.tensor([lo for _, lo in _TABLE], dtype=torch.float64, device=device))
+
+
+def _reduced(x_hi: torch.Tensor, x_lo: torch.Tensor, k: torch.Tensor, c1: float, c2: float,
+             c3: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_hi + x_lo) − k·c as a double-double, c = c1 + c2 + c3 (c1 short enough that k·c1 is exact,
+    and the subtraction from x_hi exact by Sterbenz)."""
+    t = x_hi - k * c1
+    p, pe = two_prod(k, c2)
+    r_hi, r_lo = two_sum(t, -p)
+    return two_sum(r_hi, r_lo - pe - k * c3 + x_lo)
+
+
+def _expm1_series(r_hi: torch.Tensor, r_lo: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """expm1(r) by its first ``terms`` Taylor terms in double-double (Horner)."""
+    c_hi, c_lo = _INV_FACTORIAL[terms]
+    f_hi, f_lo = torch.full_like(r_hi, c_hi), torch.full_like(r_hi, c_lo)
+    for n in range(terms - 1, 0, -1):
+        f_hi, f_lo = dd_mul(f_hi, f_lo, r_hi, r_lo)
+        f_hi, f_lo = dd_add(f_hi, f_lo, *_INV_FACTORIAL[n])
+    return dd_mul(f_hi, f_lo, r_hi, r_lo)
 
 
 def _expm1_parts(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -244,17 +270,8 @@ def _expm1_parts(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, 
     expm1(2a) = 2·expm1(a) + expm1(a)², which keep the relative error of expm1.
     """
     k = torch.round(x_hi / float(_LN2))
-    t = x_hi - k * _LN2_1
-    p, pe = two_prod(k, _LN2_2)
-    r_hi, r_lo = two_sum(t, -p)
-    r_hi, r_lo = two_sum(r_hi, r_lo - pe - k * _LN2_3 + x_lo)
-    r_hi, r_lo = r_hi / 16, r_lo / 16  # exact
-    c_hi, c_lo = _INV_FACTORIAL[_EXP_TERMS]
-    f_hi, f_lo = torch.full_like(r_hi, c_hi), torch.full_like(r_hi, c_lo)
-    for n in range(_EXP_TERMS - 1, 0, -1):
-        f_hi, f_lo = dd_mul(f_hi, f_lo, r_hi, r_lo)
-        f_hi, f_lo = dd_add(f_hi, f_lo, *_INV_FACTORIAL[n])
-    f_hi, f_lo = dd_mul(f_hi, f_lo, r_hi, r_lo)  # expm1(r/16)
+    r_hi, r_lo = _reduced(x_hi, x_lo, k, _LN2_1, _LN2_2, _LN2_3)
+    f_hi, f_lo = _expm1_series(r_hi / 16, r_lo / 16, _EXP_TERMS)  # expm1(r/16); the division is exact
     for _ in range(4):
         sq_hi, sq_lo = dd_mul(f_hi, f_lo, f_hi, f_lo)
         f_hi, f_lo = dd_add(2 * f_hi, 2 * f_lo, sq_hi, sq_lo)
@@ -275,19 +292,11 @@ def exp_dd(x_hi: torch.Tensor, x_lo: torch.Tensor) -> tuple[torch.Tensor, torch.
     """
     x_hi = x_hi.clamp(min=-700.0)
     k = torch.round(x_hi * float(1 / _L64))
-    t = x_hi - k * _L64_1
-    p, pe = two_prod(k, _L64_2)
-    r_hi, r_lo = two_sum(t, -p)
-    r_hi, r_lo = two_sum(r_hi, r_lo - pe - k * _L64_3 + x_lo)
-    c_hi, c_lo = _INV_FACTORIAL[_TABLE_TERMS]
-    f_hi, f_lo = torch.full_like(r_hi, c_hi), torch.full_like(r_hi, c_lo)
-    for n in range(_TABLE_TERMS - 1, 0, -1):
-        f_hi, f_lo = dd_mul(f_hi, f_lo, r_hi, r_lo)
-        f_hi, f_lo = dd_add(f_hi, f_lo, *_INV_FACTORIAL[n])
-    f_hi, f_lo = dd_mul(f_hi, f_lo, r_hi, r_lo)  # expm1(r)
+    r_hi, r_lo = _reduced(x_hi, x_lo, k, _L64_1, _L64_2, _L64_3)
+    f_hi, f_lo = _expm1_series(r_hi, r_lo, _TABLE_TERMS)
     ki = k.to(torch.int64)
-    j = ki & 63
-    t_hi, t_lo = _TABLE_HI.to(x_hi.device)[j], _TABLE_LO.to(x_hi.device)[j]
+    table_hi, table_lo = _exp_table(x_hi.device)
+    t_hi, t_lo = table_hi[ki & 63], table_lo[ki & 63]
     g_hi, g_lo = dd_mul(t_hi, t_lo, f_hi, f_lo)
     e_hi, e_lo = dd_add(g_hi, g_lo, t_hi, t_lo)  # 2^(j/64)·(1 + expm1(r))
     scale = pow2(ki >> 6)

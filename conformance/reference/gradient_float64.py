@@ -91,9 +91,9 @@ def backward_block(q: torch.Tensor, do: torch.Tensor, k: torch.Tensor, kabs: tor
     before the contractions; c is off by Δc ≤ 2|t|·Δt + 2u with Δt ≤ ((d+4)·u·w)/cap + 4u (the
     argument's error, the division, tanh's 4 ulp), and the product adds u·|dS·c|.
 
-    ``k_bits``/``v_bits`` [b, h, 1, n], the keys' and values' :func:`~conformance.reference.float64.
+    ``k_bits``/``v_bits`` [b, h, 1, n], the keys' and values' :func:`~conformance.reference.exact_dots.
     lowest_bit_exponents`: with them the d·u of the dot products Q·Kᵀ and dO·Vᵀ counts only where
-    :func:`~conformance.reference.float64.inexact_dots` says they may round (as in the forward)."""
+    :func:`~conformance.reference.exact_dots.inexact_dots` says they may round (as in the forward)."""
     d, n_real, r = q.shape[-1], k.shape[-2], q.shape[-2]
     scale = case.effective_scale
     naive_vis = vis
