@@ -120,7 +120,7 @@ def run_check(request: CheckRequest, on_start: Callable[[int, str], None] | None
     if on_start is not None:
         on_start(len(names), impl.name)
     results = check_backend(impl, specs, tol, names, settings, request.rules, request.reruns, reference_device,
-                            requested, on_property=on_property)
+                            requested, on_property=on_property, space=space)
     meta = {
         "backend": report_backend(requested, describe_backend(impl)),
         "compare_to": None,

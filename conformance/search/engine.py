@@ -358,11 +358,14 @@ def _write(prop: Property, found: Counterexample, ctx: PropertyContext, settings
 def check_backend(backend: Any, specs: Sequence[OpSpec], tolerances: Tolerances, names: Sequence[str] = PROPERTY_NAMES,
                   settings: SearchSettings = SearchSettings(), rule_set: str = "default", reruns: int | None = None,
                   reference_device: str = "cpu", backend_spec: str | None = None,
-                  on_property: Callable[[PropertyResult], None] | None = None) -> list[PropertyResult]:
+                  on_property: Callable[[PropertyResult], None] | None = None,
+                  space: SpecSpace | None = None) -> list[PropertyResult]:
     """Search every property in ``names`` on ``backend`` over the space of ``specs`` at the
-    profile's tier. Returns one result per property, in order; ``on_property`` sees each as it ends.
-    ``backend_spec`` is how the backend was named (recorded in reproducers for ``replay``)."""
-    space = space_from_specs(specs, settings.profile.tier, settings.profile.limits, settings.case_filter)
+    profile's tier (``space``, when the caller has built it already). Returns one result per property,
+    in order; ``on_property`` sees each as it ends. ``backend_spec`` is how the backend was named
+    (recorded in reproducers for ``replay``)."""
+    if space is None:
+        space = space_from_specs(specs, settings.profile.tier, settings.profile.limits, settings.case_filter)
     ctx = PropertyContext(Invoker(backend), tolerances, rule_set, reruns, reference_device, backend_spec)
     results = []
     for name in names:
