@@ -59,6 +59,10 @@ def generate(
     memory_cap_mib: CapOpt = DEFAULT_MEMORY_CAP_BYTES // 2**20,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the complete goldens an interrupted run left "
                                          "(checked, same spec and generator) and compute only the rest.")] = False,
+    host_memory_gib: Annotated[float | None, typer.Option(
+        "--host-memory-gib", min=0.5, help="Host memory the workers and their cases may hold at once: cases "
+        "wait while their estimates do not fit (never their bytes). Default: 24, or 3/4 of a smaller machine's "
+        "memory.")] = None,
     filter_: Annotated[str | None, typer.Option("--filter", help="Only the cases whose id matches this glob, "
                                                 "e.g. '*-grad' (needs --out: the tier's own set stays whole).")
                        ] = None,
@@ -93,6 +97,7 @@ def generate(
 
         summary = run_generate(specs, tier.value, target, n_workers=jobs, device=device or "cpu",
                                devices=device_list, shard=shard_of,
+                               host_budget=None if host_memory_gib is None else int(host_memory_gib * 2**30),
                                on_start=lambda job_list: bar.start(len(job_list)), on_done=on_done, resume=resume)
     gflops = summary.flops / summary.seconds / 1e9 if summary.seconds else 0.0
     refined_dd = sum(r.refined_double_double for r in summary.results)

@@ -214,12 +214,32 @@ def generate_case(job: Job, device: str = "cpu") -> CaseResult:
                       sum(s.double_double for s in stats), sum(s.exact for s in stats))
 
 
+# Generation's CUDA tensors change size from block to block (a causal block sees more keys than the
+# block before it), and the caching allocator serves each larger request with a new segment: on an
+# H200 an 8k x 32k prefill reserved 117 GiB for 4.5 GiB of tensors, so that workers sharing the card
+# ran out of memory. Expandable segments grow in place and serve a larger request with freed memory.
+# The allocator never changes a value: the goldens are the same bytes either way.
+CUDA_ALLOCATOR_SETTINGS = "expandable_segments:True"
+ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def prefer_expandable_segments() -> bool:
+    """Configure this process's CUDA caching allocator with :data:`CUDA_ALLOCATOR_SETTINGS`, unless the
+    user configured it (either environment variable set) or CUDA is already initialised here (too late
+    to change it). True when it was set."""
+    if any(name in os.environ for name in ALLOCATOR_ENV) or torch.cuda.is_initialized():
+        return False
+    os.environ[ALLOCATOR_ENV[0]] = CUDA_ALLOCATOR_SETTINGS
+    return True
+
+
 def init_worker(threads: int) -> None:
     """A generation worker: dies with its parent, and its CPU-side torch work (inputs, the host side
     of a CUDA generation) uses its share of the cores, not all of them in every worker. (The CPU
     reference itself always runs on one thread: see compute_reference.)"""
     exit_with_parent()
     torch.set_num_threads(threads)
+    prefer_expandable_segments()
 
 
 def worker_counts(n_workers: int, n_devices: int) -> list[int]:
@@ -241,9 +261,78 @@ def largest_first(jobs: Sequence[Job]) -> list[Job]:
     return sorted(jobs, key=lambda j: -estimated_work(j.case))
 
 
-def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult], None]) -> list[CaseResult]:
-    """Run every share's jobs (largest first) on its device and worker processes; ``on_done`` is
-    called (in this process) as each finishes. One device with one worker runs in this process."""
+# Host memory a worker holds for one case beyond its own (Python, torch, h5py, a CUDA context): the
+# inputs and their float64 copies, the outputs, the HDF5 write, as a multiple of Case.working_bytes,
+# plus a floor for the float64 stage's blocks (on the CPU) and the transfer buffers of a small case.
+# Measured peaks: docs/performance.md, "Host memory of the full tier".
+HOST_BYTES_PER_WORKING_BYTE = 2
+HOST_BYTES_PER_CASE = 512 << 20
+# A worker's own memory not shared with the others (its CUDA context, torch's and h5py's state): the
+# host budget less this much per worker is what the cases in flight may hold.
+HOST_BYTES_PER_WORKER = 400 << 20
+# The default host budget of a generation (its workers and their cases): 24 GiB, or three quarters of
+# a smaller machine.
+DEFAULT_HOST_BUDGET_BYTES = 24 << 30
+
+
+def host_bytes(case: Case) -> int:
+    """The host memory generating ``case`` holds at its peak (an estimate: :data:`HOST_BYTES_PER_CASE` plus
+    :data:`HOST_BYTES_PER_WORKING_BYTE` times its working bytes)."""
+    return HOST_BYTES_PER_CASE + HOST_BYTES_PER_WORKING_BYTE * case.working_bytes
+
+
+def default_host_budget() -> int:
+    """:data:`DEFAULT_HOST_BUDGET_BYTES`, or three quarters of the physical memory when that is less."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return DEFAULT_HOST_BUDGET_BYTES
+    return min(DEFAULT_HOST_BUDGET_BYTES, physical * 3 // 4)
+
+
+class Admission:
+    """Which waiting jobs start next, so that the cases in flight fit the host budget: each share (a
+    device and its workers) starts at most ``workers`` jobs at once, and from its waiting jobs
+    (largest first) the first whose :func:`host_bytes` fits what the running ones leave; when nothing
+    runs anywhere, its largest starts whatever its size (a case larger than the budget runs alone).
+    The order changes when a case is computed, never its bytes."""
+
+    def __init__(self, shares: Sequence[DeviceShare], budget: int) -> None:
+        self.waiting = [largest_first(s.jobs) for s in shares]
+        self.slots = [min(s.workers, len(s.jobs)) for s in shares]
+        self.budget = budget
+        self.running: dict[int, tuple[int, int]] = {}  # id(job) of a started job -> (its share, its host bytes)
+        self.in_use = 0
+
+    def next_jobs(self) -> list[tuple[int, Job]]:
+        """The (share index, job) pairs to start now, marked as running."""
+        started = []
+        for i, waiting in enumerate(self.waiting):
+            while waiting and self.slots[i] > 0:
+                at = next((n for n, j in enumerate(waiting) if self.in_use + host_bytes(j.case) <= self.budget), None)
+                if at is None:
+                    if self.running:
+                        break
+                    at = 0
+                pick = waiting.pop(at)
+                self.slots[i] -= 1
+                self.running[id(pick)] = (i, host_bytes(pick.case))
+                self.in_use += host_bytes(pick.case)
+                started.append((i, pick))
+        return started
+
+    def finished(self, job: Job) -> None:
+        share, used = self.running.pop(id(job))
+        self.in_use -= used
+        self.slots[share] += 1
+
+
+def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult], None],
+             host_budget: int | None = None) -> list[CaseResult]:
+    """Run every share's jobs on its device and worker processes, as :class:`Admission` admits them
+    under ``host_budget`` bytes (default :func:`default_host_budget`) less
+    :data:`HOST_BYTES_PER_WORKER` per worker; ``on_done`` is called (in this
+    process) as each finishes. One device with one worker runs in this process, largest first."""
     active = [s for s in shares if s.jobs]
     results: list[CaseResult] = []
     if len(active) <= 1 and all(s.workers <= 1 or len(s.jobs) <= 1 for s in active):
@@ -255,19 +344,25 @@ def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult],
         return results
     ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
     threads = max(1, (os.cpu_count() or 1) // sum(min(s.workers, len(s.jobs)) for s in active))
-    with contextlib.ExitStack() as pools:
+    budget = default_host_budget() if host_budget is None else host_budget
+    n_workers = sum(min(s.workers, len(s.jobs)) for s in active)
+    admission = Admission(active, max(0, budget - n_workers * HOST_BYTES_PER_WORKER))
+    with contextlib.ExitStack() as stack:
+        pools = [stack.enter_context(ProcessPoolExecutor(max_workers=min(share.workers, len(share.jobs)),
+                                                         mp_context=ctx, initializer=init_worker,
+                                                         initargs=(threads,))) for share in active]
         pending: dict[Future[CaseResult], Job] = {}
         try:
-            for share in active:
-                pool = pools.enter_context(ProcessPoolExecutor(max_workers=min(share.workers, len(share.jobs)),
-                                                               mp_context=ctx, initializer=init_worker,
-                                                               initargs=(threads,)))
-                pending.update({pool.submit(generate_case, j, share.device): j for j in largest_first(share.jobs)})
-            while pending:
+            while True:
+                for i, job in admission.next_jobs():
+                    pending[pools[i].submit(generate_case, job, active[i].device)] = job
+                if not pending:
+                    break
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     job = pending.pop(fut)
                     res = fut.result()
+                    admission.finished(job)
                     results.append(res)
                     on_done(job, res)
         except BaseException:
@@ -384,13 +479,16 @@ def check_device(device: str, option: str) -> None:
 def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int = 1, device: str = "cpu",
              on_start: Callable[[list[Job]], None] | None = None,
              on_done: Callable[[Job, CaseResult], None] | None = None, resume: bool = False,
-             devices: Sequence[str] | None = None, shard: tuple[int, int] | None = None) -> GenerateSummary:
+             devices: Sequence[str] | None = None, shard: tuple[int, int] | None = None,
+             host_budget: int | None = None) -> GenerateSummary:
     """Generate every case of ``tier`` into ``out_dir`` and write the manifest last.
 
     ``devices`` (instead of ``device``) splits the cases over several devices, ``n_workers`` worker
     processes in all (:func:`split_jobs`, :func:`worker_counts`); the bytes written are the same.
     ``shard=(i, n)`` generates only case k % n == i of the tier (case-id order) and writes
     ``manifest.shard-<i>-of-<n>.json`` (every layout file too) instead of ``manifest.json``.
+    ``host_budget`` bounds the host memory of the workers and their cases in flight (bytes; default
+    :func:`default_host_budget`, see :func:`run_jobs`); it changes when a case runs, not its bytes.
     Holds :func:`directory_lock` throughout. With ``resume``, goldens that :func:`reusable_result`
     accepts are kept (``summary.reused``) and stale temporary files removed; the result is then
     byte-identical to an uninterrupted run. Raises ConformanceError (one line) for a bad device, an
@@ -399,6 +497,8 @@ def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int =
     device_list = [device] if devices is None else list(devices)
     for dev in device_list:
         check_device(dev, "--device" if devices is None else "--devices")
+    if any(torch.device(dev).type == "cuda" for dev in device_list):
+        prefer_expandable_segments()  # before this process's first CUDA tensor; workers inherit it
     tier_jobs = plan(specs, tier, out_dir)
     jobs = take_shard(sorted(tier_jobs, key=lambda j: j.case.id), shard)
     try:
@@ -410,13 +510,13 @@ def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int =
     summary = GenerateSummary(tier=tier, out_dir=out_dir, shard=shard, tier_cases=len(tier_jobs))
     with directory_lock(out_dir):
         _generate_locked(specs, summary, [j.case.id for j in tier_jobs], jobs, device_list, n_workers, on_start,
-                         on_done or (lambda j, r: None), resume)
+                         on_done or (lambda j, r: None), resume, host_budget)
     return summary
 
 
 def _generate_locked(specs: Sequence[OpSpec], summary: GenerateSummary, tier_case_ids: list[str], jobs: list[Job],
                      devices: list[str], n_workers: int, on_start: Callable[[list[Job]], None] | None,
-                     on_done: Callable[[Job, CaseResult], None], resume: bool) -> None:
+                     on_done: Callable[[Job, CaseResult], None], resume: bool, host_budget: int | None = None) -> None:
     tier, out_dir = summary.tier, summary.out_dir
     manifest_name = MANIFEST_NAME if summary.shard is None else shard_manifest_name(summary.shard)
     if on_start:
@@ -436,7 +536,7 @@ def _generate_locked(specs: Sequence[OpSpec], summary: GenerateSummary, tier_cas
         jobs = todo
     summary.devices = split_jobs(jobs, devices, n_workers)
     try:
-        summary.results = kept + run_jobs(summary.devices, on_done)
+        summary.results = kept + run_jobs(summary.devices, on_done, host_budget)
     except GoldenWriteError as exc:
         raise ConformanceError(f"{exc}; no partial file was left, the goldens already written are complete and "
                                f"{manifest_name} is unchanged; free space and rerun with --resume") from None

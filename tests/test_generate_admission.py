@@ -1,0 +1,150 @@
+"""Generation under a host-memory budget (:class:`Admission`): the cases in flight fit the budget,
+a case larger than the budget runs alone, smaller cases fill what a large one leaves, and a run with
+a small budget writes the same bytes as one without; and the CUDA allocator setting of the workers."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import build_case
+
+import conformance.golden.generate as gen
+from conformance.golden.format import Provenance
+from conformance.golden.generate import Admission, DeviceShare, Job, host_bytes
+
+GIB = 1 << 30
+
+
+def job(name: str, sq: int) -> Job:
+    c = replace(build_case(sq=sq, skv=sq), id=name)
+    return Job(c, Provenance(spec_file="t.yaml", spec_sha256="0" * 64, spec_seed=0), Path(f"{name}.h5"))
+
+
+@pytest.fixture
+def sized(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Host bytes by case id, set by each test instead of the working-bytes estimate."""
+    sizes: dict[str, int] = {}
+    monkeypatch.setattr(gen, "host_bytes", lambda case: sizes[case.id])
+    return sizes
+
+
+def drain(admission: Admission, order: list[str] | None = None, seed: int = 0) -> list[list[str]]:
+    """Run ``admission`` to the end, finishing one running job at a time (in a seeded random order);
+    returns the ids started at each step and checks the invariants on the way."""
+    rng = random.Random(seed)
+    running: list[Job] = []
+    steps = []
+    while True:
+        started = admission.next_jobs()
+        steps.append([j.case.id for _, j in started])
+        running += [j for _, j in started]
+        assert running or not any(admission.waiting), "jobs wait while nothing runs"
+        if not running:
+            return steps
+        in_use = sum(gen.host_bytes(j.case) for j in running)
+        assert in_use == admission.in_use
+        assert len(running) == 1 or in_use <= admission.budget
+        admission.finished(running.pop(rng.randrange(len(running))))
+
+
+def test_cases_in_flight_fit_the_budget_and_every_case_runs(sized: dict[str, int]) -> None:
+    jobs = [job(f"c{i}", 4 + i) for i in range(12)]
+    sized.update({j.case.id: (1 + i % 5) * GIB for i, j in enumerate(jobs)})
+    for seed in range(5):
+        admission = Admission([DeviceShare("cpu", 4, list(jobs))], budget=6 * GIB)
+        started = [cid for step in drain(admission, seed=seed) for cid in step]
+        assert sorted(started) == sorted(j.case.id for j in jobs)
+
+
+def test_a_case_larger_than_the_budget_runs_alone(sized: dict[str, int]) -> None:
+    big, small = job("big", 64), job("small", 4)
+    sized.update(big=10 * GIB, small=1 * GIB)
+    admission = Admission([DeviceShare("cuda:0", 4, [small, big])], budget=4 * GIB)
+    assert [j.case.id for _, j in admission.next_jobs()] == ["small"]  # big does not fit beside it
+    admission.finished(small)
+    assert [j.case.id for _, j in admission.next_jobs()] == ["big"]  # nothing runs: big starts alone
+    assert admission.next_jobs() == []
+
+
+def test_smaller_cases_fill_what_the_largest_leaves_and_slots_bound_each_share(sized: dict[str, int]) -> None:
+    jobs = [job("a", 64), job("b", 32), job("c", 16), job("d", 8), job("e", 4)]
+    sized.update(a=5 * GIB, b=5 * GIB, c=1 * GIB, d=1 * GIB, e=1 * GIB)
+    admission = Admission([DeviceShare("cuda:0", 3, jobs)], budget=8 * GIB)
+    assert [j.case.id for _, j in admission.next_jobs()] == ["a", "c", "d"]  # b waits for a; 3 slots
+    admission.finished(jobs[2])  # c: one slot, 1 GiB free
+    assert [j.case.id for _, j in admission.next_jobs()] == ["e"]
+    admission.finished(jobs[0])  # a
+    assert [j.case.id for _, j in admission.next_jobs()] == ["b"]
+
+
+def test_each_device_has_its_own_slots_under_one_budget(sized: dict[str, int]) -> None:
+    jobs = [job(f"c{i}", 4 + i) for i in range(6)]
+    sized.update({j.case.id: 2 * GIB for j in jobs})
+    admission = Admission([DeviceShare("cuda:0", 1, jobs[:3]), DeviceShare("cpu", 4, jobs[3:])], budget=6 * GIB)
+    shares = [i for i, _ in admission.next_jobs()]
+    assert shares == [0, 1, 1]  # one on the GPU's single worker, two more within 6 GiB
+
+
+def test_the_estimate_grows_with_the_working_set() -> None:
+    small, large = build_case(sq=16, skv=16), build_case(sq=256, skv=256)
+    assert host_bytes(large) > host_bytes(small) >= small.working_bytes
+
+
+def test_a_small_budget_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import SPEC_DIR
+
+    from conformance.golden.generate import generate
+    from conformance.spec.load import load_specs
+
+    specs = load_specs([SPEC_DIR / "attention.yaml"])
+    specs = [replace(s, cases=[c for c in s.cases if c.id.startswith("attention/gqa/")][:6]) for s in specs]
+    one = generate(specs, "smoke", tmp_path / "one", n_workers=1)
+    monkeypatch.setattr(gen, "default_host_budget", lambda: 1)  # every case alone
+    two = generate(specs, "smoke", tmp_path / "two", n_workers=2)
+    assert len(one.results) == sum(len(s.cases_for_tier("smoke")) for s in specs) >= 3
+    assert {r.case_id: r.sha256 for r in one.results} == {r.case_id: r.sha256 for r in two.results}
+
+
+def test_generate_host_memory_gib_sets_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from conftest import DATA, SPEC_DIR
+    from typer.testing import CliRunner
+
+    from conformance.cli.app import app
+
+    budgets = []
+    real = gen.run_jobs
+    monkeypatch.setattr(gen, "run_jobs", lambda shares, on_done, host_budget=None:
+                        budgets.append(host_budget) or real(shares, on_done, host_budget))
+    shutil.copy(SPEC_DIR / "presets.yaml", tmp_path / "presets.yaml")
+    shutil.copy(DATA / "tiny_attention.yaml", tmp_path / "tiny_attention.yaml")
+    spec = ["--spec", str(tmp_path / "tiny_attention.yaml")]
+    result = CliRunner().invoke(app, ["generate", *spec, "--out", str(tmp_path / "a"), "-j", "2",
+                                      "--host-memory-gib", "1.5"])
+    assert result.exit_code == 0, result.output
+    assert budgets == [3 << 29]
+    result = CliRunner().invoke(app, ["generate", *spec, "--out", str(tmp_path / "b"), "--host-memory-gib", "0.1"])
+    assert result.exit_code == 2 and "--host-memory-gib" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_cuda_workers_prefer_expandable_segments_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in gen.ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(gen.torch.cuda, "is_initialized", lambda: False)
+    assert gen.prefer_expandable_segments()
+    assert gen.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert not gen.prefer_expandable_segments()
+    assert gen.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")
+    assert not gen.prefer_expandable_segments()
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setattr(gen.torch.cuda, "is_initialized", lambda: True)  # too late to configure
+    assert not gen.prefer_expandable_segments()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in gen.os.environ
