@@ -38,7 +38,7 @@ def child(case_id: str, device: str, out: Path) -> None:
     import torch
 
     from conformance.golden.format import Provenance, case_path
-    from conformance.golden.generate import Job, generate_case
+    from conformance.golden.generate import Job, generate_case, host_bytes, prefer_expandable_segments
     from conformance.spec.load import default_spec_paths, load_specs
 
     specs = load_specs(default_spec_paths(ROOT / "specs"))
@@ -46,6 +46,8 @@ def child(case_id: str, device: str, out: Path) -> None:
     if not found:
         raise SystemExit(f"error: no case {case_id!r} in specs/")
     spec, case = found[0]
+    if device.startswith("cuda"):
+        prefer_expandable_segments()  # as generate does
     prov = Provenance(spec_file=spec.path.name, spec_sha256=spec.sha256, spec_seed=spec.seed)
     start = time.perf_counter()
     res = generate_case(Job(case, prov, case_path(out, case.id)), device)
@@ -56,6 +58,8 @@ def child(case_id: str, device: str, out: Path) -> None:
         "case": case.id, "seconds": time.perf_counter() - start, "gflop": res.flops / 1e9,
         "tensor_bytes": inputs + outputs, "file_bytes": res.bytes,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0,
+        "cuda_reserved_peak_bytes": torch.cuda.max_memory_reserved() if device.startswith("cuda") else 0,
+        "working_bytes": case.working_bytes, "host_estimate_bytes": host_bytes(case),
     }))
 
 
@@ -96,11 +100,17 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} cores{gpu}, torch "
           f"{torch.__version__}, device {args.device}")
     print(f"fixed overhead (peak RSS generating the smallest smoke case): {fixed / GIB:.2f} GiB")
-    print(f"{'case':<72} {'time':>8} {'tensors':>9} {'peak RSS':>9} {'GPU peak':>9}  within {args.limit_gib:g} GiB")
+    print("peak RSS − fixed overhead is what one case adds to a worker; generate admits cases while the sum "
+          "of their estimates (est., HOST_BYTES_PER_CASE + HOST_BYTES_PER_WORKING_BYTE × working bytes) "
+          "fits its host budget")
+    print(f"{'case':<72} {'time':>8} {'tensors':>9} {'peak RSS':>9} {'added':>8} {'est.':>8} {'GPU peak':>9} "
+          f"{'reserved':>9}  within {args.limit_gib:g} GiB")
     for r in rows:
         ok = r["peak_rss_bytes"] <= args.limit_gib * GIB
         print(f"{r['case']:<72} {r['seconds']:7.1f}s {r['tensor_bytes'] / GIB:8.2f}G {r['peak_rss_bytes'] / GIB:8.2f}G "
-              f"{r['cuda_peak_bytes'] / GIB:8.2f}G  {'yes' if ok else 'NO'}")
+              f"{(r['peak_rss_bytes'] - fixed) / GIB:7.2f}G {r['host_estimate_bytes'] / GIB:7.2f}G "
+              f"{r['cuda_peak_bytes'] / GIB:8.2f}G {r['cuda_reserved_peak_bytes'] / GIB:8.2f}G  "
+              f"{'yes' if ok else 'NO'}")
     if args.json:
         args.json.write_text(json.dumps({"fixed_overhead_bytes": fixed, "device": args.device, "cases": rows},
                                         indent=2) + "\n")

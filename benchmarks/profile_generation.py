@@ -7,7 +7,8 @@ Each case of the full tier named is generated with ``generate_case`` into a temp
 two passes (``_tier2_pass``: the first pass and the double-double exp pass), the exact tier, the
 backward's stages, writing and hashing. On CUDA every stage boundary synchronises the device, so a
 stage's time is its own. Also printed: the card's float64 matmul rate (8192³) and float64
-elementwise bandwidth, measured in the same run, and the GPU memory peak of each case.
+elementwise bandwidth, measured in the same run, and the GPU memory peaks of each case
+(reserved by the caching allocator and allocated by tensors).
 
 ``--kernels N`` also runs each case under ``torch.profiler`` and prints, per stage, the N operators
 with the most device time (CUDA kernels on a GPU, CPU time on the CPU) and their share of the
@@ -139,6 +140,8 @@ def main() -> None:
                         help="also profile each case: the N operators with the most device time per stage")
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        gen.prefer_expandable_segments()  # as generate does (PYTORCH_CUDA_ALLOC_CONF set: the user's choice)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     seconds: dict[str, float] = {}
     for module, name in STAGES:
@@ -161,7 +164,9 @@ def main() -> None:
             wall = time.perf_counter() - start
             row = {"seconds": wall, "gflop": res.flops / 1e9, "gflops": res.flops / wall / 1e9,
                    "refined_double_double": res.refined_double_double, "refined_exact": res.refined_exact,
-                   "stages": dict(seconds), "gpu_peak_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
+                   "stages": dict(seconds),
+                   "gpu_peak_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+                   "gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
             figures["cases"][cid] = row
             print(cid, json.dumps(row), flush=True)
             job.path.unlink()
