@@ -5,7 +5,8 @@
 - :func:`deferred_signals`: SIGINT/SIGTERM only noted while reports are written;
 - :func:`signals_held`, :func:`ignore_signals`: around a message, and after a worker is done;
 - :func:`describe_exit`: how a process ended, in words;
-- :func:`balance`: a deterministic split of work into shares of about equal cost (``--devices``).
+- :func:`balance`: a deterministic split of work into shares of about equal cost (``--devices``);
+- :func:`release_host_memory`: a long-lived worker gives the memory its last job freed back.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ def exit_with_parent() -> None:
     with contextlib.suppress(Exception):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+def release_host_memory() -> None:
+    """Collect garbage, then (glibc) return the heap's free pages to the system with ``malloc_trim``:
+    memory freed by one job stays in a process's heap otherwise, so a long-lived worker would keep
+    its largest job's peak. Best effort elsewhere."""
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).malloc_trim(0)
+
 
 class Terminated(BaseException):
     """SIGTERM arrived while :func:`stop_on_signals` was active (a BaseException, like KeyboardInterrupt,

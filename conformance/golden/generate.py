@@ -46,7 +46,7 @@ from conformance.golden.manifest import (
     take_shard,
     write_manifest,
 )
-from conformance.processes import balance, exit_with_parent
+from conformance.processes import balance, exit_with_parent, release_host_memory
 from conformance.reference.compute import ALGORITHM, Golden, compute_reference
 from conformance.reference.gradient import GradientGolden, compute_gradient_reference
 from conformance.spec.case import Case
@@ -233,6 +233,15 @@ def prefer_expandable_segments() -> bool:
     return True
 
 
+def worker_case(job: Job, device: str) -> CaseResult:
+    """:func:`generate_case` in a worker process, which then gives the host memory the case freed back
+    (:func:`release_host_memory`), so that the host budget's estimate of a case is what it holds."""
+    try:
+        return generate_case(job, device)
+    finally:
+        release_host_memory()
+
+
 def init_worker(threads: int) -> None:
     """A generation worker: dies with its parent, and its CPU-side torch work (inputs, the host side
     of a CUDA generation) uses its share of the cores, not all of them in every worker. (The CPU
@@ -355,7 +364,7 @@ def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult],
         try:
             while True:
                 for i, job in admission.next_jobs():
-                    pending[pools[i].submit(generate_case, job, active[i].device)] = job
+                    pending[pools[i].submit(worker_case, job, active[i].device)] = job
                 if not pending:
                     break
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
