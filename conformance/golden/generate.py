@@ -273,7 +273,7 @@ def largest_first(jobs: Sequence[Job]) -> list[Job]:
 # Host memory a worker holds for one case beyond its own (Python, torch, h5py, a CUDA context): the
 # inputs and their float64 copies, the outputs, the HDF5 write, as a multiple of Case.working_bytes,
 # plus a floor for the float64 stage's blocks (on the CPU) and the transfer buffers of a small case.
-# Measured peaks: docs/performance.md, "Host memory of the full tier".
+# Measured peaks: docs/performance.md, "Fourth run on the H200" (host memory of the full tier).
 HOST_BYTES_PER_WORKING_BYTE = 2
 HOST_BYTES_PER_CASE = 512 << 20
 # A worker's own memory not shared with the others (its CUDA context, torch's and h5py's state): the
