@@ -12,7 +12,9 @@
 # 4. the stage profile of the largest prefill, KV-cache prefill and gradient goldens
 #    (benchmarks/profile_generation.py), then the operators with the most device time in each stage
 #    of an 8k x 32k prefill (--kernels), and tier 1's decisions on the probes
-#    (benchmarks/tier1_decisions.py), unless RLK_SKIP_PROFILE=1.
+#    (benchmarks/tier1_decisions.py), unless RLK_SKIP_PROFILE=1;
+# 5. with RLK_FLEX=1: the smoke tier through sdpa-flash, then flex on a cold and a warm Inductor cache
+#    (benchmarks/run_cprofile.py: wall time, Dynamo's graphs and compile time), in the same run.
 # The package need not be installed: the repository root goes on PYTHONPATH.
 set -u -o pipefail
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [TIER]}
@@ -53,4 +55,15 @@ if [ "${RLK_SKIP_PROFILE:-0}" != 1 ]; then
     --json "$out/kernels.json" attention/presets/llama3.1-8b-b1-sq8192-skv32768-bf16-causal 2>&1 | tee "$out/kernels.txt"
   timeout "${RLK_PROFILE_TIMEOUT:-300}" python3 benchmarks/tier1_decisions.py --device cuda --json "$out/tier1.json" \
     2>&1 | tee "$out/tier1.txt"
+fi
+
+if [ "${RLK_FLEX:-0}" = 1 ]; then
+  export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)/inductor}"
+  python3 benchmarks/run_cprofile.py sdpa-flash run --backend sdpa-flash --device cuda:0 --profile \
+    > "$out/flex-sdpa-flash.txt" 2>&1
+  for pass in cold warm; do
+    timeout "${RLK_FLEX_TIMEOUT:-1800}" python3 benchmarks/run_cprofile.py "flex-$pass" run --backend flex \
+      --device cuda:0 --profile > "$out/flex-$pass.txt" 2>&1
+  done
+  grep -h '^== ' "$out"/flex-*.txt | tee "$out/flex-summary.txt"
 fi
