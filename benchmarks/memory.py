@@ -38,7 +38,8 @@ def child(case_id: str, device: str, out: Path) -> None:
     import torch
 
     from conformance.golden.format import Provenance, case_path
-    from conformance.golden.generate import Job, generate_case, host_bytes, prefer_expandable_segments
+    from conformance.golden.generate import generate_case, prefer_expandable_segments
+    from conformance.golden.schedule import Job, host_bytes
     from conformance.spec.load import default_spec_paths, load_specs
 
     specs = load_specs(default_spec_paths(ROOT / "specs"))

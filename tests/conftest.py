@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import conformance
+from conformance.golden.format import Provenance
 from conformance.golden.generate import generate
+from conformance.golden.schedule import Job
 from conformance.spec.case import Case
 from conformance.spec.inputs import TORCH_DTYPES, CaseInputs
 from conformance.spec.load import OpSpec, default_spec_paths, load_spec, load_specs
@@ -172,6 +174,15 @@ def build_case(*, op: str = "attention", batch: int = 1, hq: int = 2, hkv: int =
     return Case(id=f"{op}/handmade/" + "-".join(parts), op=op, family="handmade", tier="smoke", batch=batch, hq=hq,
                 hkv=hkv, d=d, sq=sq, skv=skv, dtype=dtype, causal=causal, scale=scale, mask=mask, dist=dist,
                 seed=seed, s_past=s_past, split_points=() if s_past is None else (s_past,))
+
+
+def build_job(name: str, sq: int) -> Job:
+    """A generation job whose case's estimated work grows with ``sq`` squared; ``name`` is its case id
+    (and sorts its ties)."""
+    from dataclasses import replace
+
+    return Job(replace(build_case(sq=sq, skv=sq), id=name), Provenance(spec_file="t.yaml", spec_sha256="0" * 64,
+                                                                       spec_seed=0), Path(f"{name}.h5"))
 
 
 def build_inputs(case: Case, q: Sequence | np.ndarray, k: Sequence | np.ndarray, v: Sequence | np.ndarray,

@@ -9,25 +9,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import build_case
+from conftest import build_case, build_job
 
 import conformance.golden.generate as gen
-from conformance.golden.format import Provenance
-from conformance.golden.generate import Admission, DeviceShare, Job, host_bytes
+import conformance.golden.schedule as schedule
+from conformance.golden.schedule import Admission, DeviceShare, Job, host_bytes
 
 GIB = 1 << 30
-
-
-def job(name: str, sq: int) -> Job:
-    c = replace(build_case(sq=sq, skv=sq), id=name)
-    return Job(c, Provenance(spec_file="t.yaml", spec_sha256="0" * 64, spec_seed=0), Path(f"{name}.h5"))
 
 
 @pytest.fixture
 def sized(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Host bytes by case id, set by each test instead of the working-bytes estimate."""
     sizes: dict[str, int] = {}
-    monkeypatch.setattr(gen, "host_bytes", lambda case: sizes[case.id])
+    monkeypatch.setattr(schedule, "host_bytes", lambda case: sizes[case.id])
     return sizes
 
 
@@ -44,14 +39,14 @@ def drain(admission: Admission, order: list[str] | None = None, seed: int = 0) -
         assert running or not any(admission.waiting), "jobs wait while nothing runs"
         if not running:
             return steps
-        in_use = sum(gen.host_bytes(j.case) for j in running)
+        in_use = sum(schedule.host_bytes(j.case) for j in running)
         assert in_use == admission.in_use
         assert len(running) == 1 or in_use <= admission.budget
         admission.finished(running.pop(rng.randrange(len(running))))
 
 
 def test_cases_in_flight_fit_the_budget_and_every_case_runs(sized: dict[str, int]) -> None:
-    jobs = [job(f"c{i}", 4 + i) for i in range(12)]
+    jobs = [build_job(f"c{i}", 4 + i) for i in range(12)]
     sized.update({j.case.id: (1 + i % 5) * GIB for i, j in enumerate(jobs)})
     for seed in range(5):
         admission = Admission([DeviceShare("cpu", 4, list(jobs))], budget=6 * GIB)
@@ -60,7 +55,7 @@ def test_cases_in_flight_fit_the_budget_and_every_case_runs(sized: dict[str, int
 
 
 def test_a_case_larger_than_the_budget_runs_alone(sized: dict[str, int]) -> None:
-    big, small = job("big", 64), job("small", 4)
+    big, small = build_job("big", 64), build_job("small", 4)
     sized.update(big=10 * GIB, small=1 * GIB)
     admission = Admission([DeviceShare("cuda:0", 4, [small, big])], budget=4 * GIB)
     assert [j.case.id for _, j in admission.next_jobs()] == ["small"]  # big does not fit beside it
@@ -70,7 +65,7 @@ def test_a_case_larger_than_the_budget_runs_alone(sized: dict[str, int]) -> None
 
 
 def test_smaller_cases_fill_what_the_largest_leaves_and_slots_bound_each_share(sized: dict[str, int]) -> None:
-    jobs = [job("a", 64), job("b", 32), job("c", 16), job("d", 8), job("e", 4)]
+    jobs = [build_job("a", 64), build_job("b", 32), build_job("c", 16), build_job("d", 8), build_job("e", 4)]
     sized.update(a=5 * GIB, b=5 * GIB, c=1 * GIB, d=1 * GIB, e=1 * GIB)
     admission = Admission([DeviceShare("cuda:0", 3, jobs)], budget=8 * GIB)
     assert [j.case.id for _, j in admission.next_jobs()] == ["a", "c", "d"]  # b waits for a; 3 slots
@@ -81,7 +76,7 @@ def test_smaller_cases_fill_what_the_largest_leaves_and_slots_bound_each_share(s
 
 
 def test_each_device_has_its_own_slots_under_one_budget(sized: dict[str, int]) -> None:
-    jobs = [job(f"c{i}", 4 + i) for i in range(6)]
+    jobs = [build_job(f"c{i}", 4 + i) for i in range(6)]
     sized.update({j.case.id: 2 * GIB for j in jobs})
     admission = Admission([DeviceShare("cuda:0", 1, jobs[:3]), DeviceShare("cpu", 4, jobs[3:])], budget=6 * GIB)
     shares = [i for i, _ in admission.next_jobs()]
@@ -155,6 +150,7 @@ import sys
 from pathlib import Path
 import conformance.golden.generate as gen
 from conformance.golden.format import Provenance
+from conformance.golden.schedule import Job
 from conformance.processes import release_host_memory
 from conformance.spec.load import default_spec_paths, load_specs
 
@@ -164,7 +160,7 @@ def rss_mib():
 
 case = next(c for s in load_specs(default_spec_paths()) for c in s.cases
             if c.id == "attention/gqa/hq28-hkv4-d64-b2-sq513-skv513-fp16-causal")
-job = gen.Job(case, Provenance(spec_file="t.yaml", spec_sha256="0" * 64, spec_seed=0), Path(sys.argv[2]))
+job = Job(case, Provenance(spec_file="t.yaml", spec_sha256="0" * 64, spec_seed=0), Path(sys.argv[2]))
 if sys.argv[1] == "worker":
     gen.worker_case(job, "cpu")
     print(rss_mib())

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import DATA, SPEC_DIR, build_case
+from conftest import DATA, SPEC_DIR, build_job
 from typer.testing import CliRunner, Result
 
 from conformance.cli.app import app
-from conformance.golden.format import Provenance
-from conformance.golden.generate import LOCK_NAME, Job, remove_stale_temp_files, split_jobs, worker_counts
+from conformance.golden.generate import LOCK_NAME, remove_stale_temp_files
 from conformance.golden.manifest import MANIFEST_NAME, shard_manifest_name
+from conformance.golden.schedule import split_jobs, worker_counts
 from conformance.golden.verify import verify
 
 # A kv_cache_attention spec whose two goldens are also packed and paged: the layout files are part
@@ -110,14 +109,8 @@ def test_two_cpu_devices_write_the_bytes_of_a_one_device_run(specs: list[str], w
     assert "cpu: 3 computed, 1 job; cpu: 4 computed, 1 job" in result.stdout  # the LPT split of the 7 goldens
 
 
-def job(name: str, sq: int) -> Job:
-    """A job whose estimated work grows with ``sq`` squared; ``name`` sorts its ties."""
-    c = replace(build_case(sq=sq, skv=sq), id=name)
-    return Job(c, Provenance(spec_file="t.yaml", spec_sha256="0" * 64, spec_seed=0), Path(f"{name}.h5"))
-
-
 def test_the_split_is_largest_first_to_the_least_loaded_device_ties_by_device_order() -> None:
-    jobs = [job("a", 4), job("b", 512), job("c", 256), job("d", 256), job("e", 4)]
+    jobs = [build_job("a", 4), build_job("b", 512), build_job("c", 256), build_job("d", 256), build_job("e", 4)]
     shares = split_jobs(jobs, ["cuda:0", "cuda:1"], 3)
     assert [[j.case.id for j in s.jobs] for s in shares] == [["b"], ["a", "c", "d", "e"]]  # b outweighs the rest
     assert [s.workers for s in shares] == [2, 1]

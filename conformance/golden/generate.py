@@ -8,7 +8,7 @@ rest, ending byte-identical to an uninterrupted run; a failed write (a full disk
 ConformanceError naming the file, leaves no partial file and the manifest unchanged.
 
 Devices: the cases are split over one or more devices (``--devices``; one device is a list of one)
-by :func:`conformance.processes.balance` over :func:`estimated_work`, each device with its own
+by :func:`conformance.golden.schedule.split_jobs`, each device with its own
 worker processes; a golden does not depend on where it was computed, so the files and manifest are
 those of a one-device run. Shards (``--shard i/n``): only case k % n == i (case-id order) is
 generated and a shard manifest written instead of the tier manifest; :mod:`conformance.golden.shards`
@@ -46,19 +46,22 @@ from conformance.golden.manifest import (
     take_shard,
     write_manifest,
 )
-from conformance.processes import balance, exit_with_parent, release_host_memory
+from conformance.golden.schedule import (
+    HOST_BYTES_PER_WORKER,
+    Admission,
+    DeviceShare,
+    Job,
+    default_host_budget,
+    largest_first,
+    share_workers,
+    split_jobs,
+)
+from conformance.processes import exit_with_parent, release_host_memory
 from conformance.reference.compute import ALGORITHM, Golden, compute_reference
 from conformance.reference.gradient import GradientGolden, compute_gradient_reference
 from conformance.spec.case import Case
 from conformance.spec.inputs import CaseInputs, make_inputs
 from conformance.spec.load import OpSpec
-
-
-@dataclass(frozen=True)
-class Job:
-    case: Case
-    provenance: Provenance
-    path: Path
 
 
 @dataclass
@@ -86,16 +89,6 @@ class GoldenWriteError(ConformanceError):
 
     def __str__(self) -> str:
         return f"{self.path}: writing the golden failed ({self.reason})"
-
-
-@dataclass(frozen=True)
-class DeviceShare:
-    """The jobs one device computes, on ``workers`` worker processes (in this process when it is the
-    only device and has one worker)."""
-
-    device: str
-    workers: int
-    jobs: list[Job]
 
 
 @dataclass
@@ -130,11 +123,6 @@ def plan(specs: Sequence[OpSpec], tier: str, out_dir: Path) -> list[Job]:
         for case in spec.cases_for_tier(tier):
             jobs.append(Job(case, prov, case_path(out_dir, case.id)))
     return jobs
-
-
-def estimated_work(case: Case) -> float:
-    """Relative cost of a case (score-matrix work plus a fixed overhead) for progress and scheduling."""
-    return case.batch * case.hq * case.sq * case.skv * case.d + 2e5
 
 
 def os_reason(exc: OSError) -> str:
@@ -251,91 +239,6 @@ def init_worker(threads: int) -> None:
     prefer_expandable_segments()
 
 
-def worker_counts(n_workers: int, n_devices: int) -> list[int]:
-    """``--jobs`` spread over the devices: as evenly as possible (the first devices get the
-    remainder), at least one each."""
-    return [max(1, n_workers // n_devices + (d < n_workers % n_devices)) for d in range(n_devices)]
-
-
-def split_jobs(jobs: Sequence[Job], devices: Sequence[str], n_workers: int) -> list[DeviceShare]:
-    """The share of every device (in ``devices`` order): greedy longest-processing-time over
-    :func:`estimated_work` (largest first, to the least-loaded device; ties by case id, then device
-    order), so the split depends only on the cases and the device list."""
-    shares = balance([estimated_work(j.case) for j in jobs], [j.case.id for j in jobs], len(devices))
-    return [DeviceShare(device, workers, [jobs[i] for i in share])
-            for device, workers, share in zip(devices, worker_counts(n_workers, len(devices)), shares)]
-
-
-def largest_first(jobs: Sequence[Job]) -> list[Job]:
-    return sorted(jobs, key=lambda j: -estimated_work(j.case))
-
-
-# Host memory a worker holds for one case beyond its own (Python, torch, h5py, a CUDA context): the
-# inputs and their float64 copies, the outputs, the HDF5 write, as a multiple of Case.working_bytes,
-# plus a floor for the float64 stage's blocks (on the CPU) and the transfer buffers of a small case.
-# Measured peaks: docs/performance.md, "Fourth run on the H200" (host memory of the full tier).
-HOST_BYTES_PER_WORKING_BYTE = 2
-HOST_BYTES_PER_CASE = 512 << 20
-# A worker's own memory not shared with the others (its CUDA context, torch's and h5py's state): the
-# host budget less this much per worker is what the cases in flight may hold.
-HOST_BYTES_PER_WORKER = 400 << 20
-# The default host budget of a generation (its workers and their cases): 24 GiB, or three quarters of
-# a smaller machine.
-DEFAULT_HOST_BUDGET_BYTES = 24 << 30
-
-
-def host_bytes(case: Case) -> int:
-    """The host memory generating ``case`` holds at its peak (an estimate: :data:`HOST_BYTES_PER_CASE` plus
-    :data:`HOST_BYTES_PER_WORKING_BYTE` times its working bytes)."""
-    return HOST_BYTES_PER_CASE + HOST_BYTES_PER_WORKING_BYTE * case.working_bytes
-
-
-def default_host_budget() -> int:
-    """:data:`DEFAULT_HOST_BUDGET_BYTES`, or three quarters of the physical memory when that is less."""
-    try:
-        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return DEFAULT_HOST_BUDGET_BYTES
-    return min(DEFAULT_HOST_BUDGET_BYTES, physical * 3 // 4)
-
-
-class Admission:
-    """Which waiting jobs start next, so that the cases in flight fit the host budget: each share (a
-    device and its workers) starts at most ``workers`` jobs at once, and from its waiting jobs
-    (largest first) the first whose :func:`host_bytes` fits what the running ones leave; when nothing
-    runs anywhere, its largest starts whatever its size (a case larger than the budget runs alone).
-    The order changes when a case is computed, never its bytes."""
-
-    def __init__(self, shares: Sequence[DeviceShare], budget: int) -> None:
-        self.waiting = [largest_first(s.jobs) for s in shares]
-        self.slots = [min(s.workers, len(s.jobs)) for s in shares]
-        self.budget = budget
-        self.running: dict[int, tuple[int, int]] = {}  # id(job) of a started job -> (its share, its host bytes)
-        self.in_use = 0
-
-    def next_jobs(self) -> list[tuple[int, Job]]:
-        """The (share index, job) pairs to start now, marked as running."""
-        started = []
-        for i, waiting in enumerate(self.waiting):
-            while waiting and self.slots[i] > 0:
-                at = next((n for n, j in enumerate(waiting) if self.in_use + host_bytes(j.case) <= self.budget), None)
-                if at is None:
-                    if self.running:
-                        break
-                    at = 0
-                pick = waiting.pop(at)
-                self.slots[i] -= 1
-                self.running[id(pick)] = (i, host_bytes(pick.case))
-                self.in_use += host_bytes(pick.case)
-                started.append((i, pick))
-        return started
-
-    def finished(self, job: Job) -> None:
-        share, used = self.running.pop(id(job))
-        self.in_use -= used
-        self.slots[share] += 1
-
-
 def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult], None],
              host_budget: int | None = None) -> list[CaseResult]:
     """Run every share's jobs on its device and worker processes, as :class:`Admission` admits them
@@ -352,14 +255,13 @@ def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult],
                 on_done(job, res)
         return results
     ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
-    threads = max(1, (os.cpu_count() or 1) // sum(min(s.workers, len(s.jobs)) for s in active))
+    workers = [share_workers(s) for s in active]
+    threads = max(1, (os.cpu_count() or 1) // sum(workers))
     budget = default_host_budget() if host_budget is None else host_budget
-    n_workers = sum(min(s.workers, len(s.jobs)) for s in active)
-    admission = Admission(active, max(0, budget - n_workers * HOST_BYTES_PER_WORKER))
+    admission = Admission(active, max(0, budget - sum(workers) * HOST_BYTES_PER_WORKER))
     with contextlib.ExitStack() as stack:
-        pools = [stack.enter_context(ProcessPoolExecutor(max_workers=min(share.workers, len(share.jobs)),
-                                                         mp_context=ctx, initializer=init_worker,
-                                                         initargs=(threads,))) for share in active]
+        pools = [stack.enter_context(ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=init_worker,
+                                                         initargs=(threads,))) for n in workers]
         pending: dict[Future[CaseResult], Job] = {}
         try:
             while True:
@@ -493,7 +395,8 @@ def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int =
     """Generate every case of ``tier`` into ``out_dir`` and write the manifest last.
 
     ``devices`` (instead of ``device``) splits the cases over several devices, ``n_workers`` worker
-    processes in all (:func:`split_jobs`, :func:`worker_counts`); the bytes written are the same.
+    processes in all (:mod:`conformance.golden.schedule`: ``split_jobs``, ``worker_counts``); the bytes
+    written are the same.
     ``shard=(i, n)`` generates only case k % n == i of the tier (case-id order) and writes
     ``manifest.shard-<i>-of-<n>.json`` (every layout file too) instead of ``manifest.json``.
     ``host_budget`` bounds the host memory of the workers and their cases in flight (bytes; default
