@@ -72,9 +72,11 @@ def tier2_batches(case: Case, kpm: torch.Tensor | None, rows: np.ndarray, limit:
 
 
 TIER2_ELEMENTS = 1 << 21  # (row, key) pairs per tier-2 chunk: bounds its working memory (~1 GiB)
-# On a GPU, chunks 4× larger (~4 GiB of its memory; 16 generation workers fit on one H200): each chunk
-# is a few hundred elementwise kernels, and small chunks leave the card waiting on their launches.
-CUDA_TIER2_ELEMENTS = 1 << 23
+# On a GPU, chunks 16× larger (~8 GiB of its memory at the peak): each chunk is a few hundred
+# elementwise kernels, and smaller chunks leave the card waiting on their launches. On the H200 the
+# 32k × 32k prefill's tier 2 took 2.9 s with 2^23, 1.6 s with 2^25 and 1.5 s with 2^26 (which
+# reserves 14 GiB): docs/performance.md, "Fifth run".
+CUDA_TIER2_ELEMENTS = 1 << 25
 
 
 def tier2_limit(device: torch.device) -> int:
