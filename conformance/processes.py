@@ -6,7 +6,8 @@
 - :func:`signals_held`, :func:`ignore_signals`: around a message, and after a worker is done;
 - :func:`describe_exit`: how a process ended, in words;
 - :func:`balance`: a deterministic split of work into shares of about equal cost (``--devices``);
-- :func:`release_host_memory`: a long-lived worker gives the memory its last job freed back.
+- :func:`release_host_memory`: a long-lived worker gives the memory its last job freed back;
+- :func:`resident_bytes`: the host memory a process holds (Linux), for generation's host budget.
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ def release_host_memory() -> None:
     than a small golden takes). Best effort elsewhere."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def resident_bytes(pid: int) -> int | None:
+    """The host memory process ``pid`` holds of its own: its resident anonymous and shared-memory
+    pages and its page tables (``RssAnon + RssShmem + VmPTE`` of ``/proc/PID/status``; not the files
+    it maps, which the page cache can drop). None where that cannot be read (not Linux, no such process)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return sum(int(fields[name].split()[0]) for name in ("RssAnon", "RssShmem", "VmPTE")) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 class Terminated(BaseException):

@@ -1,6 +1,8 @@
 """Generation under a host-memory budget (:class:`Admission`): the cases in flight fit the budget,
-a case larger than the budget runs alone, smaller cases fill what a large one leaves, and a run with
-a small budget writes the same bytes as one without; and the CUDA allocator setting of the workers."""
+a case larger than the budget runs alone, smaller cases fill what a large one leaves, the workers'
+measured memory (what an idle one kept included) counts and a running case's growth is not counted
+twice, and a run with a small budget writes the same bytes as one without, its workers reporting each
+case they start; and the CUDA allocator setting of the workers."""
 
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ def sized(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Host bytes by case id, set by each test instead of the working-bytes estimate."""
     sizes: dict[str, int] = {}
     monkeypatch.setattr(schedule, "host_bytes", lambda case: sizes[case.id])
+    # The workers' own memory is left out here (budget = what the cases may hold) unless a test sets it.
+    monkeypatch.setattr(schedule, "HOST_BYTES_PER_WORKER", {"cuda": 0, "cpu": 0})
+    monkeypatch.setattr(schedule, "HOST_KERNEL_BYTES_PER_CUDA_WORKER", 0)
     return sizes
 
 
@@ -83,6 +88,68 @@ def test_each_device_has_its_own_slots_under_one_budget(sized: dict[str, int]) -
     assert shares == [0, 1, 1]  # one on the GPU's single worker, two more within 6 GiB
 
 
+OWN = 1  # the pid of the generating process in the metered tests
+
+
+def test_an_idle_workers_measured_memory_counts(sized: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schedule, "HOST_BYTES_PER_WORKER", {"cuda": 0, "cpu": GIB})  # a worker not yet measured
+    for kept, admitted in ((4 * GIB + GIB // 2, []), (GIB, ["c"])):
+        jobs = [build_job("a", 16), build_job("b", 8), build_job("c", 4)]
+        sized.update(a=GIB, b=GIB, c=GIB)
+        held = {OWN: 0}
+        admission = Admission([DeviceShare("cpu", 2, jobs)], budget=6 * GIB, meter=held.get, own_pid=OWN)
+        assert admission.committed() == 2 * GIB  # two workers not yet seen
+        assert [j.case.id for _, j in admission.next_jobs()] == ["a", "b"]
+        held.update({10: GIB, 11: GIB})
+        admission.started("a", 10, GIB)
+        admission.started("b", 11, GIB)
+        assert admission.committed() == 4 * GIB  # measured 1 + 1, and a's and b's estimates
+        admission.finished(jobs[0])
+        held[10] = kept  # what a's worker holds after it
+        assert admission.committed() == kept + 2 * GIB
+        assert [j.case.id for _, j in admission.next_jobs()] == admitted
+
+
+def test_a_running_cases_growth_is_not_counted_twice(sized: dict[str, int]) -> None:
+    jobs = [build_job("a", 16), build_job("b", 8)]
+    sized.update(a=3 * GIB, b=GIB)
+    held = {OWN: GIB // 4}
+    admission = Admission([DeviceShare("cuda:0", 2, jobs)], budget=5 * GIB, meter=held.get, own_pid=OWN)
+    assert [j.case.id for _, j in admission.next_jobs()] == ["a", "b"]
+    held[10] = GIB
+    admission.started("a", 10, GIB)
+    assert admission.committed() == GIB // 4 + GIB + 3 * GIB + GIB  # b's worker has not reported
+    held[10] = 3 * GIB  # a has grown by 2 GiB of its 3
+    assert admission.committed() == GIB // 4 + 3 * GIB + GIB + GIB
+    held[10] = 6 * GIB  # beyond its estimate: what it holds counts
+    assert admission.committed() == GIB // 4 + 6 * GIB + GIB
+
+
+def test_without_a_meter_each_worker_counts_its_allowance(monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = [build_job("a", 16), build_job("b", 8)]
+    admission = Admission([DeviceShare("cuda:0", 2, jobs[:1]), DeviceShare("cpu", 3, jobs[1:])], budget=64 * GIB)
+    fixed = (schedule.HOST_BYTES_PER_WORKER["cuda"] + schedule.HOST_KERNEL_BYTES_PER_CUDA_WORKER
+             + schedule.HOST_BYTES_PER_WORKER["cpu"])  # one worker per share: one job each
+    assert admission.committed() == fixed
+    admission.next_jobs()
+    assert admission.committed() == fixed + host_bytes(jobs[0].case) + host_bytes(jobs[1].case)
+
+
+def test_resident_bytes_follows_what_a_process_holds() -> None:
+    import os
+
+    from conformance.processes import resident_bytes
+
+    before = resident_bytes(os.getpid())
+    if before is None:
+        pytest.skip("no /proc: the admission falls back to its estimates (tested above)")
+    block = bytearray(64 << 20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    assert resident_bytes(os.getpid()) - before >= 48 << 20
+    del block
+    assert resident_bytes(2**22 + 12345) is None  # beyond any pid
+
+
 def test_the_estimate_grows_with_the_working_set() -> None:
     small, large = build_case(sq=16, skv=16), build_case(sq=256, skv=256)
     assert host_bytes(large) > host_bytes(small) >= small.working_bytes
@@ -98,9 +165,16 @@ def test_a_small_budget_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytes
     specs = [replace(s, cases=[c for c in s.cases if c.id.startswith("attention/gqa/")][:6]) for s in specs]
     one = generate(specs, "smoke", tmp_path / "one", n_workers=1)
     monkeypatch.setattr(gen, "default_host_budget", lambda: 1)  # every case alone
+    reports: list[tuple[str, int, int]] = []
+    real_started = Admission.started
+    monkeypatch.setattr(Admission, "started",
+                        lambda self, *report: reports.append(report) or real_started(self, *report))
     two = generate(specs, "smoke", tmp_path / "two", n_workers=2)
     assert len(one.results) == sum(len(s.cases_for_tier("smoke")) for s in specs) >= 3
     assert {r.case_id: r.sha256 for r in one.results} == {r.case_id: r.sha256 for r in two.results}
+    if gen.resident_bytes(gen.os.getpid()) is not None:  # measured admission: each start reported
+        assert sorted(cid for cid, _, _ in reports) == sorted(r.case_id for r in two.results)
+        assert 1 <= len({pid for _, pid, _ in reports}) <= 2 and all(held > 0 for _, _, held in reports)
 
 
 def test_generate_host_memory_gib_sets_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,7 +47,6 @@ from conformance.golden.manifest import (
     write_manifest,
 )
 from conformance.golden.schedule import (
-    HOST_BYTES_PER_WORKER,
     Admission,
     DeviceShare,
     Job,
@@ -56,7 +55,7 @@ from conformance.golden.schedule import (
     share_workers,
     split_jobs,
 )
-from conformance.processes import exit_with_parent, release_host_memory
+from conformance.processes import exit_with_parent, release_host_memory, resident_bytes
 from conformance.reference.compute import ALGORITHM, Golden, compute_reference
 from conformance.reference.gradient import GradientGolden, compute_gradient_reference
 from conformance.spec.case import Case
@@ -221,19 +220,31 @@ def prefer_expandable_segments() -> bool:
     return True
 
 
+# A worker's channel to its parent: (case id, pid, host bytes held) as it starts a case (init_worker).
+_STARTS: Any = None
+# How often the parent looks at the workers' memory while cases wait for room in the host budget.
+ADMISSION_POLL_S = 0.5
+
+
 def worker_case(job: Job, device: str) -> CaseResult:
-    """:func:`generate_case` in a worker process, which then gives the host memory the case freed back
-    (:func:`release_host_memory`), so that the host budget's estimate of a case is what it holds."""
+    """:func:`generate_case` in a worker process, which first tells its parent what it holds (for the
+    host budget's measured admission) and afterwards gives the host memory the case freed back
+    (:func:`release_host_memory`), so that what it holds between cases is its own."""
+    if _STARTS is not None:
+        _STARTS.put((job.case.id, os.getpid(), resident_bytes(os.getpid()) or 0))
     try:
         return generate_case(job, device)
     finally:
         release_host_memory()
 
 
-def init_worker(threads: int) -> None:
+def init_worker(threads: int, starts: Any = None) -> None:
     """A generation worker: dies with its parent, and its CPU-side torch work (inputs, the host side
     of a CUDA generation) uses its share of the cores, not all of them in every worker. (The CPU
-    reference itself always runs on one thread: see compute_reference.)"""
+    reference itself always runs on one thread: see compute_reference.) ``starts``: the queue on
+    which it reports each case it starts."""
+    global _STARTS
+    _STARTS = starts
     exit_with_parent()
     torch.set_num_threads(threads)
     prefer_expandable_segments()
@@ -242,8 +253,8 @@ def init_worker(threads: int) -> None:
 def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult], None],
              host_budget: int | None = None) -> list[CaseResult]:
     """Run every share's jobs on its device and worker processes, as :class:`Admission` admits them
-    under ``host_budget`` bytes (default :func:`default_host_budget`) less
-    :data:`HOST_BYTES_PER_WORKER` per worker; ``on_done`` is called (in this
+    under ``host_budget`` bytes (default :func:`default_host_budget`), measuring the workers' memory
+    where the platform tells (:func:`resident_bytes`); ``on_done`` is called (in this
     process) as each finishes. One device with one worker runs in this process, largest first."""
     active = [s for s in shares if s.jobs]
     results: list[CaseResult] = []
@@ -258,10 +269,12 @@ def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult],
     workers = [share_workers(s) for s in active]
     threads = max(1, (os.cpu_count() or 1) // sum(workers))
     budget = default_host_budget() if host_budget is None else host_budget
-    admission = Admission(active, max(0, budget - sum(workers) * HOST_BYTES_PER_WORKER))
+    metered = resident_bytes(os.getpid()) is not None
+    admission = Admission(active, budget, meter=resident_bytes if metered else None)
+    starts = ctx.SimpleQueue() if metered else None
     with contextlib.ExitStack() as stack:
         pools = [stack.enter_context(ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=init_worker,
-                                                         initargs=(threads,))) for n in workers]
+                                                         initargs=(threads, starts))) for n in workers]
         pending: dict[Future[CaseResult], Job] = {}
         try:
             while True:
@@ -269,7 +282,9 @@ def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult],
                     pending[pools[i].submit(worker_case, job, active[i].device)] = job
                 if not pending:
                     break
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, timeout=ADMISSION_POLL_S if metered else None, return_when=FIRST_COMPLETED)
+                while starts is not None and not starts.empty():
+                    admission.started(*starts.get())
                 for fut in done:
                     job = pending.pop(fut)
                     res = fut.result()

@@ -6,8 +6,9 @@ their admission under a host-memory budget.
 - :func:`split_jobs`: the cases over the devices by :func:`conformance.processes.balance` (greedy
   longest-processing-time), each device a :class:`DeviceShare` with its share of the workers
   (:func:`worker_counts`); the split depends only on the cases and the device list;
-- :class:`Admission`: the order in which a share's jobs start, largest first, so that the cases in
-  flight fit the host budget (:func:`host_bytes`, :func:`default_host_budget`).
+- :class:`Admission`: the order in which a share's jobs start, largest first, so that the memory the
+  workers hold (measured where the platform tells) and the cases in flight need (:func:`host_bytes`)
+  fit the host budget (:func:`default_host_budget`).
 
 None of it changes a golden's bytes: a golden does not depend on where or when it was computed.
 """
@@ -15,7 +16,7 @@ None of it changes a golden's bytes: a golden does not depend on where or when i
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,24 +71,32 @@ def largest_first(jobs: Sequence[Job]) -> list[Job]:
     return sorted(jobs, key=lambda j: -estimated_work(j.case))
 
 
-# Host memory a worker holds for one case beyond its own (Python, torch, h5py, a CUDA context): the
+# Host memory a case adds to its worker at the peak, beyond what the worker held before it: the
 # inputs and their float64 copies, the outputs, the HDF5 write, as a multiple of Case.working_bytes,
 # plus a floor for the float64 stage's blocks (on the CPU) and the transfer buffers of a small case.
 # Measured peaks: docs/performance.md, "Fourth run on the H200" (host memory of the full tier).
 HOST_BYTES_PER_WORKING_BYTE = 2
-HOST_BYTES_PER_CASE = 512 << 20
-# A worker's own memory not shared with the others (its CUDA context, torch's and h5py's state): the
-# host budget less this much per worker is what the cases in flight may hold.
-HOST_BYTES_PER_WORKER = 400 << 20
+HOST_BYTES_PER_CASE = 128 << 20
+# A worker's own memory (torch, h5py and, for a CUDA worker, its CUDA context and loaded kernels), for
+# the workers not yet measured (or without a meter): on the H200 an idle CUDA worker held 0.96-1.0 GiB
+# of its own (RssAnon) after its first cases, a CPU worker ~0.3 GiB, and the kernel ~0.15 GiB more per
+# CUDA process that no process's status shows: docs/performance.md, "Fifth run".
+HOST_BYTES_PER_WORKER = {"cuda": 1152 << 20, "cpu": 400 << 20}
+HOST_KERNEL_BYTES_PER_CUDA_WORKER = 160 << 20
 # The default host budget of a generation (its workers and their cases): 24 GiB, or three quarters of
 # a smaller machine.
 DEFAULT_HOST_BUDGET_BYTES = 24 << 30
 
 
 def host_bytes(case: Case) -> int:
-    """The host memory generating ``case`` holds at its peak (an estimate: :data:`HOST_BYTES_PER_CASE` plus
-    :data:`HOST_BYTES_PER_WORKING_BYTE` times its working bytes)."""
+    """The host memory generating ``case`` adds to a worker at its peak (an estimate:
+    :data:`HOST_BYTES_PER_CASE` plus :data:`HOST_BYTES_PER_WORKING_BYTE` times its working bytes)."""
     return HOST_BYTES_PER_CASE + HOST_BYTES_PER_WORKING_BYTE * case.working_bytes
+
+
+def worker_bytes(device: str) -> int:
+    """:data:`HOST_BYTES_PER_WORKER` of a worker on ``device`` (a ``cuda:N`` device as ``cuda``)."""
+    return HOST_BYTES_PER_WORKER["cuda" if device.startswith("cuda") else "cpu"]
 
 
 def default_host_budget() -> int:
@@ -99,39 +108,85 @@ def default_host_budget() -> int:
     return min(DEFAULT_HOST_BUDGET_BYTES, physical * 3 // 4)
 
 
-class Admission:
-    """Which waiting jobs start next, so that the cases in flight fit the host budget: each share (a
-    device and its workers) starts at most :func:`share_workers` jobs at once, and from its waiting
-    jobs (largest first) the first whose :func:`host_bytes` fits what the running ones leave; when
-    nothing runs anywhere, its largest starts whatever its size (a case larger than the budget runs
-    alone). The order changes when a case is computed, never its bytes."""
+Meter = Callable[[int], "int | None"]  # pid -> the host bytes it holds (processes.resident_bytes), None if unknown
 
-    def __init__(self, shares: Sequence[DeviceShare], budget: int) -> None:
+
+class Admission:
+    """Which waiting jobs start next, so that the generation's host memory stays within the budget:
+    each share (a device and its workers) starts at most :func:`share_workers` jobs at once, and from
+    its waiting jobs (largest first) the first that fits; when nothing runs anywhere, its largest
+    starts whatever its size (a case larger than the budget runs alone). The order changes when a
+    case is computed, never its bytes.
+
+    What is committed, with a ``meter`` (Linux): the memory the workers that reported (:meth:`started`)
+    hold now, measured (what an idle worker kept after its cases included), plus, per running job,
+    what its estimate (:func:`host_bytes`) leaves beyond what its worker has grown since it started;
+    the workers not yet measured at :func:`worker_bytes`; this process (``own_pid``); and
+    :data:`HOST_KERNEL_BYTES_PER_CUDA_WORKER` per CUDA worker. Without a meter: the estimates of the
+    running jobs and :func:`worker_bytes` per worker."""
+
+    def __init__(self, shares: Sequence[DeviceShare], budget: int, meter: Meter | None = None,
+                 own_pid: int | None = None) -> None:
         # Per share, its waiting (job, host bytes) pairs, largest first.
         self.waiting = [[(j, host_bytes(j.case)) for j in largest_first(s.jobs)] for s in shares]
         self.slots = [share_workers(s) for s in shares]
         self.budget = budget
-        self.running: dict[int, tuple[int, int]] = {}  # id(job) of a started job -> (its share, its host bytes)
-        self.in_use = 0
+        self.meter = meter
+        self.own_pid = os.getpid() if own_pid is None else own_pid
+        self.unseen = list(self.slots)  # per share, its workers that have not reported yet
+        self.fixed = sum(n * (worker_bytes(s.device) * (meter is None) + HOST_KERNEL_BYTES_PER_CUDA_WORKER *
+                              s.device.startswith("cuda")) for n, s in zip(self.slots, shares))
+        self.devices = [s.device for s in shares]
+        self.workers: dict[int, int] = {}  # pid of a worker that reported -> its share
+        self.running: dict[str, tuple[int, int]] = {}  # case id of a started job -> (its share, its host bytes)
+        self.reports: dict[str, tuple[int, int]] = {}  # case id of a running job -> (its worker's pid, bytes at start)
+        self.in_use = 0  # the estimates of the running jobs
+
+    def committed(self) -> int:
+        """The host bytes the generation holds or has promised to its running jobs (class docstring)."""
+        if self.meter is None:
+            return self.fixed + self.in_use
+        now = {pid: self.meter(pid) or 0 for pid in self.workers}
+        total = self.fixed + (self.meter(self.own_pid) or 0) + sum(now.values())
+        total += sum(n * worker_bytes(device) for n, device in zip(self.unseen, self.devices))
+        for cid, (_, size) in self.running.items():
+            pid, at_start = self.reports.get(cid, (None, 0))
+            grown = max(0, now[pid] - at_start) if pid in now else 0
+            total += max(0, size - grown)
+        return total
 
     def next_jobs(self) -> list[tuple[int, Job]]:
         """The (share index, job) pairs to start now, marked as running."""
-        started = []
+        started: list[tuple[int, Job]] = []
+        committed = None
         for i, waiting in enumerate(self.waiting):
             while waiting and self.slots[i] > 0:
-                at = next((n for n, (_, size) in enumerate(waiting) if self.in_use + size <= self.budget), None)
+                committed = self.committed() if committed is None else committed
+                at = next((n for n, (_, size) in enumerate(waiting) if committed + size <= self.budget), None)
                 if at is None:
                     if self.running:
                         break
                     at = 0
                 job, size = waiting.pop(at)
                 self.slots[i] -= 1
-                self.running[id(job)] = (i, size)
+                self.running[job.case.id] = (i, size)
                 self.in_use += size
+                committed += size
                 started.append((i, job))
         return started
 
+    def started(self, case_id: str, pid: int, held: int) -> None:
+        """A worker (``pid``, holding ``held`` bytes then) reports that it starts ``case_id``."""
+        if pid not in self.workers:
+            share = self.running[case_id][0] if case_id in self.running else None
+            if share is not None:
+                self.workers[pid] = share
+                self.unseen[share] = max(0, self.unseen[share] - 1)
+        if case_id in self.running:
+            self.reports[case_id] = (pid, held)
+
     def finished(self, job: Job) -> None:
-        share, used = self.running.pop(id(job))
+        share, used = self.running.pop(job.case.id)
+        self.reports.pop(job.case.id, None)
         self.in_use -= used
         self.slots[share] += 1
