@@ -60,9 +60,10 @@ def generate(
     resume: Annotated[bool, typer.Option("--resume", help="Keep the complete goldens an interrupted run left "
                                          "(checked, same spec and generator) and compute only the rest.")] = False,
     host_memory_gib: Annotated[float | None, typer.Option(
-        "--host-memory-gib", min=0.5, help="Host memory the workers and their cases may hold at once: cases "
-        "wait while their estimates do not fit (never their bytes). Default: 24, or 3/4 of a smaller machine's "
-        "memory.")] = None,
+        "--host-memory-gib", min=0.5, help="Host memory the workers and their cases may hold at once: a case "
+        "waits while its estimate does not fit beside what the workers hold (measured from /proc where there is "
+        "one) and what the running cases may still grow by; never its bytes. Default: 24, or 3/4 of a smaller "
+        "machine's memory.")] = None,
     filter_: Annotated[str | None, typer.Option("--filter", help="Only the cases whose id matches this glob, "
                                                 "e.g. '*-grad' (needs --out: the tier's own set stays whole).")
                        ] = None,
