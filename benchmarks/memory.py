@@ -60,7 +60,7 @@ def child(case_id: str, device: str, out: Path) -> None:
         "tensor_bytes": inputs + outputs, "file_bytes": res.bytes,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0,
         "cuda_reserved_peak_bytes": torch.cuda.max_memory_reserved() if device.startswith("cuda") else 0,
-        "working_bytes": case.working_bytes, "host_estimate_bytes": host_bytes(case),
+        "working_bytes": case.working_bytes, "host_estimate_bytes": host_bytes(case, device),
     }))
 
 
@@ -101,9 +101,9 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} cores{gpu}, torch "
           f"{torch.__version__}, device {args.device}")
     print(f"fixed overhead (peak RSS generating the smallest smoke case): {fixed / GIB:.2f} GiB")
-    print("peak RSS − fixed overhead is what one case adds to a worker; generate admits cases while the sum "
-          "of their estimates (est., HOST_BYTES_PER_CASE + HOST_BYTES_PER_WORKING_BYTE × working bytes) "
-          "fits its host budget")
+    print("peak RSS − fixed overhead is what one case adds to a worker; generate starts a case when its "
+          "estimate (est., HOST_BYTES_PER_CASE of the device + HOST_BYTES_PER_WORKING_BYTE × working bytes) "
+          "fits its host budget beside what the workers hold")
     print(f"{'case':<72} {'time':>8} {'tensors':>9} {'peak RSS':>9} {'added':>8} {'est.':>8} {'GPU peak':>9} "
           f"{'reserved':>9}  within {args.limit_gib:g} GiB")
     for r in rows:

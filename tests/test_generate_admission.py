@@ -24,7 +24,7 @@ GIB = 1 << 30
 def sized(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Host bytes by case id, set by each test instead of the working-bytes estimate."""
     sizes: dict[str, int] = {}
-    monkeypatch.setattr(schedule, "host_bytes", lambda case: sizes[case.id])
+    monkeypatch.setattr(schedule, "host_bytes", lambda case, device="cpu": sizes[case.id])
     # The workers' own memory is left out here (budget = what the cases may hold) unless a test sets it.
     monkeypatch.setattr(schedule, "HOST_BYTES_PER_WORKER", {"cuda": 0, "cpu": 0})
     monkeypatch.setattr(schedule, "HOST_KERNEL_BYTES_PER_CUDA_WORKER", 0)
@@ -132,7 +132,7 @@ def test_without_a_meter_each_worker_counts_its_allowance(monkeypatch: pytest.Mo
              + schedule.HOST_BYTES_PER_WORKER["cpu"])  # one worker per share: one job each
     assert admission.committed() == fixed
     admission.next_jobs()
-    assert admission.committed() == fixed + host_bytes(jobs[0].case) + host_bytes(jobs[1].case)
+    assert admission.committed() == fixed + host_bytes(jobs[0].case, "cuda:0") + host_bytes(jobs[1].case, "cpu")
 
 
 def test_resident_bytes_follows_what_a_process_holds() -> None:
@@ -153,6 +153,8 @@ def test_resident_bytes_follows_what_a_process_holds() -> None:
 def test_the_estimate_grows_with_the_working_set() -> None:
     small, large = build_case(sq=16, skv=16), build_case(sq=256, skv=256)
     assert host_bytes(large) > host_bytes(small) >= small.working_bytes
+    # On the CPU the float64 stage's blocks are host memory: a larger floor than on a GPU.
+    assert host_bytes(small, "cpu") > host_bytes(small, "cuda:0") >= small.working_bytes
 
 
 def test_a_small_budget_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

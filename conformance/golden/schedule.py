@@ -73,10 +73,11 @@ def largest_first(jobs: Sequence[Job]) -> list[Job]:
 
 # Host memory a case adds to its worker at the peak, beyond what the worker held before it: the
 # inputs and their float64 copies, the outputs, the HDF5 write, as a multiple of Case.working_bytes,
-# plus a floor for the float64 stage's blocks (on the CPU) and the transfer buffers of a small case.
-# Measured peaks: docs/performance.md, "Fourth run on the H200" (host memory of the full tier).
+# plus a floor: on the CPU, the float64 stage's blocks (2^22 (row, key) pairs of a few dozen float64
+# temporaries), on a GPU the transfer buffers of a small case. Measured peaks: docs/performance.md,
+# "Fourth run on the H200" (host memory of the full tier).
 HOST_BYTES_PER_WORKING_BYTE = 2
-HOST_BYTES_PER_CASE = 128 << 20
+HOST_BYTES_PER_CASE = {"cuda": 128 << 20, "cpu": 512 << 20}
 # A worker's own memory (torch, h5py and, for a CUDA worker, its CUDA context and loaded kernels), for
 # the workers not yet measured (or without a meter): on the H200 an idle CUDA worker held 0.96-1.0 GiB
 # of its own (RssAnon) after its first cases, a CPU worker ~0.3 GiB, and the kernel ~0.15 GiB more per
@@ -88,15 +89,19 @@ HOST_KERNEL_BYTES_PER_CUDA_WORKER = 160 << 20
 DEFAULT_HOST_BUDGET_BYTES = 24 << 30
 
 
-def host_bytes(case: Case) -> int:
-    """The host memory generating ``case`` adds to a worker at its peak (an estimate:
+def _kind(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def host_bytes(case: Case, device: str = "cpu") -> int:
+    """The host memory generating ``case`` on ``device`` adds to a worker at its peak (an estimate:
     :data:`HOST_BYTES_PER_CASE` plus :data:`HOST_BYTES_PER_WORKING_BYTE` times its working bytes)."""
-    return HOST_BYTES_PER_CASE + HOST_BYTES_PER_WORKING_BYTE * case.working_bytes
+    return HOST_BYTES_PER_CASE[_kind(device)] + HOST_BYTES_PER_WORKING_BYTE * case.working_bytes
 
 
 def worker_bytes(device: str) -> int:
     """:data:`HOST_BYTES_PER_WORKER` of a worker on ``device`` (a ``cuda:N`` device as ``cuda``)."""
-    return HOST_BYTES_PER_WORKER["cuda" if device.startswith("cuda") else "cpu"]
+    return HOST_BYTES_PER_WORKER[_kind(device)]
 
 
 def default_host_budget() -> int:
@@ -128,14 +133,14 @@ class Admission:
     def __init__(self, shares: Sequence[DeviceShare], budget: int, meter: Meter | None = None,
                  own_pid: int | None = None) -> None:
         # Per share, its waiting (job, host bytes) pairs, largest first.
-        self.waiting = [[(j, host_bytes(j.case)) for j in largest_first(s.jobs)] for s in shares]
+        self.waiting = [[(j, host_bytes(j.case, s.device)) for j in largest_first(s.jobs)] for s in shares]
         self.slots = [share_workers(s) for s in shares]
         self.budget = budget
         self.meter = meter
         self.own_pid = os.getpid() if own_pid is None else own_pid
         self.unseen = list(self.slots)  # per share, its workers that have not reported yet
         self.fixed = sum(n * (worker_bytes(s.device) * (meter is None) + HOST_KERNEL_BYTES_PER_CUDA_WORKER *
-                              s.device.startswith("cuda")) for n, s in zip(self.slots, shares))
+                              (_kind(s.device) == "cuda")) for n, s in zip(self.slots, shares))
         self.devices = [s.device for s in shares]
         self.workers: dict[int, int] = {}  # pid of a worker that reported -> its share
         self.running: dict[str, tuple[int, int]] = {}  # case id of a started job -> (its share, its host bytes)
