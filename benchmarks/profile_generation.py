@@ -10,6 +10,8 @@ stage's time is its own. Also printed: the card's float64 matmul rate (8192³) a
 elementwise bandwidth, measured in the same run, and the GPU memory peaks of each case
 (reserved by the caching allocator and allocated by tensors).
 
+``--tier2-chunks FWD,BWD`` sets tier 2's chunk sizes (powers of two) for the comparison of chunk sizes.
+
 ``--kernels N`` also runs each case under ``torch.profiler`` and prints, per stage, the N operators
 with the most device time (CUDA kernels on a GPU, CPU time on the CPU) and their share of the
 stage: which kernels bound it. The profiler slows the case; its stage seconds are not the figures.
@@ -30,7 +32,9 @@ import torch
 
 import conformance.golden.generate as gen
 import conformance.reference.compute as fwd
+import conformance.reference.double_double as dd
 import conformance.reference.gradient as bwd
+import conformance.reference.gradient_double_double as gdd
 from conformance.golden.format import Provenance
 from conformance.spec.load import default_spec_paths, load_specs
 
@@ -138,8 +142,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--kernels", type=int, default=0, metavar="N",
                         help="also profile each case: the N operators with the most device time per stage")
+    parser.add_argument("--tier2-chunks", default=None, metavar="FWD,BWD",
+                        help="tier 2's (row, key) pairs per chunk on the device as powers of two, forward and "
+                        "backward (e.g. 23,22): the chunk-size comparison of docs/performance.md (fifth run)")
     args = parser.parse_args()
     cuda = torch.device(args.device).type == "cuda"
+    if args.tier2_chunks:
+        fwd_log2, bwd_log2 = (int(x) for x in args.tier2_chunks.split(","))
+        prefix = "CUDA_" if cuda else ""
+        setattr(dd, f"{prefix}TIER2_ELEMENTS", 1 << fwd_log2)
+        setattr(gdd, f"{prefix}GRAD_TIER2_ELEMENTS", 1 << bwd_log2)
+        print(f"tier-2 chunks: 2^{fwd_log2} forward, 2^{bwd_log2} backward", flush=True)
     if cuda:
         gen.prefer_expandable_segments()  # as generate does (PYTORCH_CUDA_ALLOC_CONF set: the user's choice)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
