@@ -125,6 +125,19 @@ def test_a_running_cases_growth_is_not_counted_twice(sized: dict[str, int]) -> N
     assert admission.committed() == GIB // 4 + 6 * GIB + GIB
 
 
+def test_a_report_that_arrives_after_its_case_finished_still_makes_its_worker_counted(sized: dict[str, int]) -> None:
+    jobs = [build_job("a", 16), build_job("b", 8), build_job("c", 4)]
+    sized.update(a=GIB, b=GIB, c=GIB)
+    held = {OWN: 0, 10: 3 * GIB}
+    admission = Admission([DeviceShare("cpu", 2, jobs)], budget=4 * GIB + GIB // 2, meter=held.get, own_pid=OWN)
+    assert [j.case.id for _, j in admission.next_jobs()] == ["a", "b"]
+    admission.finished(jobs[0])
+    admission.started("a", 10, GIB)  # late: a's result came first
+    assert admission.workers == {10: 0}
+    assert admission.committed() == 3 * GIB + GIB  # a's worker as measured, and b (not reported yet)
+    assert admission.next_jobs() == []  # c does not fit beside them while b runs
+
+
 def test_without_a_meter_each_worker_counts_its_allowance(monkeypatch: pytest.MonkeyPatch) -> None:
     jobs = [build_job("a", 16), build_job("b", 8)]
     admission = Admission([DeviceShare("cuda:0", 2, jobs[:1]), DeviceShare("cpu", 3, jobs[1:])], budget=64 * GIB)

@@ -145,6 +145,7 @@ class Admission:
         self.workers: dict[int, int] = {}  # pid of a worker that reported -> its share
         self.running: dict[str, tuple[int, int]] = {}  # case id of a started job -> (its share, its host bytes)
         self.reports: dict[str, tuple[int, int]] = {}  # case id of a running job -> (its worker's pid, bytes at start)
+        self.share_of: dict[str, int] = {}  # case id of every job started -> its share
         self.in_use = 0  # the estimates of the running jobs
 
     def committed(self) -> int:
@@ -175,6 +176,7 @@ class Admission:
                 job, size = waiting.pop(at)
                 self.slots[i] -= 1
                 self.running[job.case.id] = (i, size)
+                self.share_of[job.case.id] = i
                 self.in_use += size
                 committed += size
                 started.append((i, job))
@@ -182,11 +184,10 @@ class Admission:
 
     def started(self, case_id: str, pid: int, held: int) -> None:
         """A worker (``pid``, holding ``held`` bytes then) reports that it starts ``case_id``."""
-        if pid not in self.workers:
-            share = self.running[case_id][0] if case_id in self.running else None
-            if share is not None:
-                self.workers[pid] = share
-                self.unseen[share] = max(0, self.unseen[share] - 1)
+        share = self.share_of.get(case_id)
+        if pid not in self.workers and share is not None:  # (a report may come after its case's result)
+            self.workers[pid] = share
+            self.unseen[share] = max(0, self.unseen[share] - 1)
         if case_id in self.running:
             self.reports[case_id] = (pid, held)
 
