@@ -156,10 +156,17 @@ def test_resident_bytes_follows_what_a_process_holds() -> None:
     before = resident_bytes(os.getpid())
     if before is None:
         pytest.skip("no /proc: the admission falls back to its estimates (tested above)")
-    block = bytearray(64 << 20)
-    block[::4096] = b"x" * len(block[::4096])  # touch every page
-    assert resident_bytes(os.getpid()) - before >= 48 << 20
-    del block
+    import mmap
+
+    # Fresh anonymous mappings (a heap allocation might reuse pages already resident): private ones
+    # count as RssAnon, shared ones as RssShmem; each page touched.
+    for flags in (mmap.MAP_PRIVATE, mmap.MAP_SHARED):
+        start = resident_bytes(os.getpid())
+        block = mmap.mmap(-1, 64 << 20, flags=flags)
+        for at in range(0, len(block), mmap.PAGESIZE):
+            block[at] = 1
+        assert resident_bytes(os.getpid()) - start >= 60 << 20
+        block.close()
     assert resident_bytes(2**22 + 12345) is None  # beyond any pid
 
 
