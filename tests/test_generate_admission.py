@@ -194,7 +194,11 @@ def test_a_small_budget_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytes
     two = generate(specs, "smoke", tmp_path / "two", n_workers=2)
     assert len(one.results) == sum(len(s.cases_for_tier("smoke")) for s in specs) >= 3
     assert {r.case_id: r.sha256 for r in one.results} == {r.case_id: r.sha256 for r in two.results}
-    if gen.resident_bytes(gen.os.getpid()) is not None:  # measured admission: each start reported
+    assert one.host is None  # one worker: computed in this process, no budget
+    assert two.host is not None and two.host.budget == 1 and two.host.waited_s > 0  # every case waited its turn
+    assert two.host.measured == (gen.resident_bytes(gen.os.getpid()) is not None)
+    if two.host.measured:  # measured admission: each start reported, and what the processes held
+        assert two.host.peak > 0
         assert sorted(cid for cid, _, _ in reports) == sorted(r.case_id for r in two.results)
         assert 1 <= len({pid for _, pid, _ in reports}) <= 2 and all(held > 0 for _, _, held in reports)
 
@@ -218,6 +222,8 @@ def test_generate_host_memory_gib_sets_the_budget(tmp_path: Path, monkeypatch: p
                                       "--host-memory-gib", "1.5"])
     assert result.exit_code == 0, result.output
     assert budgets == [3 << 29]
+    flat = " ".join(result.output.replace("│", " ").split())  # the table's cells may wrap
+    assert "host memory" in flat and "of the 1.5 GiB budget" in flat
     result = CliRunner().invoke(app, ["generate", *spec, "--out", str(tmp_path / "b"), "--host-memory-gib", "0.1"])
     assert result.exit_code == 2 and "--host-memory-gib" in result.output
     assert not (tmp_path / "b").exists()

@@ -116,6 +116,12 @@ def generate(
     if device_list is not None:
         table.add_row("devices", "; ".join(f"{share.device}: {len(share.jobs)} computed, {share.workers} job"
                                            f"{'s' if share.workers > 1 else ''}" for share in summary.devices))
+    if summary.host is not None:
+        host = summary.host
+        held = (f"{fmt_bytes(host.peak)} at most (workers and this process, sampled)" if host.measured
+                else "not measured here (estimates only)")
+        waited = f"; cases waited {host.waited_s:.1f} s for memory" if host.waited_s >= 0.05 else ""
+        table.add_row("host memory", f"{held} of the {fmt_bytes(host.budget)} budget{waited}")
     table.add_row("float64 work", f"{summary.flops / 1e9:.2f} GFLOP (mask-remaining) at {gflops:.2f} GFLOP/s")
     table.add_row("refined elements", f"{refined_dd} double-double, {refined_exact} exact (cases computed in this run)")
     table.add_row("manifest", str(summary.manifest) + (f" (copy all {shard_of[1]} shards into one directory, "

@@ -49,6 +49,7 @@ from conformance.golden.manifest import (
 from conformance.golden.schedule import (
     Admission,
     DeviceShare,
+    HostUse,
     Job,
     default_host_budget,
     largest_first,
@@ -101,6 +102,7 @@ class GenerateSummary:
     devices: list[DeviceShare] = field(default_factory=list)  # the cases computed in this run, per device
     shard: tuple[int, int] | None = None
     tier_cases: int = 0  # goldens of the whole tier (all shards)
+    host: HostUse | None = None  # how the workers used the host budget (None: computed in this process)
 
     @property
     def bytes(self) -> int:
@@ -251,11 +253,12 @@ def init_worker(threads: int, starts: Any = None) -> None:
 
 
 def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult], None],
-             host_budget: int | None = None) -> list[CaseResult]:
+             host_budget: int | None = None) -> tuple[list[CaseResult], HostUse | None]:
     """Run every share's jobs on its device and worker processes, as :class:`Admission` admits them
     under ``host_budget`` bytes (default :func:`default_host_budget`), measuring the workers' memory
     where the platform tells (:func:`resident_bytes`); ``on_done`` is called (in this
-    process) as each finishes. One device with one worker runs in this process, largest first."""
+    process) as each finishes. One device with one worker runs in this process, largest first (no
+    budget then: the :class:`HostUse` is None)."""
     active = [s for s in shares if s.jobs]
     results: list[CaseResult] = []
     if len(active) <= 1 and all(s.workers <= 1 or len(s.jobs) <= 1 for s in active):
@@ -264,13 +267,14 @@ def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult],
                 res = generate_case(job, share.device)
                 results.append(res)
                 on_done(job, res)
-        return results
+        return results, None
     ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
     workers = [share_workers(s) for s in active]
     threads = max(1, (os.cpu_count() or 1) // sum(workers))
     budget = default_host_budget() if host_budget is None else host_budget
     metered = resident_bytes(os.getpid()) is not None
     admission = Admission(active, budget, meter=resident_bytes if metered else None)
+    use = HostUse(budget, metered)
     starts = ctx.SimpleQueue() if metered else None
     with contextlib.ExitStack() as stack:
         pools = [stack.enter_context(ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=init_worker,
@@ -282,9 +286,12 @@ def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult],
                     pending[pools[i].submit(worker_case, job, active[i].device)] = job
                 if not pending:
                     break
+                held_back, since = admission.waiting_for_memory(), time.perf_counter()
                 done, _ = wait(pending, timeout=ADMISSION_POLL_S if metered else None, return_when=FIRST_COMPLETED)
                 while starts is not None and not starts.empty():
                     admission.started(*starts.get())
+                use.peak = max(use.peak, admission.held())
+                use.waited_s += (time.perf_counter() - since) if held_back else 0.0
                 for fut in done:
                     job = pending.pop(fut)
                     res = fut.result()
@@ -295,7 +302,7 @@ def run_jobs(shares: Sequence[DeviceShare], on_done: Callable[[Job, CaseResult],
             for fut in pending:
                 fut.cancel()
             raise
-    return results
+    return results, use
 
 
 def reusable_result(job: Job) -> CaseResult | None:
@@ -463,7 +470,8 @@ def _generate_locked(specs: Sequence[OpSpec], summary: GenerateSummary, tier_cas
         jobs = todo
     summary.devices = split_jobs(jobs, devices, n_workers)
     try:
-        summary.results = kept + run_jobs(summary.devices, on_done, host_budget)
+        computed, summary.host = run_jobs(summary.devices, on_done, host_budget)
+        summary.results = kept + computed
     except GoldenWriteError as exc:
         raise ConformanceError(f"{exc}; no partial file was left, the goldens already written are complete and "
                                f"{manifest_name} is unchanged; free space and rerun with --resume") from None

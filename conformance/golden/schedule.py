@@ -113,6 +113,18 @@ def default_host_budget() -> int:
     return min(DEFAULT_HOST_BUDGET_BYTES, physical * 3 // 4)
 
 
+@dataclass
+class HostUse:
+    """How a generation used its host budget: the most its processes held (measured with a meter,
+    sampled whenever the parent looks: at least every ADMISSION_POLL_S), and how long cases waited for
+    memory while a worker was free."""
+
+    budget: int
+    measured: bool
+    peak: int = 0  # bytes held by the workers and the parent at the most (0 without a meter)
+    waited_s: float = 0.0
+
+
 Meter = Callable[[int], "int | None"]  # pid -> the host bytes it holds (processes.resident_bytes), None if unknown
 
 
@@ -160,6 +172,16 @@ class Admission:
             grown = max(0, now[pid] - at_start) if pid in now else 0
             total += max(0, size - grown)
         return total
+
+    def held(self) -> int:
+        """What the reported workers and this process hold now, measured (0 without a meter)."""
+        if self.meter is None:
+            return 0
+        return (self.meter(self.own_pid) or 0) + sum(self.meter(pid) or 0 for pid in self.workers)
+
+    def waiting_for_memory(self) -> bool:
+        """Whether a share has waiting jobs and a free worker: what holds them back is the budget."""
+        return any(waiting and slots > 0 for waiting, slots in zip(self.waiting, self.slots))
 
     def next_jobs(self) -> list[tuple[int, Job]]:
         """The (share index, job) pairs to start now, marked as running."""
