@@ -14,7 +14,9 @@
 #    of an 8k x 32k prefill (--kernels), and tier 1's decisions on the probes
 #    (benchmarks/tier1_decisions.py), unless RLK_SKIP_PROFILE=1;
 # 5. with RLK_FLEX=1: the smoke tier through sdpa-flash, then flex on a cold and a warm Inductor cache
-#    (benchmarks/run_cprofile.py: wall time, Dynamo's graphs and compile time), in the same run.
+#    (benchmarks/run_cprofile.py: wall time, Dynamo's graphs and compile time), in the same run;
+# 6. with RLK_FULL=1: `generate --tier full --device cuda` under benchmarks/host_memory.py (its time
+#    and its host memory, process by process, within the default host budget).
 # The package need not be installed: the repository root goes on PYTHONPATH.
 set -u -o pipefail
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [TIER]}
@@ -66,4 +68,12 @@ if [ "${RLK_FLEX:-0}" = 1 ]; then
       --device cuda:0 --profile > "$out/flex-$pass.txt" 2>&1
   done
   grep -h '^== ' "$out"/flex-*.txt | tee "$out/flex-summary.txt"
+fi
+
+if [ "${RLK_FULL:-0}" = 1 ]; then
+  full=$(mktemp -d)/full
+  timeout "${RLK_FULL_TIMEOUT:-900}" python3 benchmarks/host_memory.py --samples "$out/full-host-samples.txt" -- \
+    python3 -m conformance generate --tier full --device cuda -j "$cores" --out "$full" > "$out/full.txt" 2>&1
+  tail -20 "$out/full.txt"
+  rm -rf "$full"
 fi
