@@ -150,7 +150,11 @@ class Admission:
         self.budget = budget
         self.meter = meter
         self.own_pid = os.getpid() if own_pid is None else own_pid
-        self.unseen = list(self.slots)  # per share, its workers that have not reported yet
+        # Per share, its workers that have not reported yet, all of its slots at first: a pool starts a worker
+        # when a job arrives and none is idle, and a worker whose result has just come back is not idle yet
+        # (the pool marks it so after the result), so a share may start all its workers even when fewer of
+        # its jobs ever run at once.
+        self.unseen = list(self.slots)
         self.fixed = sum(n * (worker_bytes(s.device) * (meter is None) + HOST_KERNEL_BYTES_PER_CUDA_WORKER *
                               (_kind(s.device) == "cuda")) for n, s in zip(self.slots, shares))
         self.devices = [s.device for s in shares]
