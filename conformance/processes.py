@@ -29,6 +29,7 @@ def exit_with_parent() -> None:
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
+
 def release_host_memory() -> None:
     """(glibc) Return the heap's free pages to the system with ``malloc_trim``: memory freed by one
     job stays in a process's heap otherwise, so a long-lived worker would keep its largest job's

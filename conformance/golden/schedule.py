@@ -155,33 +155,41 @@ class Admission:
         # (the pool marks it so after the result), so a share may start all its workers even when fewer of
         # its jobs ever run at once.
         self.unseen = list(self.slots)
-        self.fixed = sum(n * (worker_bytes(s.device) * (meter is None) + HOST_KERNEL_BYTES_PER_CUDA_WORKER *
-                              (_kind(s.device) == "cuda")) for n, s in zip(self.slots, shares))
+        # Per worker slot, the kernel's allowance (CUDA) and, without a meter, the worker's own.
+        self.fixed = sum(n * ((HOST_KERNEL_BYTES_PER_CUDA_WORKER if _kind(s.device) == "cuda" else 0) +
+                              (worker_bytes(s.device) if meter is None else 0)) for n, s in zip(self.slots, shares))
         self.devices = [s.device for s in shares]
         self.workers: dict[int, int] = {}  # pid of a worker that reported -> its share
-        self.running: dict[str, tuple[int, int]] = {}  # case id of a started job -> (its share, its host bytes)
+        self.running: dict[str, int] = {}  # case id of a running job -> its host bytes
         self.reports: dict[str, tuple[int, int]] = {}  # case id of a running job -> (its worker's pid, bytes at start)
         self.share_of: dict[str, int] = {}  # case id of every job started -> its share
-        self.in_use = 0  # the estimates of the running jobs
 
     def committed(self) -> int:
         """The host bytes the generation holds or has promised to its running jobs (class docstring)."""
         if self.meter is None:
             return self.fixed + self.in_use
-        now = {pid: self.meter(pid) or 0 for pid in self.workers}
-        total = self.fixed + (self.meter(self.own_pid) or 0) + sum(now.values())
+        now = self._held_now()
+        total = self.fixed + sum(now.values())
         total += sum(n * worker_bytes(device) for n, device in zip(self.unseen, self.devices))
-        for cid, (_, size) in self.running.items():
+        for cid, size in self.running.items():
             pid, at_start = self.reports.get(cid, (None, 0))
             grown = max(0, now[pid] - at_start) if pid in now else 0
             total += max(0, size - grown)
         return total
 
+    @property
+    def in_use(self) -> int:
+        """The estimates of the running jobs."""
+        return sum(self.running.values())
+
+    def _held_now(self) -> dict[int, int]:
+        """Bytes held now by this process and each worker that reported, by pid (with a meter)."""
+        assert self.meter is not None
+        return {pid: self.meter(pid) or 0 for pid in (self.own_pid, *self.workers)}
+
     def held(self) -> int:
         """What the reported workers and this process hold now, measured (0 without a meter)."""
-        if self.meter is None:
-            return 0
-        return (self.meter(self.own_pid) or 0) + sum(self.meter(pid) or 0 for pid in self.workers)
+        return 0 if self.meter is None else sum(self._held_now().values())
 
     def waiting_for_memory(self) -> bool:
         """Whether a share has waiting jobs and a free worker: what holds them back is the budget."""
@@ -201,9 +209,8 @@ class Admission:
                     at = 0
                 job, size = waiting.pop(at)
                 self.slots[i] -= 1
-                self.running[job.case.id] = (i, size)
+                self.running[job.case.id] = size
                 self.share_of[job.case.id] = i
-                self.in_use += size
                 committed += size
                 started.append((i, job))
         return started
@@ -218,7 +225,6 @@ class Admission:
             self.reports[case_id] = (pid, held)
 
     def finished(self, job: Job) -> None:
-        share, used = self.running.pop(job.case.id)
+        self.running.pop(job.case.id)
         self.reports.pop(job.case.id, None)
-        self.in_use -= used
-        self.slots[share] += 1
+        self.slots[self.share_of[job.case.id]] += 1
