@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from conformance.processes import memory_status
+
 MIB = 1 << 20
 
 
@@ -63,15 +65,8 @@ def tree(root: int) -> list[int]:
 
 def rss_mib(pid: int) -> tuple[int, int, int] | None:
     """(RssAnon, RssShmem, RssFile) of ``pid`` in MiB, None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-    except OSError:
-        return None
-    try:
-        return tuple(int(fields[n].split()[0]) >> 10 for n in ("RssAnon", "RssShmem", "RssFile"))  # type: ignore[return-value]
-    except (KeyError, ValueError, IndexError):
-        return None
+    fields = memory_status(pid, ("RssAnon", "RssShmem", "RssFile"))
+    return None if fields is None else (fields[0] // MIB, fields[1] // MIB, fields[2] // MIB)
 
 
 def sample(root: int, out: Path, stop: threading.Event, peaks: dict[str, int], period: float) -> None:

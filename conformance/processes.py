@@ -7,7 +7,8 @@
 - :func:`describe_exit`: how a process ended, in words;
 - :func:`balance`: a deterministic split of work into shares of about equal cost (``--devices``);
 - :func:`release_host_memory`: a long-lived worker gives the memory its last job freed back;
-- :func:`resident_bytes`: the host memory a process holds (Linux), for generation's host budget.
+- :func:`resident_bytes`, :func:`memory_status`: the host memory a process holds (Linux), for
+  generation's host budget.
 """
 
 from __future__ import annotations
@@ -39,16 +40,23 @@ def release_host_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+def memory_status(pid: int, names: Sequence[str]) -> list[int] | None:
+    """The fields ``names`` (``RssAnon``, ``VmPTE``, ...) of ``/proc/PID/status``, in bytes; None where
+    they cannot be read (not Linux, no such process, a field missing)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return [int(fields[name].split()[0]) * 1024 for name in names]  # the kernel writes kB
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 def resident_bytes(pid: int) -> int | None:
     """The host memory process ``pid`` holds of its own: its resident anonymous and shared-memory
     pages and its page tables (``RssAnon + RssShmem + VmPTE`` of ``/proc/PID/status``; not the files
     it maps, which the page cache can drop). None where that cannot be read (not Linux, no such process)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return sum(int(fields[name].split()[0]) for name in ("RssAnon", "RssShmem", "VmPTE")) * 1024
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
+    held = memory_status(pid, ("RssAnon", "RssShmem", "VmPTE"))
+    return None if held is None else sum(held)
 
 
 class Terminated(BaseException):
