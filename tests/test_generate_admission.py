@@ -248,17 +248,17 @@ def test_cuda_workers_prefer_expandable_segments_unless_the_user_chose(monkeypat
 
 
 CHILD = """
+import os
 import sys
 from pathlib import Path
 import conformance.golden.generate as gen
 from conformance.golden.format import Provenance
 from conformance.golden.schedule import Job
-from conformance.processes import release_host_memory
+from conformance.processes import memory_status, release_host_memory
 from conformance.spec.load import default_spec_paths, load_specs
 
 def rss_mib():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+    return memory_status(os.getpid(), ("VmRSS",))[0] / 2**20
 
 case = next(c for s in load_specs(default_spec_paths()) for c in s.cases
             if c.id == "attention/gqa/hq28-hkv4-d64-b2-sq513-skv513-fp16-causal")
