@@ -34,7 +34,7 @@ cores=$(nproc)
 } 2>&1 | tee "$out/machine.txt"
 
 goldens=$(mktemp -d)/goldens
-python3 benchmarks/gpu_generation.py --tier "$tier" --cpu-jobs "$cores" --gpu-jobs "$cores" --keep "$goldens" \
+python3 benchmarks/gpu_generation.py --tier "$tier" --cpu-jobs "$cores" --keep "$goldens" \
   --json "$out/generation.json" 2>&1 | tee "$out/generation.txt"
 
 devices=""
@@ -73,7 +73,7 @@ fi
 if [ "${RLK_FULL:-0}" = 1 ]; then
   full=$(mktemp -d)/full
   timeout "${RLK_FULL_TIMEOUT:-900}" python3 benchmarks/host_memory.py --samples "$out/full-host-samples.txt" -- \
-    python3 -m conformance generate --tier full --device cuda -j "$cores" --out "$full" > "$out/full.txt" 2>&1
+    python3 -m conformance generate --tier full --device cuda --out "$full" > "$out/full.txt" 2>&1
   tail -20 "$out/full.txt"
   rm -rf "$full"
 fi

@@ -1,6 +1,6 @@
 """`generate --device cuda` against CPU generation, in one run: byte identity and speed ratio.
 
-    python benchmarks/gpu_generation.py --tier standard --cpu-jobs 16 --gpu-jobs 4 [--keep DIR]
+    python benchmarks/gpu_generation.py --tier standard --cpu-jobs 16 [--gpu-jobs N] [--keep DIR]
 
 Generates the tier twice into temporary directories (CPU with --cpu-jobs worker processes, CUDA
 with --gpu-jobs processes sharing the GPU for the float64 stage), then compares every file's
@@ -71,7 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tier", default="standard", choices=("smoke", "standard", "full"))
     parser.add_argument("--cpu-jobs", type=int, default=16)
-    parser.add_argument("--gpu-jobs", type=int, default=4)
+    parser.add_argument("--gpu-jobs", type=int, default=None,
+                        help="CUDA worker processes (default: generate's own default for one GPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--filter", default=None, help="only the cases whose id matches this glob, e.g. '*-grad'")
     parser.add_argument("--keep", type=Path, default=None, help="move the CUDA-generated goldens here afterwards")
@@ -92,6 +93,7 @@ def main() -> None:
         start = time.perf_counter()
         gpu = generate(specs, args.tier, Path(tmp) / "gpu", n_workers=args.gpu_jobs, device="cuda")
         gpu_s = time.perf_counter() - start
+        args.gpu_jobs = sum(share.workers for share in gpu.devices)
         floor_s, floor_bytes = write_floor(Path(tmp) / "gpu", args.gpu_jobs, Path(tmp) / "floor")
         if args.keep:
             shutil.rmtree(args.keep, ignore_errors=True)

@@ -12,9 +12,10 @@ from conftest import DATA, SPEC_DIR, build_job
 from typer.testing import CliRunner, Result
 
 from conformance.cli.app import app
+from conformance.golden import schedule
 from conformance.golden.generate import LOCK_NAME, remove_stale_temp_files
 from conformance.golden.manifest import MANIFEST_NAME, shard_manifest_name
-from conformance.golden.schedule import split_jobs, worker_counts
+from conformance.golden.schedule import default_workers, split_jobs, worker_counts
 from conformance.golden.verify import verify
 
 # A kv_cache_attention spec whose two goldens are also packed and paged: the layout files are part
@@ -124,6 +125,52 @@ def test_jobs_are_spread_evenly_over_the_devices_at_least_one_each() -> None:
     assert worker_counts(4, 4) == [1, 1, 1, 1]
     assert worker_counts(1, 3) == [1, 1, 1]
     assert worker_counts(7, 1) == [7]
+
+
+GIB = 1 << 30
+
+
+def own_bytes(counts: list[int], devices: list[str]) -> int:
+    """The workers' own memory the default rule allows for: per worker, its allowance (and the kernel's, CUDA)."""
+    return sum(c * (schedule.HOST_BYTES_PER_WORKER["cuda" if d.startswith("cuda") else "cpu"]
+                    + (schedule.HOST_KERNEL_BYTES_PER_CUDA_WORKER if d.startswith("cuda") else 0))
+               for c, d in zip(counts, devices))
+
+
+def test_default_jobs_are_one_per_core_on_the_cpu() -> None:
+    assert default_workers(["cpu"], 24 * GIB, 16) == 16
+    assert default_workers(["cpu"], 24 * GIB, 2) == 2
+    assert default_workers(["cpu", "cpu"], 24 * GIB, 6) == 6
+
+
+def test_default_jobs_on_one_gpu_are_capped_per_device() -> None:
+    assert default_workers(["cuda:0"], 24 * GIB, 16) == schedule.CUDA_WORKERS_PER_DEVICE == 8
+    assert default_workers(["cuda:0"], 24 * GIB, 4) == 4  # fewer cores than the cap
+
+
+@pytest.mark.parametrize(("devices", "budget"), [(["cuda:0", "cuda:1"], 24 * GIB), (["cuda:0", "cpu"], 24 * GIB),
+                                                 (["cpu"], 2 * GIB), (["cuda:0"], 8 * GIB)])
+def test_default_jobs_leave_half_the_host_budget_to_the_cases(devices: list[str], budget: int) -> None:
+    n = default_workers(devices, budget, 16)
+    assert n < 16
+    assert own_bytes(worker_counts(n, len(devices)), devices) <= budget // 2
+    more = worker_counts(n + 1, len(devices))
+    assert (own_bytes(more, devices) > budget // 2
+            or any(c > schedule.CUDA_WORKERS_PER_DEVICE for c, d in zip(more, devices) if d.startswith("cuda")))
+
+
+def test_default_jobs_are_at_least_one_per_device() -> None:
+    assert default_workers(["cpu"], GIB // 2, 16) == 1
+    assert worker_counts(default_workers(["cuda:0", "cuda:1", "cpu"], GIB, 16), 3) == [1, 1, 1]
+
+
+def test_generate_without_jobs_takes_the_default(specs: list[str], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four cores but a 1 GiB host budget: half of it holds one CPU worker's own memory, so one job."""
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    result = generate(specs, tmp_path / "out", "--host-memory-gib", "1")
+    assert "(1 job, cpu)" in result.stdout
+    assert default_workers(["cpu"], GIB, 4) == 1
 
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,9 +43,11 @@ def generate(
                                                  "else of the source checkout's goldens/, else of ./goldens.")
                        ] = None,
     tier: Annotated[Tier, typer.Option(help="Tier to generate (tiers are cumulative).")] = Tier.smoke,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes in all (default: one per "
-                                      "core); with --devices spread as evenly as possible over the devices, at "
-                                      "least one per device.")] = os.cpu_count() or 1,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, show_default=False, help="Worker processes "
+                                             "in all; with --devices spread as evenly as possible over the devices, "
+                                             "at least one per device. Default: one per core, at most 8 per CUDA "
+                                             "device, and no more than half the host budget holds of their own "
+                                             "memory (about 1.3 GiB per CUDA worker, 0.4 GiB per CPU one).")] = None,
     device: Annotated[str | None, typer.Option(help="Where the float64 stage runs: cpu or cuda[:N] (default: cpu)."
                                                )] = None,
     devices: Annotated[str | None, typer.Option(help="Split the cases over these devices, e.g. cuda:0,cuda:1 (or "

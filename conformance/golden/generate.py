@@ -52,6 +52,7 @@ from conformance.golden.schedule import (
     HostUse,
     Job,
     default_host_budget,
+    default_workers,
     largest_first,
     share_workers,
     split_jobs,
@@ -409,7 +410,7 @@ def check_device(device: str, option: str) -> None:
         raise ConformanceError(f"{option} {device}: CUDA is not available on this machine")
 
 
-def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int = 1, device: str = "cpu",
+def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int | None = 1, device: str = "cpu",
              on_start: Callable[[list[Job]], None] | None = None,
              on_done: Callable[[Job, CaseResult], None] | None = None, resume: bool = False,
              devices: Sequence[str] | None = None, shard: tuple[int, int] | None = None,
@@ -417,8 +418,9 @@ def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int =
     """Generate every case of ``tier`` into ``out_dir`` and write the manifest last.
 
     ``devices`` (instead of ``device``) splits the cases over several devices, ``n_workers`` worker
-    processes in all (:mod:`conformance.golden.schedule`: ``split_jobs``, ``worker_counts``); the bytes
-    written are the same.
+    processes in all (:mod:`conformance.golden.schedule`: ``split_jobs``, ``worker_counts``; None: its
+    ``default_workers`` for the devices, the host budget and this machine's cores); the bytes written
+    are the same.
     ``shard=(i, n)`` generates only case k % n == i of the tier (case-id order) and writes
     ``manifest.shard-<i>-of-<n>.json`` (every layout file too) instead of ``manifest.json``.
     ``host_budget`` bounds the host memory of the workers and their cases in flight (bytes; default
@@ -433,6 +435,9 @@ def generate(specs: Sequence[OpSpec], tier: str, out_dir: Path, n_workers: int =
         check_device(dev, "--device" if devices is None else "--devices")
     if any(torch.device(dev).type == "cuda" for dev in device_list):
         prefer_expandable_segments()  # before this process's first CUDA tensor; workers inherit it
+    if n_workers is None:
+        n_workers = default_workers(device_list, default_host_budget() if host_budget is None else host_budget,
+                                    os.cpu_count() or 1)
     tier_jobs = plan(specs, tier, out_dir)
     jobs = take_shard(sorted(tier_jobs, key=lambda j: j.case.id), shard)
     try:

@@ -58,6 +58,26 @@ def worker_counts(n_workers: int, n_devices: int) -> list[int]:
     return [max(1, n_workers // n_devices + (d < n_workers % n_devices)) for d in range(n_devices)]
 
 
+def default_workers(devices: Sequence[str], budget: int, cores: int) -> int:
+    """``--jobs`` when it is not given: one worker per core in all, as :func:`worker_counts` spreads
+    them over ``devices``, but at most :data:`CUDA_WORKERS_PER_DEVICE` on each CUDA device and no
+    more than keep the workers' own memory (:func:`worker_bytes`, and a CUDA worker's
+    :data:`HOST_KERNEL_BYTES_PER_CUDA_WORKER`) within :data:`WORKERS_SHARE_OF_BUDGET` of ``budget``;
+    at least one per device."""
+
+    def fits(n: int) -> bool:
+        counts = worker_counts(n, len(devices))
+        own = sum(c * (worker_bytes(d) + (HOST_KERNEL_BYTES_PER_CUDA_WORKER if _kind(d) == "cuda" else 0))
+                  for c, d in zip(counts, devices))
+        return (own <= budget * WORKERS_SHARE_OF_BUDGET
+                and all(c <= CUDA_WORKERS_PER_DEVICE for c, d in zip(counts, devices) if _kind(d) == "cuda"))
+
+    n = max(cores, 1)
+    while n > len(devices) and not fits(n):
+        n -= 1
+    return max(n, 1)
+
+
 def split_jobs(jobs: Sequence[Job], devices: Sequence[str], n_workers: int) -> list[DeviceShare]:
     """The share of every device (in ``devices`` order): greedy longest-processing-time over
     :func:`estimated_work` (largest first, to the least-loaded device; ties by case id, then device
@@ -84,6 +104,14 @@ HOST_BYTES_PER_CASE = {"cuda": 128 << 20, "cpu": 512 << 20}
 # CUDA process that no process's status shows: docs/performance.md, "Fifth run".
 HOST_BYTES_PER_WORKER = {"cuda": 1152 << 20, "cpu": 400 << 20}
 HOST_KERNEL_BYTES_PER_CUDA_WORKER = 160 << 20
+# By default (no --jobs) a CUDA device gets at most this many workers, and the workers' own memory
+# takes at most this share of the host budget, the rest left to the cases in flight: 16 idle CUDA
+# workers hold ~20 GiB of a 24 GiB budget, and the largest cases then run one or two at a time. On
+# the H200 (16 cores, 24 GiB budget) the full tier took 118.6 / 122.6 / 142.7 / 185.2 / 269.7 s with
+# 6 / 8 / 10 / 12 / 16 CUDA workers, the standard tier 45.8 / 42.6 / 39.4 / 40.6 s with 6 / 8 / 12 /
+# 16: docs/performance.md, "Sixth run".
+CUDA_WORKERS_PER_DEVICE = 8
+WORKERS_SHARE_OF_BUDGET = 0.5
 # The default host budget of a generation (its workers and their cases): 24 GiB, or three quarters of
 # a smaller machine.
 DEFAULT_HOST_BUDGET_BYTES = 24 << 30
