@@ -168,9 +168,15 @@ def _write(tmp: Path, case: Case, inputs: CaseInputs, golden: Golden, prov: Prov
         for name, arr in arrays.items():
             arr = np.ascontiguousarray(arr)
             ds = f.create_dataset(name, data=arr, track_times=False)
-            ds.attrs["sha256"] = ascii_attr(hashlib.sha256(arr.tobytes()).hexdigest())
+            ds.attrs["sha256"] = ascii_attr(data_sha256(arr))
             if name.startswith("inputs/") and name not in ("inputs/key_padding_mask", "inputs/sinks"):  # q, k, v, dO
                 ds.attrs["element_type"] = ascii_attr(case.dtype)
+
+
+def data_sha256(arr: np.ndarray) -> str:
+    """SHA-256 of an array's bytes in C order, what a dataset's ``sha256`` attribute holds; hashed
+    from the array's own buffer (no copy when it is contiguous)."""
+    return hashlib.sha256(np.ascontiguousarray(arr)).hexdigest()
 
 
 DEFAULT_MAX_CASE_BYTES = 4 * 1024**3
@@ -523,7 +529,7 @@ def _read_checked(path: Path, file_size: int, check_sha256: bool, max_bytes: int
                 stored = _attr(path, ds.attrs, "sha256", name)
                 if isinstance(stored, bytes | np.bytes_):
                     stored = bytes(stored).decode("ascii", errors="replace")
-                actual = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+                actual = data_sha256(arr)
                 if stored != actual:
                     raise GoldenError(path, "SHA-256 of the data does not match its 'sha256' attribute", name)
             arrays[name] = arr

@@ -72,7 +72,9 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
         if inexact is not None:  # the sink's logit is given, not computed
             inexact = torch.cat([inexact, torch.zeros(rows, dtype=torch.bool, device=inexact.device)], -1)
     n = s.shape[-1]
-    all_visible = bool(vis.all())  # no mask to apply (non-causal or decode blocks without padding)
+    # No mask to apply (non-causal or decode blocks without padding); the sink's column is always
+    # visible, so this is also whether the naive model's ``naive_vis`` hides a key.
+    all_visible = bool(vis.all())
     s_masked = s if all_visible else s.masked_fill_(~vis, -math.inf)
     m = s_masked.amax(-1, keepdim=True)
     seen = torch.isfinite(m)
@@ -110,7 +112,7 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
     lse = m + torch.log(l_safe)
     lse_bound = 2 * U * (logit_lse + m.abs() + kb + 8 + lse.abs() + torch.log(l_safe).abs())
 
-    naive = naive_same_dtype(dots, None if bool(naive_vis.all()) else naive_vis, scale, v, dtype, softcap, sink)
+    naive = naive_same_dtype(dots, None if all_visible else naive_vis, scale, v, dtype, softcap, sink)
     seen_rows = seen.squeeze(-1)
     zero = torch.zeros_like(out)
     return {
