@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=_positive_int, default=None, metavar="N",
                         help="backends whose run and check go at the same time, as separate subprocesses "
                         "(default: min(backends, max(1, CPU cores // 4)))")
-    parser.add_argument("--jobs", type=int, default=8, help="generation worker processes")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="generation worker processes (default: generate's own, at most 8 per CUDA device)")
     parser.add_argument("--backends", default=None, help="comma-separated subset (default: every CUDA backend)")
     parser.add_argument("--known-failures", type=Path, default=Path("known-failures"))
     args = parser.parse_args(argv)
@@ -233,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = f"{args.check_budget:g} s per property" if args.check_budget else "none"
     lane.say(f"nightly: {len(backends)} backends ({', '.join(backends)}), {parallel} at a time; tier {args.tier}, "
              f"search profile {args.search_profile}, check budget {budget}; logs in {lane.logs}")
-    if lane.run([*CLI, "generate", "--tier", args.tier, "--device", "cuda", "--jobs", str(args.jobs), "--out",
-                 str(goldens), "--resume"], "generate") != 0:
+    jobs = [] if args.jobs is None else ["--jobs", str(args.jobs)]
+    if lane.run([*CLI, "generate", "--tier", args.tier, "--device", "cuda", *jobs, "--out", str(goldens), "--resume"],
+                "generate") != 0:
         lane.say(f"error: generating the {args.tier} goldens failed; see {lane.logs / 'generate.log'}", err=True)
         return 2
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="nightly") as pool:

@@ -83,6 +83,17 @@ def lane(monkeypatch: pytest.MonkeyPatch, fake: FakeCommands, *args: str) -> int
     return nightly.main(list(args))
 
 
+def test_generation_takes_generates_default_workers_unless_jobs_is_given(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    fake = FakeCommands()
+    assert lane(monkeypatch, fake, "--out", str(tmp_path / "d"), "--backends", "a") == 0
+    assert "--jobs" not in fake.command("generate")
+    fake = FakeCommands()
+    assert lane(monkeypatch, fake, "--out", str(tmp_path / "j"), "--backends", "a", "--jobs", "5") == 0
+    generate = fake.command("generate")
+    assert generate[generate.index("--jobs") + 1] == "5"
+
+
 def test_backends_run_in_parallel_each_with_its_own_logs_and_the_check_budget(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeCommands()
