@@ -55,6 +55,60 @@ def test_bad_usage_exits_two(args: list[str]) -> None:
     assert invoke(*args).exit_code == EXIT_BAD_INPUT
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["run", "--no-such-flag"], "error: rlk-conform run: No such option: --no-such-flag (see: rlk-conform run --help)"),
+    (["run", "--backnd", "x"], "error: rlk-conform run: No such option: --backnd (Possible options: --backend)"),
+    (["generate", "--jobs", "0"], "error: rlk-conform generate: Invalid value for '--jobs' / '-j'"),
+    (["no-such-command"], "error: rlk-conform: No such command 'no-such-command'."),
+], ids=["unknown-flag", "misspelt-flag", "bad-value", "unknown-command"])
+def test_the_command_lines_usage_errors_are_one_line_with_exit_code_two(
+        args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from conformance.cli import main
+
+    as_installed_script(monkeypatch, ["rlk-conform", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert_one_line_error_text(captured.err, expected)
+
+
+def test_the_bare_command_prints_its_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from conformance.cli import main
+
+    as_installed_script(monkeypatch, ["rlk-conform"])
+    with pytest.raises(SystemExit):
+        main()
+    captured = capsys.readouterr()
+    assert "Usage: rlk-conform [OPTIONS] COMMAND" in captured.out + captured.err
+    assert "generate" in captured.out + captured.err
+
+
+def test_the_command_lines_exit_code_is_the_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conformance.cli import main
+
+    as_installed_script(monkeypatch, ["rlk-conform", "--version"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == EXIT_OK
+
+
+def as_installed_script(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    """Run main() as the installed ``rlk-conform`` script: its argv, and no ``python -m`` module as
+    ``__main__`` (the command line names itself after the script then)."""
+    import sys
+
+    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setattr(sys.modules["__main__"], "__package__", "", raising=False)
+
+
+def assert_one_line_error_text(stderr: str, prefix: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(prefix), lines[0]
+
+
 def test_specs_ids_lists_the_smoke_cases_of_the_default_specs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # the default spec paths are relative to the working directory
     specs = [load_spec(path) for path in default_spec_paths(SPEC_DIR)]

@@ -7,11 +7,31 @@ Commands are registered by importing the modules of :data:`COMMAND_MODULES` (eac
 
 from __future__ import annotations
 
+import sys
+
+import typer
+
 from conformance.cli import backends, golden, report, run, search  # noqa: F401  (registers the commands, in this order)
-from conformance.cli.app import app
+from conformance.cli.app import app, err
 
 COMMAND_MODULES = ("golden", "run", "backends", "search", "report")
 
 
 def main() -> None:
-    app()
+    """The command line. A usage error (an unknown command or option, a bad option value) is one line
+    on stderr naming the command, with exit code 2, like every other bad input; ``rlk-conform``
+    alone prints the help."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        err.print("Aborted!", markup=False)
+        sys.exit(1)
+    except typer.TyperException as exc:  # the command-line parser's errors (click's UsageError and the like)
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" or ctx is None or not hasattr(exc, "format_message"):
+            exc.show()  # type: ignore[attr-defined]  # the help, for a bare command that needs arguments
+        else:
+            err.print(f"error: {ctx.command_path}: {exc.format_message()} (see: {ctx.command_path} --help)",
+                      markup=False, highlight=False, emoji=False, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
