@@ -60,7 +60,8 @@ def test_bad_usage_exits_two(args: list[str]) -> None:
     (["run", "--backnd", "x"], "error: rlk-conform run: No such option: --backnd (Possible options: --backend)"),
     (["generate", "--jobs", "0"], "error: rlk-conform generate: Invalid value for '--jobs' / '-j'"),
     (["no-such-command"], "error: rlk-conform: No such command 'no-such-command'."),
-], ids=["unknown-flag", "misspelt-flag", "bad-value", "unknown-command"])
+    (["generate", "-j"], "error: rlk-conform"),
+], ids=["unknown-flag", "misspelt-flag", "bad-value", "unknown-command", "missing-value"])
 def test_the_command_lines_usage_errors_are_one_line_with_exit_code_two(
         args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from conformance.cli import main

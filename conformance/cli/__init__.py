@@ -27,11 +27,13 @@ def main() -> None:
         err.print("Aborted!", markup=False)
         sys.exit(1)
     except typer.TyperException as exc:  # the command-line parser's errors (click's UsageError and the like)
-        ctx = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError" or ctx is None or not hasattr(exc, "format_message"):
+        if type(exc).__name__ == "NoArgsIsHelpError":
             exc.show()  # type: ignore[attr-defined]  # the help, for a bare command that needs arguments
         else:
-            err.print(f"error: {ctx.command_path}: {exc.format_message()} (see: {ctx.command_path} --help)",
-                      markup=False, highlight=False, emoji=False, soft_wrap=True)
+            ctx = getattr(exc, "ctx", None)  # None when the parser stops before a command's context exists
+            command = ctx.command_path if ctx is not None else app.info.name
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            err.print(f"error: {command}: {message} (see: {command} --help)", markup=False, highlight=False,
+                      emoji=False, soft_wrap=True)
         sys.exit(getattr(exc, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
