@@ -42,7 +42,7 @@ from conformance.reference.float64 import (
 )
 from conformance.reference.rounding import rounding_interval
 from conformance.spec.case import Case
-from conformance.spec.inputs import CaseInputs, key_limit, visible
+from conformance.spec.inputs import CaseInputs, block_sees_every_key, key_limit, leading_keys_kept, visible
 
 ALGORITHM = "exact-attention/1"
 
@@ -115,37 +115,44 @@ def _compute(case: Case, inputs: CaseInputs, dev: torch.device) -> Golden:
     sinks = None if inputs.sinks is None else inputs.sinks.to(dev, torch.float64).reshape(1, hkv, g, 1, 1)
 
     # Tier 1 decides on the generation device; only its float32 values and what it left undecided come
-    # back. The naive model's values are rounded to the case dtype, so float32 holds them exactly.
-    out32_t = torch.zeros(b, hkv, g, sq, d, dtype=torch.float32)
-    undecided_t = torch.zeros(b, hkv, g, sq, d, dtype=torch.bool)
+    # back. The naive model's values are rounded to the case dtype, so float32 holds them exactly. The
+    # blocks' results stay on the device until the last block (one copy back, and the device is not
+    # asked anything between blocks that the case's geometry answers: the flops add up there too).
+    out32_t = torch.zeros(b, hkv, g, sq, d, dtype=torch.float32, device=dev)
+    undecided_t = torch.zeros(b, hkv, g, sq, d, dtype=torch.bool, device=dev)
     naive = torch.zeros_like(out32_t)
-    lse = torch.full((b, hkv, g, sq), -math.inf, dtype=torch.float64)
-    lse_bound = torch.zeros(b, hkv, g, sq, dtype=torch.float64)
-    err_scale = torch.zeros(b, hkv, g, sq, dtype=torch.float64)
-    flops = 0
+    lse = torch.full((b, hkv, g, sq), -math.inf, dtype=torch.float64, device=dev)
+    lse_bound = torch.zeros(b, hkv, g, sq, dtype=torch.float64, device=dev)
+    err_scale = torch.zeros(b, hkv, g, sq, dtype=torch.float64, device=dev)
+    visible_pairs = torch.zeros((), dtype=torch.int64, device=dev)
+    kept = leading_keys_kept(case, inputs.key_padding_mask)
 
     for i0, i1, kmax in row_blocks(case, CUDA_BLOCK_ELEMENTS if dev.type == "cuda" else BLOCK_ELEMENTS):
         n = i1 - i0
         if kmax <= 0:  # every row of the block is fully masked: zeros, lse = -inf (or the row's sink)
             if sinks is not None:
-                lse[:, :, :, i0:i1] = sinks[..., 0].expand(b, hkv, g, n).cpu()
+                lse[:, :, :, i0:i1] = sinks[..., 0].expand(b, hkv, g, n)
             continue
         vis = visible(case, kpm, slice(i0, i1), dev)[..., :kmax]
         vis = vis[:, None, None].expand(b, 1, g, n, kmax).reshape(b, 1, g * n, kmax)
-        flops += int(vis.expand(b, hkv, g * n, kmax).sum()) * 4 * d
+        visible_pairs += vis.sum() * hkv
         q = q64[:, :, :, i0:i1].reshape(b, hkv, g * n, d)
         sink = None if sinks is None else sinks.expand(1, hkv, g, n, 1).reshape(1, hkv, g * n, 1)
         res = float64_block(q, k64[:, :, :kmax], kabs[:, :, :kmax], v64[:, :, :kmax], vx[:, :, :kmax], vmax, vis,
-                             scale, case.dtype, case.softcap, sink, k_bits[..., :kmax])
+                             scale, case.dtype, case.softcap, sink, k_bits[..., :kmax],
+                             all_visible=block_sees_every_key(case, kept, i0, i1, kmax))
         shape5 = (b, hkv, g, n)
         o32, open_ = tier1_decision(res["out"], res["bound"])
-        out32_t[:, :, :, i0:i1] = o32.reshape(*shape5, d).cpu()
-        undecided_t[:, :, :, i0:i1] = open_.reshape(*shape5, d).cpu()
-        lse[:, :, :, i0:i1] = res["lse"].reshape(shape5).cpu()
-        lse_bound[:, :, :, i0:i1] = res["lse_bound"].reshape(shape5).cpu()
-        err_scale[:, :, :, i0:i1] = res["error_scale"].reshape(shape5).cpu()
-        naive[:, :, :, i0:i1] = res["naive"].to(torch.float32).reshape(*shape5, d).cpu()
+        out32_t[:, :, :, i0:i1] = o32.reshape(*shape5, d)
+        undecided_t[:, :, :, i0:i1] = open_.reshape(*shape5, d)
+        lse[:, :, :, i0:i1] = res["lse"].reshape(shape5)
+        lse_bound[:, :, :, i0:i1] = res["lse_bound"].reshape(shape5)
+        err_scale[:, :, :, i0:i1] = res["error_scale"].reshape(shape5)
+        naive[:, :, :, i0:i1] = res["naive"].to(torch.float32).reshape(*shape5, d)
 
+    flops = int(visible_pairs) * 4 * d
+    out32_t, undecided_t, naive, lse, lse_bound, err_scale = (
+        t.cpu() for t in (out32_t, undecided_t, naive, lse, lse_bound, err_scale))
     out32, undecided = out32_t.numpy(), undecided_t.numpy()
     if case.sinks is not None:  # a row that sees only its sink outputs exactly 0: nothing to refine
         seen_rows = visible(case, inputs.key_padding_mask).any(-1)[:, None, None, :, None].numpy()

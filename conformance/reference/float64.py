@@ -49,13 +49,16 @@ def with_sink_key(sink: torch.Tensor, vis: torch.Tensor, *keys: torch.Tensor) ->
 
 def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch.Tensor, vx: torch.Tensor,
                    vmax: torch.Tensor, vis: torch.Tensor, scale: float, dtype: str, softcap: float | None = None,
-                   sink: torch.Tensor | None = None, k_bits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   sink: torch.Tensor | None = None, k_bits: torch.Tensor | None = None,
+                   all_visible: bool | None = None) -> dict[str, torch.Tensor]:
     """Float64 attention of one block with its error bound. q [b,h,r,d], k/v [b,h,n,d], ``kabs`` |k|,
     ``vx`` [v, |v|, 1] [b,h,n,2d+1], ``vmax`` [b,h,1,d] ≥ max|v| over the keys, vis [b,1,r,n];
     ``softcap`` caps the scaled logits, ``sink`` [1,h,r,1] the rows' sink logits (a key of value 0);
     ``k_bits`` [b,h,1,n], the keys' :func:`lowest_bit_exponents`: with it, the logits whose dot products
     are exact (:func:`inexact_dots`: most of them for bfloat16 and float16 inputs) drop the dot
-    product's d·u from their error."""
+    product's d·u from their error. ``all_visible``: whether ``vis`` is all True, when the caller knows
+    (:func:`conformance.spec.inputs.block_sees_every_key`; it saves a device synchronisation), else
+    asked of ``vis``."""
     d = q.shape[-1]
     naive_vis = vis
     dots = q @ k.transpose(-1, -2)  # products are exact; only the sum rounds
@@ -74,7 +77,8 @@ def float64_block(q: torch.Tensor, k: torch.Tensor, kabs: torch.Tensor, v: torch
     n = s.shape[-1]
     # No mask to apply (non-causal or decode blocks without padding); the sink's column is always
     # visible, so this is also whether the naive model's ``naive_vis`` hides a key.
-    all_visible = bool(vis.all())
+    if all_visible is None:
+        all_visible = bool(vis.all())
     s_masked = s if all_visible else s.masked_fill_(~vis, -math.inf)
     m = s_masked.amax(-1, keepdim=True)
     seen = torch.isfinite(m)

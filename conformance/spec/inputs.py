@@ -118,6 +118,33 @@ def visible(case: Case, key_padding_mask: torch.Tensor | None,
     return see
 
 
+def leading_keys_kept(case: Case, key_padding_mask: torch.Tensor | None) -> int:
+    """How many leading keys every batch entry keeps (``case.skv`` without a padding mask): the keys
+    before the first padded one of any entry."""
+    if key_padding_mask is None:
+        return case.skv
+    padded = (~key_padding_mask.to("cpu", torch.bool)).any(0)
+    return int(padded.to(torch.int8).argmax()) if bool(padded.any()) else case.skv
+
+
+def block_sees_every_key(case: Case, kept: int, row_start: int, row_end: int, keys: int) -> bool:
+    """Whether every query row in ``[row_start, row_end)`` sees each of the first ``keys`` keys, i.e.
+    ``visible(case, mask, slice(row_start, row_end))[..., :keys].all()``, decided from the causal and
+    window rules and ``kept`` (:func:`leading_keys_kept`) without building the mask. The bounds grow
+    with the row, so the first row's right bound and the last row's left bound decide."""
+    if keys <= 0:
+        return True
+    if keys > kept:
+        return False
+    first, last = row_start + case.skv - case.sq, row_end - 1 + case.skv - case.sq  # the diagonals
+    left, right = case.window
+    if case.causal and keys - 1 > first:
+        return False
+    if right >= 0 and keys - 1 > first + right:
+        return False
+    return not (left >= 0 and last - left > 0)
+
+
 def key_limit(case: Case, row_end: int) -> int:
     """How many leading keys the rows before ``row_end`` may see at most (causal and the window's right
     side): the keys beyond are skipped by the reference's blocks. May be <= 0 (no row sees a key)."""
