@@ -131,18 +131,14 @@ def block_sees_every_key(case: Case, kept: int, row_start: int, row_end: int, ke
     """Whether every query row in ``[row_start, row_end)`` sees each of the first ``keys`` keys, i.e.
     ``visible(case, mask, slice(row_start, row_end))[..., :keys].all()``, decided from the causal and
     window rules and ``kept`` (:func:`leading_keys_kept`) without building the mask. The bounds grow
-    with the row, so the first row's right bound and the last row's left bound decide."""
+    with the row, so the first row's right bound (:func:`key_limit` of that row) and the last row's
+    left bound decide."""
     if keys <= 0:
         return True
-    if keys > kept:
+    if keys > kept or keys > key_limit(case, row_start + 1):
         return False
-    first, last = row_start + case.skv - case.sq, row_end - 1 + case.skv - case.sq  # the diagonals
-    left, right = case.window
-    if case.causal and keys - 1 > first:
-        return False
-    if right >= 0 and keys - 1 > first + right:
-        return False
-    return not (left >= 0 and last - left > 0)
+    left = case.window[0]
+    return not (left >= 0 and row_end - 1 + case.skv - case.sq - left > 0)  # the last row's diagonal - left
 
 
 def key_limit(case: Case, row_end: int) -> int:
